@@ -1,0 +1,41 @@
+# mammo_nb: `make demo` runs the demo chain, `make test` runs every check CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export YOLO_OFFLINE := 1
+export MPLBACKEND := Agg
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test check-nbs nbtest pytest bench clean
+
+# The venv is rebuilt only when the dependency files change.
+$(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb, pydicom, nbdev; print('installed: torch', torch.__version__, '| mammo_nb', mammo_nb.__version__)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/mammo run params/demo.yaml
+
+test: install check-nbs nbtest pytest
+
+# notebooks clean and module in sync: nbdev_clean and nbdev_export must change nothing
+check-nbs: install
+	PATH=$(BIN):$$PATH bash .ci/check_nbdev.sh
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: install
+	$(BIN)/pytest -q tests
+
+bench: install
+	$(BIN)/python bench/decode.py
+
+clean:
+	rm -rf data runs reports/*/ _proc
