@@ -35,7 +35,7 @@ pytest: install
 	$(BIN)/pytest -q tests
 
 bench: install
-	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/decode.py data/bench/synth-full
 
 clean:
 	rm -rf data runs reports/*/ _proc
