@@ -1,0 +1,179 @@
+"""`mammo prepare` as a user runs it: versions, rerun/resume identity, shards, bad input, no PHI, no leakage."""
+import json, shutil, signal, subprocess, time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+from conftest import BIN, mammo
+from mammo_nb.clahe import to_output
+from mammo_nb.params import load_params
+from mammo_nb.prepare import load_version, version_dir
+
+
+def recipe(tmp, root, out, **extra):
+    "A recipe file based on tiny.yaml, reading `root` and writing versions under `out`."
+    d = {'base': str(Path(__file__).resolve().parents[1] / 'params' / 'tiny.yaml'), 'name': 't',
+         'source': {'root': str(root)}, 'prepare': {'out': str(out), 'workers': 1}, **extra}
+    f = tmp / f'recipe-{len(list(tmp.glob("recipe-*")))}.yaml'
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+def vdir(f): return version_dir(load_params(f))
+
+
+@pytest.fixture(scope='module')
+def built(tiny_set, tmp_path_factory):
+    "The tiny set prepared once through the CLI."
+    tmp = tmp_path_factory.mktemp('prep')
+    f = recipe(tmp, tiny_set, tmp / 'versions')
+    r = mammo('prepare', f, '--quiet')
+    return f, vdir(f), r
+
+
+def test_version_layout_and_ultralytics_files(built):
+    f, d, r = built
+    assert 'failures: 0' in r.stdout
+    for name in ('manifest.json', 'data.yaml', 'images.csv', 'boxes.csv', 'failures.csv', 'train.txt', 'val.txt',
+                 'test.txt', 'annotations/train.json'):
+        assert (d / name).is_file(), name
+    data = yaml.safe_load((d / 'data.yaml').read_text())
+    assert data['names'][0] == 'Mass' and data['nc'] == len(data['names'])
+    m = json.loads((d / 'manifest.json').read_text())
+    listed = [x for sp in ('train', 'val', 'test') for x in (d / f'{sp}.txt').read_text().split()]
+    for x in listed:                                       # every listed image and its label file exist and are hashed
+        png = x.removeprefix('./')
+        lab = png.replace('images/', 'labels/', 1).replace('.png', '.txt')
+        assert (d / png).is_file() and (d / lab).is_file() and png in m['files'] and lab in m['files']
+    # the manifest's hashes are the files' hashes
+    import hashlib
+    for rel, sha in list(m['files'].items())[:50]:
+        assert hashlib.sha256((d / rel).read_bytes()).hexdigest() == sha, rel
+    assert m['counts']['images'] == 24 and m['failures']['total'] == 0
+    assert m['clahe']['long_side'] == 256 and m['split']['seed'] == 0 and 'negative_sampling_seed' in m
+    assert m['code']['version'] and m['version'] == d.name
+
+
+def test_rerun_is_identical_and_skips(built):
+    f, d, _ = built
+    before = (d / 'manifest.json').read_bytes()
+    r = mammo('prepare', f, '--quiet')
+    assert "'ingested': 0, 'skipped': 24" in r.stdout
+    assert (d / 'manifest.json').read_bytes() == before
+
+
+def test_changed_param_makes_new_version(built, tmp_path):
+    f, d, _ = built
+    p = load_params(f, {'clahe': {'clip_limit': 3.0}})
+    assert version_dir(p) != d and version_dir(load_params(f, {'prepare': {'workers': 2}})) == d
+
+
+def test_boxes_on_lesions_mono1_bright_no_leakage(built, tiny_set):
+    f, d, _ = built
+    V = load_version(d)
+    truth = pd.read_csv(tiny_set / 'synth_truth.csv', dtype={'image_id': str})
+    t = truth[truth.txmin.notna() & ~truth.unboxed.astype(bool)].merge(V.images[['image_id', 'crop', 'scale', 'size']], on='image_id')
+    assert len(t) > 5
+    for r in t.itertuples():                            # mapped truth lies inside a dataset box of that image
+        tb = to_output([r.txmin, r.tymin, r.txmax, r.tymax], r.crop, r.scale)[0]
+        b = V.boxes[V.boxes.image_id == r.image_id]
+        assert ((b.x0 <= tb[0] + 1) & (b.y0 <= tb[1] + 1) & (b.x1 >= tb[2] - 1) & (b.y1 >= tb[3] - 1)).any(), r.image_id
+    mono1 = V.images[V.images.photometricinterpretation == 'MONOCHROME1']
+    assert len(mono1) >= 4
+    for r in mono1.itertuples():
+        im = cv2.imread(str(d / r.png), cv2.IMREAD_UNCHANGED)
+        assert im.shape[::-1] == tuple(r.size) and im[im > 0].mean() > 60 and (im == 0).mean() > 0.05
+    pk = V.images.image_id.map(truth.drop_duplicates('image_id').set_index('image_id').patient_key)
+    assert pd.DataFrame(dict(k=pk, s=V.images.split)).groupby('k').s.nunique().max() == 1
+    assert set(V.images.split) == {'train', 'val', 'test'}
+    assert V.images.patient.notna().all()               # grouped by the header's patient, as a pseudonym
+
+
+def test_no_header_phi_in_any_output(built, tiny_set):
+    f, d, _ = built
+    phi = set()
+    for p in (tiny_set / 'images').rglob('*.dicom'):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        phi |= {str(ds.PatientName), str(ds.PatientName).replace('^', ' '), ds.PatientID, ds.PatientBirthDate,
+                ds.AccessionNumber, ds.InstitutionName, str(ds.ReferringPhysicianName)}
+    phi = {s for s in phi if len(s) >= 4}
+    assert len(phi) > 10
+    files = [p for p in d.rglob('*') if p.is_file()]
+    assert len(files) > 40
+    for p in files:
+        data = p.read_bytes()
+        for s in phi: assert s.encode() not in data, (p.name, s)
+
+
+def test_shards_merge_to_the_same_version(built, tmp_path):
+    f, d, _ = built
+    f2 = recipe(tmp_path, load_params(f).source.root, tmp_path / 'v')
+    d2 = vdir(f2)
+    mammo('prepare', f2, '--shard', '0/3', '--quiet')
+    r = mammo('prepare', f2, '--merge', check=False)
+    assert r.returncode == 2 and 'not ingested yet' in r.stderr
+    mammo('prepare', f2, '--shard', '1/3', '--quiet'); mammo('prepare', f2, '--shard', '2/3', '--quiet')
+    mammo('prepare', f2, '--merge')
+    assert len(list((d2 / '_work').glob('records-*of3.jsonl'))) == 3
+    a, b = (json.loads((x / 'manifest.json').read_text()) for x in (d, d2))
+    assert a['files'] == b['files'] and a['counts'] == b['counts']
+    assert mammo('prepare', f2, '--shard', '3/3', check=False).returncode == 2
+
+
+def test_killed_run_resumes_to_identical_manifest(tmp_path):
+    raw = tmp_path / 'raw'
+    mammo('synth', '--preset', 'tiny', '--out', raw, '--quiet')    # 24 images; the kill lands after a few
+    f = recipe(tmp_path, raw, tmp_path / 'v', clahe={'long_side': 1024})
+    d = vdir(f)
+    proc = subprocess.Popen([str(BIN / 'mammo'), 'prepare', str(f), '--quiet'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = d / '_work' / 'records-0of1.jsonl'
+    t0 = time.time()
+    while time.time() - t0 < 60 and not (journal.exists() and len(journal.read_text().splitlines()) >= 3): time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    n_before = len(journal.read_text().splitlines())
+    assert 3 <= n_before < 24 and not (d / 'manifest.json').exists()
+    r = mammo('prepare', f, '--quiet')
+    assert f"'skipped': {n_before}" in r.stdout
+    resumed = (d / 'manifest.json').read_bytes()
+    shutil.rmtree(d)
+    mammo('prepare', f, '--quiet')
+    assert (d / 'manifest.json').read_bytes() == resumed
+
+
+def test_bad_input_recorded_run_continues_strict_fails(tiny_set, tmp_path):
+    bad = tmp_path / 'bad'
+    shutil.copytree(tiny_set, bad)
+    b = pd.read_csv(bad / 'breast-level_annotations.csv', dtype=str)
+    ts = [pydicom.dcmread(bad / 'images' / s / f'{i}.dicom', stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+          for s, i in zip(b.study_id, b.image_id)]
+    b = pd.concat([b[~pd.Series(ts)].iloc[:3], b[pd.Series(ts)].iloc[:2]])   # 3 uncompressed, then 2 compressed files
+    paths = [bad / 'images' / s / f'{i}.dicom' for s, i in zip(b.study_id, b.image_id)]
+    raw = paths[0].read_bytes(); paths[0].write_bytes(raw[:len(raw) // 3])              # truncated
+    paths[1].write_bytes(b'\0' * 128 + b'DICM' + b'garbage' * 10)                        # corrupt
+    ds = pydicom.dcmread(paths[2]); del ds.PixelData; ds.save_as(paths[2])                # no PixelData
+    ds = pydicom.dcmread(paths[3]); ds.file_meta.TransferSyntaxUID = '1.2.840.10008.1.2.4.100'; ds.save_as(paths[3])  # MPEG2: unsupported
+    paths[4].unlink()                                                                    # row -> missing file
+    fa = pd.read_csv(bad / 'finding_annotations.csv', dtype=str)
+    extra = fa[~fa.image_id.isin(b.image_id)].iloc[:3].copy()                         # rows of good images
+    extra['finding_categories'] = ["['Mass']", "['Calcified Blob']", "['Mass']"]
+    extra[['xmin', 'ymin', 'xmax', 'ymax']] = [['5000', '5000', '5100', '5100'], ['10', '10', '40', '40'], ['100', '100', '100.5', '300']]
+    pd.concat([fa, extra]).to_csv(bad / 'finding_annotations.csv', index=False)        # outside, unknown class, degenerate
+    f = recipe(tmp_path, bad, tmp_path / 'v')
+    dry = mammo('prepare', f, '--dry-run', check=False)
+    assert dry.returncode == 1 and 'missing_file' in dry.stdout and not (tmp_path / 'v').exists()
+    r = mammo('prepare', f, '--quiet')
+    assert 'failures: 8' in r.stdout, r.stdout
+    V = load_version(vdir(f))
+    assert sorted(V.failures.reason) == sorted(['truncated', 'unreadable', 'no_pixel_data', 'unsupported_transfer_syntax',
+                                                'missing_file', 'box_outside_image', 'unknown_class', 'degenerate_box'])
+    assert (V.failures.file != '').all()
+    allids = set(pd.read_csv(bad / 'breast-level_annotations.csv', dtype=str).image_id)
+    assert set(V.images.image_id) == allids - set(b.image_id)                           # nothing else lost
+    assert json.loads((vdir(f) / 'manifest.json').read_text())['failures']['total'] == 8
+    rs = mammo('prepare', recipe(tmp_path, bad, tmp_path / 'vs', strict=True), '--quiet', check=False)
+    assert rs.returncode == 2 and '(strict)' in rs.stderr
