@@ -177,3 +177,29 @@ def test_bad_input_recorded_run_continues_strict_fails(tiny_set, tmp_path):
     assert json.loads((vdir(f) / 'manifest.json').read_text())['failures']['total'] == 8
     rs = mammo('prepare', recipe(tmp_path, bad, tmp_path / 'vs', strict=True), '--quiet', check=False)
     assert rs.returncode == 2 and '(strict)' in rs.stderr
+
+
+def test_pool_after_opencv_threads_does_not_hang(tiny_set, tmp_path):
+    "Regression: forking workers after the parent used OpenCV's thread pool used to deadlock."
+    f = recipe(tmp_path, tiny_set, tmp_path / 'v', prepare={'out': str(tmp_path / 'v'), 'workers': 2})
+    code = ("import cv2, numpy as np, sys\n"
+            "a = np.random.rand(3000, 3000).astype(np.float32)\n"
+            "for _ in range(3): cv2.GaussianBlur(a, (31, 31), 5)\n"
+            "from mammo_nb.params import load_params\nfrom mammo_nb.prepare import prepare\n"
+            f"print(prepare(load_params({str(f)!r}), progress=False)['images'])\n")
+    r = subprocess.run([str(BIN / 'python'), '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == '24', r.stderr
+
+
+def test_report_notebook_runs_with_papermill(built, tmp_path):
+    "The pipeline report executes on a built version and shows counts, figures and the failures table."
+    import papermill as pm
+    f, d, _ = built
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / 'report.ipynb'
+    pm.execute_notebook(root / 'nbs/pipeline/10_prepare.ipynb', out, parameters=dict(params_path=str(f), root=str(root)),
+                        cwd=str(root), progress_bar=False, kernel_name='python3')
+    nb = json.loads(out.read_text())
+    outs = [o for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
+    assert sum('image/png' in o.get('data', {}) for o in outs) >= 4
+    assert any(d.name in json.dumps(o) for o in outs)
