@@ -36,6 +36,7 @@ pytest: install
 
 bench: install
 	$(BIN)/python bench/decode.py data/bench/synth-full
+	$(BIN)/python bench/prepare.py data/bench/synth-full
 
 clean:
 	rm -rf data runs reports/*/ _proc

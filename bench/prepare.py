@@ -5,12 +5,12 @@
 DIR defaults to the `full`-preset synthetic set (4084 x 3328, 20 images; written first if missing). In one run,
 on the same files:
 
-1. per file, one thread: decode alone (pydicom read + the chosen decoder) / the whole prepare step for one image
+1. the real `ingest_images` over all files with 1 and then 2 worker processes: wall time, speed-up, peak RSS per
+   worker;
+2. per file, one thread: decode alone (pydicom read + the chosen decoder) / the whole prepare step for one image
    (`mammo_nb.prepare.process_image`: decode, VOI LUT, breast mask, crop, resize, CLAHE, PNG) / the naive pipeline
    (pydicom `apply_voi_lut` -> float -> scikit-image `equalize_adapthist` at full resolution -> PNG; on the first
-   N files of each transfer syntax, it takes seconds per image);
-2. the real `ingest_images` over all files with 1 and then 2 worker processes: wall time, speed-up, peak RSS per
-   worker.
+   N files of each transfer syntax, it takes seconds per image).
 
 Ratios are printed per transfer syntax (uncompressed, JPEG 2000, JPEG-LS). Not a test: numbers vary by machine.
 """
@@ -58,6 +58,16 @@ def main():
     files = sorted(root.rglob('*.dicom'))
     tmp = Path(tempfile.mkdtemp())
     clahe = dict(clip_limit=2.0, tile_grid=8, long_side=a.long_side, bit_depth=8)
+    print('Whole shard through ingest_images (process pool), same files (run first, so the parent process is still small when it forks):')
+    res = {}
+    for w in (1, 2):
+        p = load_params(ROOT / 'params' / 'demo.yaml', {'source': {'root': str(root)},
+                        'prepare': {'out': str(tmp / f'v{w}'), 'workers': w}, 'clahe': {'long_side': a.long_side}})
+        res[w] = ingest_images(p, progress=False)
+        print(f"  {w} worker(s): {res[w]['seconds']:.1f} s, {res[w]['images_per_s']:.2f} img/s, "
+              f"peak RSS per worker {res[w]['peak_rss_mb_per_worker']:.0f} MB")
+    print(f"  speed-up 1 -> 2 workers: {res[1]['seconds'] / res[2]['seconds']:.2f}x (cores here: {os.cpu_count()})")
+
     rows = []
     seen = {}
     for k, p in enumerate(files):
@@ -83,15 +93,6 @@ def main():
     print('\nPer image, one thread (median ms):')
     print(tab.round(2).to_string())
 
-    print('\nWhole shard through ingest_images (process pool), same files:')
-    res = {}
-    for w in (1, 2):
-        p = load_params(ROOT / 'params' / 'demo.yaml', {'source': {'root': str(root)},
-                        'prepare': {'out': str(tmp / f'v{w}'), 'workers': w}, 'clahe': {'long_side': a.long_side}})
-        res[w] = ingest_images(p, progress=False)
-        print(f"  {w} worker(s): {res[w]['seconds']:.1f} s, {res[w]['images_per_s']:.2f} img/s, "
-              f"peak RSS per worker {res[w]['peak_rss_mb_per_worker']:.0f} MB")
-    print(f"  speed-up 1 -> 2 workers: {res[1]['seconds'] / res[2]['seconds']:.2f}x (cores here: {os.cpu_count()})")
     shutil.rmtree(tmp)
 
 
