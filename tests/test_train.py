@@ -1,0 +1,194 @@
+"""`mammo train` / `mammo evaluate` on the tiny preset: real ultralytics training, the imbalance machinery doing
+what it claims, resume after a kill, clear errors, model comparison and the report notebook."""
+import json, shutil, signal, subprocess, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import BIN, ROOT, mammo
+from mammo_nb.params import load_params
+from mammo_nb.prepare import version_dir
+from mammo_nb.train import MammoTrainer, MammoDetectionLoss, FocalBCE, check_version, run_dir, write_run_data, yolo_args
+
+
+def recipe(tmp, root, out, name='recipe', **extra):
+    "A recipe based on tiny.yaml reading `root`, versions under `out`; `extra` sections are merged in."
+    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 't', 'source': {'root': str(root)},
+         'prepare': {'out': str(out), 'workers': 1}}
+    for k, v in extra.items(): d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    f = tmp / f'{name}.yaml'
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+TRAIN = {'epochs': 3, 'negative_ratio': 0.34}        # tiny train split: 6 finding + 4 No-Finding -> 2 drawn per epoch
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_set, tmp_path_factory):
+    "The tiny set prepared and trained (3 epochs) + evaluated through the CLI."
+    tmp = tmp_path_factory.mktemp('train')
+    f = recipe(tmp, tiny_set, tmp / 'versions', train=TRAIN)
+    mammo('prepare', f, '--quiet')
+    t0 = time.time()
+    r = mammo('train', f)
+    return f, load_params(f), r, time.time() - t0
+
+
+def test_train_then_evaluate_end_to_end(trained):
+    f, p, r, secs = trained
+    rd = run_dir(p, 'yolov8n.yaml')
+    assert rd.parent == version_dir(p) / 'runs'
+    for name in ('args.yaml', 'results.csv', 'weights/best.pt', 'weights/last.pt', 'train.json', 'negatives.jsonl',
+                 'data.yaml', 'eval/metrics.json', 'eval/predictions-val.csv', 'eval/predictions-test.csv',
+                 'eval/test/froc_roc.png', 'eval/test/BoxPR_curve.png', 'eval/test/confusion_matrix.png'):
+        assert (rd / name).is_file(), name
+    tj = json.loads((rd / 'train.json').read_text())
+    assert tj['status'] == 'done' and tj['epochs_done'] == 3 and tj['version'] == version_dir(p).name
+    assert len((rd / 'results.csv').read_text().splitlines()) == 1 + 3
+    m = json.loads((rd / 'eval' / 'metrics.json').read_text())
+    assert set(m['splits']) == {'val', 'test'} and m['operating_point']['chosen_on'] == 'val'
+    assert 'IoU >= 0.3' in m['hit_rule'] and m['bootstrap']['unit'] == 'study'
+    s = m['splits']['test']
+    assert s['n_detection_images'] == len((version_dir(p) / 'test.txt').read_text().split())   # image-level ones: AUC only
+    assert set(s['all_lesions']['froc']) == {'0.125', '0.25', '0.5', '1', '2', '4'}
+    assert s['per_class']['Mass']['n_gt'] == int((pd.read_csv(version_dir(p) / 'boxes.csv').query("split == 'test'").cls == 'Mass').sum())
+    for k in ('roc_auc', 'pr_auc'): assert k in s['image'] and k in s['breast']
+    pred = pd.read_csv(rd / 'eval' / 'predictions-test.csv')
+    assert len(pred) and pred.score.between(0, 1).all() and (pred.x1 > pred.x0).all()
+    assert 'test all-lesion sens@1FP' in r.stdout           # the CLI prints the headline figures
+    # rerunning the recipe finds the finished run: nothing retrained, evaluation reused
+    before = (rd / 'train.json').stat().st_mtime_ns, (rd / 'eval/metrics.json').stat().st_mtime_ns
+    t0 = time.time(); mammo('train', f)
+    assert ((rd / 'train.json').stat().st_mtime_ns, (rd / 'eval/metrics.json').stat().st_mtime_ns) == before
+    assert time.time() - t0 < secs
+
+
+class RecordingTrainer(MammoTrainer):
+    "Records the image files of every training batch, per epoch (what the model actually saw)."
+    seen: dict = {}
+    def preprocess_batch(self, batch):
+        RecordingTrainer.seen.setdefault(self.epoch, []).extend(Path(f).stem for f in batch['im_file'])
+        return super().preprocess_batch(batch)
+
+
+def test_sampler_changes_the_epoch_image_set_and_weights_reach_the_loss(trained, tmp_path):
+    from ultralytics import YOLO
+    f, p, _, _ = trained
+    V = check_version(p)
+    rd = V.dir / 'runs' / 'recording'
+    data = write_run_data(p, V, rd)
+    RecordingTrainer.seen = {}
+    y = YOLO('yolov8n.yaml')
+    y.train(trainer=RecordingTrainer, **yolo_args(p, 'yolov8n.yaml', data, 'cpu'))
+    tr = y.trainer
+    im = V.images[V.images.split == 'train']
+    finding, negatives = set(im[im.role == 'positive'].image_id), set(im[im.role == 'negative'].image_id)
+    logged = {json.loads(l)['epoch']: set(json.loads(l)['negatives']) for l in (rd / 'negatives.jsonl').read_text().splitlines()}
+    drawn = []
+    for e in range(3):
+        seen = set(RecordingTrainer.seen[e])
+        assert finding <= seen                                # every finding image, every epoch
+        neg = seen & negatives
+        assert len(neg) == 2 and neg == logged[e]             # ratio 0.34 x 6 -> 2 No-Finding, exactly those logged
+        drawn.append(frozenset(neg))
+    assert len(set(drawn)) > 1                                # a different draw in some epoch (seeded: always the same runs)
+    # the manifest's counts became the loss weights, and the criterion that trained is ours
+    counts = V.manifest['counts']['boxes_per_class']
+    n = np.array([counts[c].get('train', 0) for c in V.manifest['classes']], float)
+    w = np.where(n > 0, n, np.nan) ** -p.train.class_weight_power
+    w = np.where(np.isnan(w), np.nanmean(w), w); w /= w.mean()
+    crit = tr.model.criterion
+    assert isinstance(crit, MammoDetectionLoss)
+    np.testing.assert_allclose(crit.class_weights.flatten().cpu().numpy(), w, rtol=1e-4)
+    # ...and they change the loss on a real training batch
+    batch = tr.preprocess_batch(next(iter(tr.train_loader)))
+    tr.model.eval()
+    with torch.no_grad():
+        preds = tr.model(batch['img'])
+        weighted = crit(preds, batch)[1]['cls_loss']
+        crit.class_weights = None
+        plain = crit(preds, batch)[1]['cls_loss']
+        focal = MammoDetectionLoss(tr.model, focal_gamma=2.0)
+        assert isinstance(focal.bce, FocalBCE)
+        focal.class_weights = None
+        fl = focal(preds, batch)[1]['cls_loss']
+    assert abs(float(weighted) - float(plain)) > 1e-3 * float(plain)
+    assert float(fl) < float(plain)
+
+
+def test_resume_after_kill(tiny_set, tmp_path):
+    f = recipe(tmp_path, tiny_set, tmp_path / 'versions', train={'epochs': 6, 'evaluate': False})
+    mammo('prepare', f, '--quiet')
+    rd = run_dir(load_params(f), 'yolov8n.yaml')
+    proc = subprocess.Popen([str(BIN / 'mammo'), 'train', str(f)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        res = rd / 'results.csv'
+        if res.exists() and len(res.read_text().splitlines()) >= 3 and (rd / 'weights/last.pt').exists(): break
+        assert proc.poll() is None, 'training ended before it could be killed'
+        time.sleep(0.2)
+    import os; os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    done_before = len((rd / 'results.csv').read_text().splitlines()) - 1
+    assert 2 <= done_before < 6 and not (rd / 'train.json').exists()
+    r = mammo('train', f)
+    assert 'Resuming training' in r.stderr + r.stdout
+    tj = json.loads((rd / 'train.json').read_text())
+    assert tj['epochs_done'] == 6
+    epochs = [int(l.split(',')[0]) for l in (rd / 'results.csv').read_text().splitlines()[1:]]
+    assert epochs == list(range(1, 7))                        # no epoch lost or repeated
+
+
+def test_clear_errors(trained, tiny_set, tmp_path):
+    f, p, _, _ = trained
+    # the recipe's version was never built
+    g = recipe(tmp_path, tiny_set, tmp_path / 'nowhere', name='missing')
+    r = mammo('train', g, check=False)
+    assert r.returncode == 2 and 'dataset version missing' in r.stderr and 'mammo prepare' in r.stderr
+    # a version edited after it was built is stale, and the message names the file
+    out = tmp_path / 'copy'
+    shutil.copytree(version_dir(p), out / version_dir(p).name, ignore=shutil.ignore_patterns('runs'))
+    h = recipe(tmp_path, tiny_set, out, name='stale', train=TRAIN)
+    lab = next((out / version_dir(p).name / 'labels').rglob('*.txt'))
+    lab.write_text(lab.read_text() + '0 0.5 0.5 0.1 0.1\n')
+    r = mammo('train', h, check=False)
+    assert r.returncode == 2 and 'stale' in r.stderr and lab.name in r.stderr
+    # CUDA asked for on a machine without it
+    if not torch.cuda.is_available():
+        r = mammo('train', f, '--device', '0', check=False)
+        assert r.returncode == 2 and "'train.device' is '0' but CUDA is not available" in r.stderr
+    # weights trained on 11 classes offered to a 1-class version
+    k = recipe(tmp_path, tiny_set, tmp_path / 'one', name='oneclass', prepare={'classes': ['Mass'], 'priority': ['Mass']})
+    mammo('prepare', k, '--quiet')
+    best = run_dir(p, 'yolov8n.yaml') / 'weights' / 'best.pt'
+    r = mammo('train', k, '--model', best, check=False)
+    assert r.returncode == 2 and 'was trained on 11 classes' in r.stderr and 'has 1' in r.stderr
+
+
+def test_model_comparison_table(trained, tiny_set, tmp_path):
+    f, p, _, _ = trained
+    g = recipe(tmp_path, tiny_set, Path(p.prepare.out), name='cmp',
+               train={'model': ['yolov8n.yaml', 'yolov8s.yaml'], 'epochs': 1}, evaluate={'bootstrap': 20})
+    r = mammo('train', g)
+    cmp = version_dir(p) / 'runs' / 'comparison-test.csv'
+    assert str(cmp) in r.stdout
+    t = pd.read_csv(cmp, index_col=0)
+    assert [c.split('-')[0] for c in t.columns] == ['yolov8n', 'yolov8s']
+    assert 'Mass' in t.index and 'image ROC-AUC' in t.index
+
+
+def test_report_notebook(trained, tmp_path):
+    f, p, _, _ = trained
+    out = tmp_path / 'report.ipynb'
+    r = subprocess.run([str(BIN / 'papermill'), str(ROOT / 'nbs/pipeline/20_train.ipynb'), str(out),
+                        '-p', 'params_path', str(f), '-p', 'root', str(ROOT), '--cwd', str(ROOT / 'nbs/pipeline')],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nb = json.loads(out.read_text())
+    text = json.dumps(nb)
+    assert 'image/png' in text and 'AP50_ultralytics' in text and 'operating point' in text
