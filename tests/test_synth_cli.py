@@ -124,7 +124,8 @@ def test_cli_errors(tmp_path):
 def test_run_tiny_recipe_and_resume(tmp_path):
     from conftest import ROOT
     r = mammo('run', ROOT / 'params/tiny.yaml', cwd=tmp_path)
-    out = tmp_path / 'data/raw/synth-tiny-s0'
+    from mammo_nb.params import load_params
+    out = tmp_path / load_params(ROOT / 'params/tiny.yaml').synth.out
     assert (out / 'synth_info.json').is_file() and len(list(out.rglob('*.dicom'))) == 24
     assert 'skipped: False' in r.stdout
     r2 = mammo('run', ROOT / 'params/tiny.yaml', cwd=tmp_path)
