@@ -119,14 +119,3 @@ def test_cli_errors(tmp_path):
     r = mammo('run', bad, check=False)
     assert r.returncode == 2
     assert str(bad) in r.stderr and "unknown key 'synth.sed'" in r.stderr and "'synth.workers' must be int" in r.stderr
-
-
-def test_run_tiny_recipe_and_resume(tmp_path):
-    from conftest import ROOT
-    r = mammo('run', ROOT / 'params/tiny.yaml', cwd=tmp_path)
-    from mammo_nb.params import load_params
-    out = tmp_path / load_params(ROOT / 'params/tiny.yaml').synth.out
-    assert (out / 'synth_info.json').is_file() and len(list(out.rglob('*.dicom'))) == 24
-    assert 'skipped: False' in r.stdout
-    r2 = mammo('run', ROOT / 'params/tiny.yaml', cwd=tmp_path)
-    assert 'skipped: True' in r2.stdout

@@ -1,0 +1,90 @@
+"""`mammo run`: papermill notebook chains, offline HTML reports and the index, skipping, --from, failure semantics."""
+import json, re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, mammo
+from mammo_nb.params import load_params
+from mammo_nb.pipeline import external_refs
+from mammo_nb.prepare import version_name
+
+
+class Links(HTMLParser):
+    def __init__(self): super().__init__(); self.hrefs = []
+    def handle_starttag(self, tag, attrs): self.hrefs += [v for k, v in attrs if k == 'href']
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+    "The tiny recipe run end to end from an empty folder (synth -> prepare -> train -> evaluate), through the CLI."
+    cwd = tmp_path_factory.mktemp('chain')
+    r = mammo('run', ROOT / 'params/tiny.yaml', cwd=cwd)
+    return cwd, cwd / 'reports' / version_name(load_params(ROOT / 'params/tiny.yaml')), r
+
+
+def test_chain_writes_reports_and_index(chain):
+    cwd, vdir, r = chain
+    assert 'prepare: ok' in r.stdout and 'train: ok' in r.stdout and 'test all-lesion sens@1FP' in r.stdout
+    p = load_params(ROOT / 'params/tiny.yaml')
+    synth = cwd / p.synth.out
+    assert (synth / 'synth_info.json').is_file() and len(list(synth.rglob('*.dicom'))) == 24
+    (run,) = [d for d in vdir.iterdir() if d.is_dir()]
+    for f in ('10_prepare.ipynb', '10_prepare.html', '20_train.ipynb', '20_train.html', 'run.json', 'params.json'):
+        assert (run / f).is_file(), f
+    rec = json.loads((run / 'run.json').read_text())
+    assert rec['status'] == 'ok' and rec['version'] == vdir.name and rec['git_commit']
+    # the index links every stage report of the run, and the links resolve
+    index = (vdir / 'index.html').read_text()
+    L = Links(); L.feed(index)
+    assert sorted(L.hrefs) == sorted(f'{run.name}/{f}' for f in ('10_prepare.html', '20_train.html'))
+    assert all((vdir / h).is_file() for h in L.hrefs)
+    # reports open offline: no script, stylesheet or image fetched from the network; plots are embedded
+    for f in [vdir / 'index.html', *run.glob('*.html')]:
+        h = f.read_text()
+        assert external_refs(h) == [], (f, external_refs(h))
+    train_html = (run / '20_train.html').read_text()
+    assert train_html.count('data:image/png;base64') >= 4
+    # each report records the recipe, package version, git commit and the manifest hash it used
+    for f in ('10_prepare.html', '20_train.html'):
+        h = (run / f).read_text()
+        assert 'manifest sha256' in h and 'git commit' in h and rec['git_commit'] in h and 'package' in h
+    assert 'from mammo_nb.pipeline import' not in train_html       # set-up cells are hidden
+
+
+def test_rerun_skips_unchanged_stages_and_from_reruns(chain):
+    cwd, vdir, _ = chain
+    r = mammo('run', ROOT / 'params/tiny.yaml', cwd=cwd)
+    assert 'prepare: skipped' in r.stdout and 'train: skipped' in r.stdout
+    r = mammo('run', ROOT / 'params/tiny.yaml', '--from', 'train', cwd=cwd)
+    assert 'prepare' not in r.stdout.split('index:')[0] and 'train: ok' in r.stdout
+    # a changed training setting reruns train only
+    f = cwd / 'more.yaml'
+    f.write_text(f"base: {ROOT / 'params/tiny.yaml'}\ntrain: {{epochs: 1}}\n")
+    r = mammo('run', f, cwd=cwd)
+    assert 'prepare: skipped' in r.stdout and 'train: ok' in r.stdout
+
+
+def test_failing_stage_stops_with_a_rendered_error(chain):
+    cwd, vdir, _ = chain
+    bad = cwd / 'bad.yaml'
+    bad.write_text(f"base: {ROOT / 'params/tiny.yaml'}\ntrain: {{model: missing-weights.pt}}\n")
+    r = mammo('run', bad, cwd=cwd, check=False)
+    assert r.returncode == 2
+    assert "stage 'train' failed" in r.stderr and "missing-weights.pt" in r.stderr and '--from train' in r.stderr
+    report = Path(cwd) / re.search(r'report: (\S+\.html)', r.stderr).group(1)
+    h = report.read_text()
+    assert 'TrainError' in h and 'missing-weights.pt' in h and external_refs(h) == []
+    rec = json.loads((report.parent / 'run.json').read_text())
+    assert rec['status'] == 'failed' and rec['stages'][-1]['stage'] == 'train'
+    assert 'failed' in (vdir / 'index.html').read_text()
+    # fixed recipe, resumed from the failed stage
+    bad.write_text(f"base: {ROOT / 'params/tiny.yaml'}\n")
+    r = mammo('run', bad, '--from', 'train', cwd=cwd)
+    assert 'train: ok' in r.stdout
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+    r = mammo('run', ROOT / 'params/tiny.yaml', '--stages', 'prepare,trian', cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "unknown stage 'trian'" in r.stderr
