@@ -26,19 +26,21 @@ def chain(tmp_path_factory):
 
 def test_chain_writes_reports_and_index(chain):
     cwd, vdir, r = chain
-    assert 'prepare: ok' in r.stdout and 'train: ok' in r.stdout and 'test all-lesion sens@1FP' in r.stdout
+    assert 'prepare: ok' in r.stdout and 'train: ok' in r.stdout and 'explain: ok' in r.stdout
+    assert 'test all-lesion sens@1FP' in r.stdout
     p = load_params(ROOT / 'params/tiny.yaml')
     synth = cwd / p.synth.out
     assert (synth / 'synth_info.json').is_file() and len(list(synth.rglob('*.dicom'))) == 24
     (run,) = [d for d in vdir.iterdir() if d.is_dir()]
-    for f in ('10_prepare.ipynb', '10_prepare.html', '20_train.ipynb', '20_train.html', 'run.json', 'params.json'):
+    for f in ('10_prepare.ipynb', '10_prepare.html', '20_train.ipynb', '20_train.html', '40_explain.ipynb',
+              '40_explain.html', 'run.json', 'params.json'):
         assert (run / f).is_file(), f
     rec = json.loads((run / 'run.json').read_text())
     assert rec['status'] == 'ok' and rec['version'] == vdir.name and rec['git_commit']
     # the index links every stage report of the run, and the links resolve
     index = (vdir / 'index.html').read_text()
     L = Links(); L.feed(index)
-    assert sorted(L.hrefs) == sorted(f'{run.name}/{f}' for f in ('10_prepare.html', '20_train.html'))
+    assert sorted(L.hrefs) == sorted(f'{run.name}/{f}' for f in ('10_prepare.html', '20_train.html', '40_explain.html'))
     assert all((vdir / h).is_file() for h in L.hrefs)
     # reports open offline: no script, stylesheet or image fetched from the network; plots are embedded
     for f in [vdir / 'index.html', *run.glob('*.html')]:
@@ -56,14 +58,16 @@ def test_chain_writes_reports_and_index(chain):
 def test_rerun_skips_unchanged_stages_and_from_reruns(chain):
     cwd, vdir, _ = chain
     r = mammo('run', ROOT / 'params/tiny.yaml', cwd=cwd)
-    assert 'prepare: skipped' in r.stdout and 'train: skipped' in r.stdout
+    assert 'prepare: skipped' in r.stdout and 'train: skipped' in r.stdout and 'explain: skipped' in r.stdout
     r = mammo('run', ROOT / 'params/tiny.yaml', '--from', 'train', cwd=cwd)
-    assert 'prepare' not in r.stdout.split('index:')[0] and 'train: ok' in r.stdout
+    assert 'prepare' not in r.stdout.split('index:')[0] and 'train: ok' in r.stdout and 'explain: ok' in r.stdout
+    r = mammo('run', ROOT / 'params/tiny.yaml', '--stages', 'explain', '--force', cwd=cwd)
+    assert r.stdout.startswith('explain: ok')
     # a changed training setting reruns train only
     f = cwd / 'more.yaml'
     f.write_text(f"base: {ROOT / 'params/tiny.yaml'}\ntrain: {{epochs: 1}}\n")
     r = mammo('run', f, cwd=cwd)
-    assert 'prepare: skipped' in r.stdout and 'train: ok' in r.stdout
+    assert 'prepare: skipped' in r.stdout and 'train: ok' in r.stdout and 'explain: ok' in r.stdout   # downstream too
 
 
 def test_failing_stage_stops_with_a_rendered_error(chain):
@@ -77,7 +81,7 @@ def test_failing_stage_stops_with_a_rendered_error(chain):
     h = report.read_text()
     assert 'TrainError' in h and 'missing-weights.pt' in h and external_refs(h) == []
     rec = json.loads((report.parent / 'run.json').read_text())
-    assert rec['status'] == 'failed' and rec['stages'][-1]['stage'] == 'train'
+    assert rec['status'] == 'failed' and rec['stages'][-1]['stage'] == 'train'      # explain never started
     assert 'failed' in (vdir / 'index.html').read_text()
     # fixed recipe, resumed from the failed stage
     bad.write_text(f"base: {ROOT / 'params/tiny.yaml'}\n")

@@ -102,7 +102,7 @@ def test_chain_on_real_slurm(slurm, tmp_path):
     finally:
         os.environ.pop('SLURM_CONF', None)
     ids = dict(re.findall(r'^(\d\d_\w+): (\d+)$', r.stdout, re.M))
-    assert list(ids) == ['00_synth', '10_prepare_shards', '11_prepare_report', '20_train'], r.stdout
+    assert list(ids) == ['00_synth', '10_prepare_shards', '11_prepare_report', '20_train', '40_explain'], r.stdout
     d = Path(re.search(r'scripts: (\S+)', r.stdout).group(1))
     assert '#SBATCH --array=0-1' in (tmp_path / d / '10_prepare_shards.sbatch').read_text()
     # wait for the chain: every job leaves the queue
@@ -123,7 +123,7 @@ def test_chain_on_real_slurm(slurm, tmp_path):
     rep = tmp_path / 'reports' / version_name(p)
     runs = [json.loads(x.read_text()) for x in rep.glob('*/run.json')]
     done = {s['stage']: s['status'] for r in runs for s in r['stages']}
-    assert done == {'prepare': 'ok', 'train': 'ok'}, (runs, _logs(tmp_path / d))
+    assert done == {'prepare': 'ok', 'train': 'ok', 'explain': 'ok'}, (runs, _logs(tmp_path / d))
     assert (rep / 'index.html').is_file() and len(list(rep.glob('*/20_train.html'))) == 1
     print(f'Slurm chain: {secs:.0f} s')
 
