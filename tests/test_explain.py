@@ -25,7 +25,7 @@ def explained(tiny_set, tmp_path_factory):
     f = tmp / 'r.yaml'
     f.write_text(yaml.safe_dump({'base': str(ROOT / 'params/tiny.yaml'), 'name': 'x', 'source': {'root': str(tiny_set)},
                                  'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'train': {'epochs': 3},
-                                 'explain': {'threshold': 0.001, 'per_class': 2, 'n_original': 1}}))
+                                 'explain': {'threshold': 0.001, 'per_class': 2, 'n_original': 1, 'max_lesions': 300}}))
     mammo('prepare', f, '--quiet')
     mammo('train', f)
     r = mammo('explain', f)
