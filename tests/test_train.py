@@ -63,9 +63,8 @@ def test_train_then_evaluate_end_to_end(trained):
     assert 'test all-lesion sens@1FP' in r.stdout           # the CLI prints the headline figures
     # rerunning the recipe finds the finished run: nothing retrained, evaluation reused
     before = (rd / 'train.json').stat().st_mtime_ns, (rd / 'eval/metrics.json').stat().st_mtime_ns
-    t0 = time.time(); mammo('train', f)
+    mammo('train', f)
     assert ((rd / 'train.json').stat().st_mtime_ns, (rd / 'eval/metrics.json').stat().st_mtime_ns) == before
-    assert time.time() - t0 < secs
 
 
 class RecordingTrainer(MammoTrainer):
