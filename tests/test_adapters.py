@@ -1,0 +1,141 @@
+"""Each dataset layout as a user meets it: synthetic data written in that layout -> `mammo prepare --dry-run` ->
+`mammo prepare` -> a dataset version whose boxes lie on the generator's lesions, split by patient, with the
+image-level labels kept and no in-house identifier in any output."""
+import json, re, shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import mammo
+from mammo_nb.annotations import pick_class
+from mammo_nb.clahe import to_output
+from mammo_nb.params import load_params
+from mammo_nb.prepare import load_version, version_dir
+from mammo_nb.synth_layouts import read_truth
+
+LAYOUTS = ('cbis', 'rsna', 'mias', 'csv')
+TINY = Path(__file__).resolve().parents[1] / 'params' / 'tiny.yaml'
+
+
+def recipe(tmp: Path, layout: str, root: Path | None = None, name: str = 'r') -> Path:
+    "A tiny recipe in `layout`: the synthetic set in `tmp/raw` (or `root`), versions in `tmp/versions`."
+    d = {'base': str(TINY), 'name': layout, 'source': {'layout': layout, **({'root': str(root)} if root else {})},
+         'synth': {'out': str(tmp / 'raw')}, 'prepare': {'out': str(tmp / 'versions'), 'workers': 2}}
+    f = tmp / f'{name}.yaml'
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+def parse(out: str) -> dict:
+    "The `key: value` lines that `mammo prepare --dry-run` prints."
+    return {m[1]: m[2] for m in re.finditer(r'^(\w+): (.*)$', out, re.M)}
+
+
+@pytest.fixture(scope='module', params=LAYOUTS)
+def built(request, tmp_path_factory):
+    layout = request.param
+    tmp = tmp_path_factory.mktemp(layout)
+    f = recipe(tmp, layout)
+    mammo('synth', '--params', f)
+    dry = mammo('prepare', f, '--dry-run')
+    r = mammo('prepare', f, '--quiet')
+    return layout, tmp, f, dry, r, load_version(version_dir(load_params(f))), read_truth(tmp / 'raw')
+
+
+def _image_ids(V, truth: pd.DataFrame) -> pd.Series:
+    "The version's image id of each truth row (CSV truth knows only the file)."
+    by_path = V.images.set_index('path').image_id
+    return truth.image_id.where(truth.image_id.notna(), truth.path.map(by_path)).astype(str)
+
+
+def test_dry_run_counts(built):
+    layout, tmp, f, dry, r, V, truth = built
+    d = parse(dry.stdout)
+    n_images = _image_ids(V, truth).nunique()
+    assert int(d['images']) == n_images == V.manifest['counts']['images']
+    assert int(d['patients']) == truth.patient_key.nunique()
+    assert int(d['problems']) == 0 and int(d['missing_files']) == 0
+    rows = eval(d['annotation_rows'])
+    assert sum(rows.values()) >= n_images
+    print(layout, {k: d[k] for k in ('annotation_rows', 'patients', 'studies', 'images', 'boxes', 'roles')})
+
+
+def test_boxes_on_lesions(built):
+    layout, tmp, f, dry, r, V, truth = built
+    assert V.manifest['failures']['total'] == 0, V.failures
+    if layout == 'rsna':
+        assert len(V.boxes) == 0
+        return
+    classes = V.manifest['classes']
+    t = truth[truth.txmin.notna() & ~truth.unboxed.astype(bool)].assign(image_id=lambda x: _image_ids(V, x))
+    assert len(t) >= 5
+    geo = V.images.set_index('image_id')
+    ious = []
+    for r_ in t.itertuples():
+        tb = to_output([r_.txmin, r_.tymin, r_.txmax, r_.tymax], geo.crop[r_.image_id], geo.scale[r_.image_id])[0]
+        cls = pick_class([c for c in r_.categories if c != 'Spiculation'] or ['Spiculation'], classes, classes)
+        b = V.boxes[(V.boxes.image_id == r_.image_id) & (V.boxes.cls == cls)]
+        inside = (b.x0 <= tb[0] + 1.5) & (b.y0 <= tb[1] + 1.5) & (b.x1 >= tb[2] - 1.5) & (b.y1 >= tb[3] - 1.5)
+        ix = (np.clip(np.minimum(b.x1, tb[2]) - np.maximum(b.x0, tb[0]), 0, None)
+              * np.clip(np.minimum(b.y1, tb[3]) - np.maximum(b.y0, tb[1]), 0, None))
+        iou = ix / ((b.x1 - b.x0) * (b.y1 - b.y0) + (tb[2] - tb[0]) * (tb[3] - tb[1]) - ix)
+        ious.append(float(iou.max()) if len(b) else 0.0)
+        # CBIS-DDSM boxes come from the mask (the lesion itself): they match it; the others are annotators' boxes around it
+        assert (iou.max() >= 0.75) if layout == 'cbis' else inside.any(), (layout, r_.image_id, cls, tb, b)
+    print(layout, f'{len(t)} lesions, IoU with truth min {min(ious):.2f} median {np.median(ious):.2f}')
+    if any('Spiculation' in c for c in t.categories): assert (V.boxes.layer == 'spiculation').any()
+
+
+def test_patients_and_image_level_labels(built):
+    layout, tmp, f, dry, r, V, truth = built
+    im = V.images.assign(pk=V.images.image_id.map(truth.assign(image_id=_image_ids(V, truth)).drop_duplicates('image_id')
+                                                   .set_index('image_id').patient_key))
+    assert im.pk.notna().all()
+    assert im.groupby('pk').split.nunique().max() == 1                       # a patient never spans two splits
+    assert im.groupby('pk').patient.nunique().max() == 1 and im.groupby('patient').pk.nunique().max() == 1
+    roles = im.set_index('image_id').role
+    if layout == 'rsna':
+        c = im.image_id.map(truth.set_index('image_id').cancer)
+        assert (roles[im.image_id[c == 1]] == 'image_level').all() and (roles[im.image_id[c == 0]] == 'negative').all()
+        assert (im.labels[c == 1].map(tuple) == pd.Series([('Cancer',)] * int((c == 1).sum()), index=im.index[c == 1])).all() and (im.pathology[c == 1] == 'malignant').all()
+        assert (c == 1).any() and (c == 0).any()
+    else:
+        un = truth[truth.unboxed.astype(bool)].assign(image_id=lambda x: _image_ids(V, x))
+        if layout in ('mias', 'csv'): assert len(un), 'the generator wrote image-level-only findings'
+        labels = im.set_index('image_id').labels
+        for r_ in un.itertuples(): assert set(r_.categories) <= set(labels[r_.image_id]), r_
+        assert (roles == 'positive').any()
+    if layout == 'cbis': assert (im.role != 'negative').all()                 # CBIS-DDSM has no normal images
+
+
+def test_no_identifier_in_outputs(built):
+    layout, tmp, f, dry, r, V, truth = built
+    if layout != 'csv': pytest.skip('the generic CSV is the layout with in-house ids')
+    a = pd.read_csv(tmp / 'raw' / 'annotations.csv', dtype=str)
+    ids = set(a.patient_id) | set(a.study_id)
+    text = ''.join(p.read_text(errors='ignore') for p in V.dir.rglob('*') if p.is_file() and p.suffix in ('.csv', '.json', '.yaml', '.txt'))
+    leaked = sorted(i for i in ids if i in text.replace(str(tmp), ''))
+    # only the file paths the user chose (images/<MRN>/...) carry them, in images.csv `path`; ids never do
+    assert not [i for i in leaked if i.startswith('ACC')], leaked
+    for col in ('image_id', 'study_id', 'patient'): assert not V.images[col].astype(str).str.contains('MRN|ACC').any()
+
+
+def test_missing_files_listed_and_survived(built, tmp_path):
+    """A download with a file missing: `--dry-run` lists it (exit 1, no crash) and `prepare` records it and goes on."""
+    layout, tmp, f, dry, r, V, truth = built
+    root = tmp_path / 'copy'
+    shutil.copytree(tmp / 'raw', root)
+    rel = V.images.path.iloc[len(V.images) // 2]              # an image file the annotations name
+    (root / rel).unlink()
+    g = recipe(tmp_path, layout, root, 'missing')
+    d = mammo('prepare', g, '--dry-run', check=False)
+    assert d.returncode == 1, d.stdout + d.stderr
+    assert 'missing_files: 1' in d.stdout and rel in d.stdout, d.stdout
+    p = mammo('prepare', g, '--quiet')
+    assert 'failures: 1' in p.stdout, p.stdout
+    W = load_version(version_dir(load_params(g)))
+    assert W.failures.reason.tolist() == ['missing_file']
+    assert W.manifest['counts']['images'] >= V.manifest['counts']['images'] - 1
