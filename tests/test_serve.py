@@ -1,0 +1,166 @@
+"""`mammo serve`: the FastAPI app on a run trained on the tiny preset (test client), bad uploads answered with a 4xx
+while the server stays up, no PHI echoed, the same preprocessing as the dataset version, and a real browser
+(Debian's headless chromium) uploading a synthetic DICOM through the page."""
+import json, os, shutil, socket, subprocess, time, urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+from conftest import BIN, ROOT, mammo
+from mammo_nb.clahe import to_original
+from mammo_nb.params import load_params
+from mammo_nb.prepare import version_dir
+from mammo_nb.train import check_version, run_dir
+
+CONF = 0.0005
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_set, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('serve')
+    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 'sv', 'source': {'root': str(tiny_set)},
+         'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'evaluate': {'bootstrap': 10}}
+    f = tmp / 'sv.yaml'
+    f.write_text(yaml.safe_dump(d))
+    mammo('prepare', f, '--quiet')
+    mammo('train', f)
+    p = load_params(f)
+    return p, run_dir(p, 'yolov8n.yaml'), check_version(p), tiny_set
+
+
+@pytest.fixture(scope='module')
+def client(trained):
+    from fastapi.testclient import TestClient
+    from mammo_nb.serve import create_app
+    p, rd, V, raw = trained
+    return TestClient(create_app(rd, max_upload_mb=2, conf=CONF))         # a 2-epoch model scores low
+
+
+def lesion_image(V, raw):
+    "A DICOM of the tiny set with a lesion box, its version row."
+    r = V.images[V.images.role == 'positive'].iloc[0]
+    return raw / r.path, r
+
+
+def test_health_and_identifiers(client, trained):
+    p, rd, V, raw = trained
+    h = client.get('/health').json()
+    import hashlib
+    assert h['status'] == 'ok' and h['run'] == rd.name and h['version'] == V.manifest['version']
+    assert h['manifest_sha256'] == hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest()
+    op = json.loads((rd / 'eval' / 'metrics.json').read_text())['operating_point']
+    assert 'Research use only' in h['notice']
+    if op['threshold'] is None: assert h['threshold_source'].startswith('default') and h['threshold'] == 0.25   # val has no positive image
+    else: assert h['threshold_source'].startswith('operating point') and h['threshold'] == op['threshold']
+
+
+def test_predict_dicom_matches_the_version_pipeline(client, trained):
+    """Served scores and boxes equal evaluation's predictions on the version's PNG, mapped to original pixels."""
+    from mammo_nb.evaluate import predict
+    p, rd, V, raw = trained
+    f, row = lesion_image(V, raw)
+    r = client.post('/predict', files={'file': ('SMITH^ANNA_1960.dcm', f.read_bytes(), 'application/dicom')})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    ds = pydicom.dcmread(f)
+    assert (j['image']['rows'], j['image']['cols']) == (ds.Rows, ds.Columns)
+    assert set(j['image_scores']) == set(V.manifest['classes']) and j['boxes']
+    for b in j['boxes']:
+        x0, y0, x1, y1 = b['box']
+        assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows
+    ev = predict(rd / 'weights' / 'best.pt', V, 'x', p.train.imgsz, conf=CONF, iou=0.6, max_det=100, progress=False,
+                 ims=V.images[V.images.image_id == row.image_id])
+    for c, s in j['image_scores'].items():
+        assert abs(s - ev[ev.cls == c].score.max() if (ev.cls == c).any() else s) < 1e-3, c
+    top = ev.sort_values('score', ascending=False).iloc[0]
+    mapped = to_original([top.x0, top.y0, top.x1, top.y1], row.crop, row.scale)[0]
+    assert np.abs(np.array(j['boxes'][0]['box']) - np.clip(mapped, 0, [ds.Columns, ds.Rows] * 2)).max() < 1.0
+    text = r.text
+    for v in (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber, ds.InstitutionName, 'SMITH^ANNA'):
+        assert v not in text, v                                                  # no PHI, not even the file name
+    assert all(t > 0 for t in j['timing_ms'].values())
+
+
+def test_predict_png_and_explain(client, trained):
+    p, rd, V, raw = trained
+    f, row = lesion_image(V, raw)
+    png = cv2.imencode('.png', cv2.imread(str(V.dir / row.png), cv2.IMREAD_UNCHANGED))[1].tobytes()
+    r = client.post('/predict?preview=true', files={'file': ('x.png', png, 'image/png')})
+    assert r.status_code == 200 and r.json()['image']['format'] == 'PNG' and r.json()['preview_png']
+    e = client.post('/explain', files={'file': ('x.dcm', f.read_bytes(), 'application/dicom')})
+    assert e.status_code == 200 and e.headers['content-type'] == 'image/png' and e.headers['x-research-use-only'] == 'true'
+    im = cv2.imdecode(np.frombuffer(e.content, np.uint8), cv2.IMREAD_COLOR)
+    assert im is not None and im.ndim == 3 and min(im.shape[:2]) > 32
+    assert (np.abs(im[..., 0].astype(int) - im[..., 2]) > 30).mean() > 0.01        # a coloured map, not only grey
+
+
+def test_bad_uploads_get_4xx_and_the_server_stays_up(client, trained):
+    p, rd, V, raw = trained
+    f, _ = lesion_image(V, raw)
+    data = f.read_bytes()
+    cases = {
+        'text content type': (('notes.txt', b'hello', 'text/plain'), 415, 'content type'),
+        'not an image': (('x.dcm', b'hello, this is not an image at all' * 10, 'application/dicom'), 415, 'not a DICOM'),
+        'truncated DICOM': (('x.dcm', data[:len(data) // 3], 'application/dicom'), 422, 'could not be read'),
+        'oversize': (('big.png', b'\x89PNG\r\n\x1a\n' + os.urandom(3 * 2**20), 'image/png'), 413, 'limit'),
+        'corrupt PNG': (('x.png', b'\x89PNG\r\n\x1a\n' + b'\0' * 500, 'image/png'), 422, 'could not be read'),
+    }
+    for name, (file, code, msg) in cases.items():
+        r = client.post('/predict', files={'file': file})
+        assert r.status_code == code, (name, r.status_code, r.text)
+        assert msg in r.json()['detail'], (name, r.text)
+    assert client.post('/predict').status_code == 422                               # no file at all
+    assert client.get('/health').status_code == 200
+
+
+def _chromium():
+    "Paths of chromium and chromedriver, installed with apt when missing (None when that is impossible)."
+    if not (shutil.which('chromium') and shutil.which('chromedriver')) and os.geteuid() == 0 and shutil.which('apt-get'):
+        env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+        subprocess.run(['apt-get', 'install', '-y', '-q', 'chromium', 'chromium-driver'], env=env, capture_output=True, timeout=900)
+        if not shutil.which('chromium'):
+            subprocess.run(['apt-get', 'update', '-q'], env=env, capture_output=True, timeout=600)
+            subprocess.run(['apt-get', 'install', '-y', '-q', 'chromium', 'chromium-driver'], env=env, capture_output=True, timeout=900)
+    return (shutil.which('chromium'), shutil.which('chromedriver')) if shutil.which('chromium') and shutil.which('chromedriver') else None
+
+
+def test_browser_upload_shows_overlay(trained, tmp_path):
+    """The real CLI server on 127.0.0.1, and headless chromium uploading a synthetic DICOM through the page."""
+    p, rd, V, raw = trained
+    paths = _chromium()
+    if paths is None: pytest.skip('chromium / chromedriver not installable here (needs root and apt)')
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    srv = subprocess.Popen([str(BIN / 'mammo'), 'serve', '--run', str(rd), '--port', str(port)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(120):
+            try: urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2); break
+            except OSError: time.sleep(0.5)
+        else: pytest.fail('server did not start: ' + srv.stdout.read(2000))
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = paths[0]
+        for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu'): opts.add_argument(a)
+        drv = webdriver.Chrome(service=Service(paths[1]), options=opts)
+        try:
+            drv.get(f'http://127.0.0.1:{port}/')
+            assert 'Research use only' in drv.find_element(By.CLASS_NAME, 'notice').text
+            f, _ = lesion_image(V, raw)
+            drv.find_element(By.ID, 'file').send_keys(str(f))
+            drv.find_element(By.ID, 'go').click()
+            WebDriverWait(drv, 120).until(lambda d: d.execute_script(
+                "const i = document.getElementById('overlay'); return i.complete && i.naturalWidth > 0;"))
+            assert drv.execute_script("return document.getElementById('preview').naturalWidth") > 0
+            assert len(drv.find_elements(By.CSS_SELECTOR, '#scores tr')) == 1 + len(V.manifest['classes'])
+            assert drv.find_element(By.ID, 'error').text == ''
+        finally: drv.quit()
+    finally:
+        srv.terminate(); srv.wait(10)
