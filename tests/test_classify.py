@@ -1,0 +1,99 @@
+"""`mammo classify` on the tiny preset: patch sampling (abnormal patches show their lesion, normal ones show none),
+the balanced warm-up and the unfreezing schedule as actually applied, and whole-image metrics next to the detector."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, mammo
+from mammo_nb.params import load_params
+from mammo_nb.prepare import load_version, version_dir
+
+CLS = {'task': 'patch', 'patch_size': 48, 'patch_stride': 24, 'imgsz': 32, 'epochs': 6, 'batch': 8, 'warmup_balanced': 2,
+       'freeze_epochs': 2, 'unfreeze_steps': 2, 'unfreeze_every': 2, 'normal_ratio': 1.0, 'normal_margin': 4}
+
+
+def recipe(tmp, raw, name, **cls):
+    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 'cl', 'source': {'root': str(raw)},
+         'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'classify': {**CLS, **cls}, 'evaluate': {'bootstrap': 20}}
+    f = tmp / f'{name}.yaml'
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+@pytest.fixture(scope='module')
+def patches(tiny_set, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('classify')
+    f = recipe(tmp, tiny_set, 'patch')
+    mammo('prepare', f, '--quiet')
+    r = mammo('classify', f)
+    p = load_params(f)
+    m = json.loads(next((version_dir(p) / 'classify').glob('patch-*/runs/*/metrics.json')).read_text())
+    return tmp, tiny_set, f, p, r, m
+
+
+def test_patches_show_their_lesion_and_normals_none(patches):
+    tmp, raw, f, p, r, m = patches
+    V = load_version(version_dir(p))
+    d = Path(m['dataset'])
+    items = pd.read_csv(d / 'items.csv', dtype={'image_id': str})
+    S = CLS['patch_size']
+    ab, nm = items[items.label != 'normal'], items[items.label == 'normal']
+    assert len(ab) and len(nm) and set(items.split) >= {'train', 'val', 'test'}
+    boxes = V.boxes[V.boxes.layer != 'spiculation']
+    for it in ab.itertuples():
+        b = boxes[(boxes.image_id == it.image_id) & (boxes.row == it.lesion)]
+        assert len(b), it
+        b = b.iloc[0]
+        if max(b.x1 - b.x0, b.y1 - b.y0) <= S:                     # a small lesion: its centre is in the patch
+            cx, cy = (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2
+            assert it.x <= cx <= it.x + S and it.y <= cy <= it.y + S, (it, b)
+        else:                                                      # a large one: the patch lies on it
+            assert it.x < b.x1 and it.x + S > b.x0 and it.y < b.y1 and it.y + S > b.y0
+    im = V.images.set_index('image_id')
+    for it in nm.itertuples():
+        b = V.boxes[V.boxes.image_id == it.image_id]
+        assert not ((b.x0 < it.x + S) & (b.x1 > it.x) & (b.y0 < it.y + S) & (b.y1 > it.y)).any(), it
+        png = cv2.imread(str(V.dir / im.png[it.image_id]), cv2.IMREAD_UNCHANGED)
+        assert (png[int(it.y):int(it.y) + S, int(it.x):int(it.x) + S] > 0).mean() >= 0.75
+        assert im.split[it.image_id] == it.split                   # a patch keeps its image's split
+    assert abs(len(nm) - len(ab)) <= 0.25 * len(ab) + 3            # normal_ratio 1
+
+
+def test_warmup_and_unfreezing_applied(patches):
+    tmp, raw, f, p, r, m = patches
+    sch = pd.DataFrame(m['schedule']).drop_duplicates('epoch', keep='last').set_index('epoch')
+    assert list(sch.index) == list(range(CLS['epochs']))
+    assert sch.balanced.tolist() == [True, True, False, False, False, False]
+    items = pd.read_csv(Path(m['dataset']) / 'items.csv')
+    tr = items[items.split == 'train'].label.value_counts()
+    assert (sch['items'][sch.balanced] == len(tr) * tr.min()).all() and (sch['items'][~sch.balanced] == tr.sum()).all()
+    t = sch.trainable_params.tolist()
+    assert t[0] == t[1] < t[2] == t[3] < t[4] == t[5] <= sch.total_params.iloc[0]     # head, + top blocks, + the rest
+    assert sch.unfrozen_layers.iloc[0] == [] and sch.unfrozen_layers.iloc[4] == list(range(len(sch.unfrozen_layers.iloc[4])))
+    assert sch.class_weight.iloc[0] is not None                    # pos_weight: inverse-frequency weights in the loss
+    for sp in ('val', 'test'):
+        x = m['splits'][sp]['items']
+        assert x['n'] == int((items.split == sp).sum()) and 0 <= x['prevalence']['value'] <= 1
+    assert 'roc_auc' in r.stdout and 'prevalence' in r.stdout
+
+
+def test_whole_images_next_to_the_detector(patches):
+    """Whole-image task: breast-level figures, and the detector's max-box score on the same images."""
+    tmp, raw, f, p, r, m = patches
+    mammo('train', f)                                              # a (2-epoch) detector on the same version
+    g = recipe(tmp, raw, 'image', task='image', epochs=2, warmup_balanced=1, freeze_epochs=1, unfreeze_steps=1, unfreeze_every=1)
+    out = mammo('classify', g)
+    q = load_params(g)
+    mi = json.loads(next((version_dir(q) / 'classify').glob('image-*/runs/*/metrics.json')).read_text())
+    V = load_version(version_dir(q))
+    for sp in ('val', 'test'):
+        s = mi['splits'][sp]
+        n = int((V.images.split == sp).sum())
+        assert s['items']['n'] == n and s['detector']['n'] == n       # the same images on both sides
+        assert s['breast']['n'] == V.images[V.images.split == sp].groupby(['study_id', 'laterality']).ngroups
+    assert 'detector max-box score' in out.stdout
