@@ -97,3 +97,30 @@ def test_whole_images_next_to_the_detector(patches):
         assert s['items']['n'] == n and s['detector']['n'] == n       # the same images on both sides
         assert s['breast']['n'] == V.images[V.images.split == sp].groupby(['study_id', 'laterality']).ngroups
     assert 'detector max-box score' in out.stdout
+
+
+def test_five_class_patches_on_cbis(tmp_path):
+    """CBIS-DDSM's 5-class framing: normal + benign/malignant mass/calcification patches from the ROI-mask boxes."""
+    d = {'base': str(ROOT / 'params' / 'cbis.yaml'), 'name': 'cb', 'source': {'layout': 'cbis', 'root': None},
+         'synth': {'preset': 'tiny', 'out': str(tmp_path / 'raw'), 'workers': 1},
+         'prepare': {'out': str(tmp_path / 'versions'), 'workers': 1}, 'clahe': {'long_side': 256},
+         'train': {'device': 'cpu', 'workers': 0, 'cache': False, 'amp': False},
+         'classify': {**CLS, 'labels': 'pathology', 'epochs': 2, 'warmup_balanced': 1, 'freeze_epochs': 1, 'unfreeze_steps': 1,
+                      'unfreeze_every': 1, 'normal_ratio': 0.5}, 'evaluate': {'bootstrap': 10}}
+    f = tmp_path / 'cb.yaml'
+    f.write_text(yaml.safe_dump(d))
+    mammo('synth', '--params', f)
+    mammo('prepare', f, '--quiet')
+    mammo('classify', f)
+    p = load_params(f)
+    V = load_version(version_dir(p))
+    m = json.loads(next((version_dir(p) / 'classify').glob('patch-pathology-*/runs/*/metrics.json')).read_text())
+    items = pd.read_csv(Path(m['dataset']) / 'items.csv', dtype={'image_id': str})
+    assert set(items.label) <= {'normal', 'benign_mass', 'malignant_mass', 'benign_calc', 'malignant_calc'}
+    assert 'normal' in set(items.label) and len(set(items.label)) >= 3
+    b = V.boxes.set_index(['image_id', 'row'])
+    for it in items[items.label != 'normal'].itertuples():                  # each patch's class is its lesion's
+        r = b.loc[(it.image_id, it.lesion)]
+        r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+        assert it.label == f"{r.pathology}_{'mass' if r.cls == 'Mass' else 'calc'}"
+    assert all(c.startswith('malignant') for c in m['positive'])
