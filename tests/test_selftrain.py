@@ -55,6 +55,9 @@ def test_rounds_and_manifest_chain(run):
                                                                         ('teacher' if k == 1 else 'student') / 'weights' / 'best.pt')
         prev_dir, prev_version = d, m['version']
     assert S['rounds'][1]['pseudo_boxes'] > 0, 'the test threshold is low enough for the 2-epoch teacher to pseudo-label'
+    c = st / 'round-0' / 'runs' / 'control'                    # the no-pseudo-label control: teacher trained on, labeled only
+    assert S['control']['round'] == 'control' and (c / 'weights' / 'best.pt').is_file()
+    assert json.loads((c / 'train.json').read_text())['args']['epochs'] == p.train.epochs and 'control' in r.stdout
 
 
 def test_pool_rules(run):
