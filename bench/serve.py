@@ -25,6 +25,7 @@ def main():
     from mammo_nb.serve import create_app
     rd = Path(a.run)
     man = json.loads((rd.parent.parent / 'manifest.json').read_text())
+    if not (a.dicoms or 'source' in man): raise SystemExit('this run is on a derived (self-training) version: pass DICOM_DIR')
     src = Path(a.dicoms or man['source']['root'])
     files = sorted(p for p in src.rglob('*') if p.suffix in ('.dicom', '.dcm'))[:a.n]
     c = TestClient(create_app(rd, device=a.device))
