@@ -326,16 +326,16 @@ def render_finding(f: dict, A: dict, prof: dict, rng) -> tuple[np.ndarray, dict]
         irr = {'round': 0.0, 'oval': 0.1, 'irregular': 0.9}[f['shape']]
         ecc = 1.0 if f['shape'] == 'round' else rng.uniform(0.6, 0.85)
         core = _blob(H, W, cx, cy, s / 2, s / 2 * ecc, rng.uniform(0, np.pi), rng, irr, edge=0.12)
-        sig = 0.16 * c * core
-        if f['spiculated']:
-            sp = _lines(H, W, cx, cy, int(rng.integers(10, 18)), s * rng.uniform(1.1, 1.5), 0.5 * px, rng, inner=0.3)
-            sig = sig + 0.07 * c * sp
-            spic_fp = (sp > 0.1) | (core > 0.1)
-            extra['spiculation'] = spic_fp
+        body = 0.16 * c * core
         if f['with_calc']:
-            sig = sig + 0.35 * c * _specks(H, W, cx, cy, s * 0.7, int(rng.integers(5, 12)), 0.4 * px, rng)
+            body = body + 0.35 * c * _specks(H, W, cx, cy, s * 0.7, int(rng.integers(5, 12)), 0.4 * px, rng)
+        sig = body
+        if f['spiculated']:     # BI-RADS measures a mass without its spicules: they get the Spiculation box
+            sp = _lines(H, W, cx, cy, int(rng.integers(10, 18)), s * rng.uniform(1.1, 1.5), 0.5 * px, rng, inner=0.3)
+            sig = body + 0.07 * c * sp
+            extra['spiculation'] = (sp > 0.1) | (core > 0.1)
         A['att'] += sig * A['thick']
-        fp = sig > 0.1 * sig.max()
+        fp = body > 0.1 * body.max()
     elif cls == 'Suspicious Calcification':
         cx, cy = _place(A, s, rng, depth=f['depth'], prof=prof)
         sig = 0.45 * c * _specks(H, W, cx, cy, s, int(rng.integers(6, 18)), rng.uniform(0.25, 0.6) * px, rng)
@@ -491,10 +491,10 @@ def synth_image(job: dict) -> tuple[np.ndarray, list[dict]]:
     for r in rows:
         r['truth_box'] = r['box']
         r['box'] = _annotator_box(r['box'], H, W, px, rng)
-        if r['spiculation'] is not None:     # the Spiculation layer box lies inside its Mass box
-            s = r['spiculation']
-            r['spiculation'] = [round(max(s[0], r['box'][0]), 2), round(max(s[1], r['box'][1]), 2),
-                                round(min(s[2], r['box'][2]), 2), round(min(s[3], r['box'][3]), 2)]
+        if r['spiculation'] is not None:     # the Spiculation layer box (mass + spicules) holds its Mass box
+            s = _annotator_box(r['spiculation'], H, W, px, rng)
+            r['spiculation'] = [min(s[0], r['box'][0]), min(s[1], r['box'][1]),
+                                max(s[2], r['box'][2]), max(s[3], r['box'][3])]
     return stored, rows
 
 # %% ../nbs/01_synth.ipynb #b3eb1854
@@ -683,6 +683,7 @@ def show_boxes(ax, rows, key='box', color='#ff3b30'):
     "Draw annotation rows (from `synth_image`) on a matplotlib axis."
     import matplotlib.patches as mpatches
     for r in rows:
-        b = r[key]
+        b = r.get(key)
+        if b is None: continue
         ax.add_patch(mpatches.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec=color, lw=0.8))
         ax.text(b[0], b[1] - 4, ' + '.join(r['categories']), color='yellow', fontsize=7, va='bottom')

@@ -42,8 +42,9 @@ def vindr_findings(src: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     F = pd.concat([fa, tr[['patient_key', 'unboxed', 'txmin', 'tymin', 'txmax', 'tymax', 'path']]], axis=1)
     F['cats'] = F.finding_categories.map(eval)
     sp = pd.read_csv(src / 'spiculation_annotations.csv', **ids)
-    F['spiculated'] = [bool(((sp.image_id == r.image_id) & (sp.xmin >= r.xmin) & (sp.ymin >= r.ymin) & (sp.xmax <= r.xmax)
-                             & (sp.ymax <= r.ymax)).any()) if r.xmin == r.xmin else False for r in F.itertuples()]
+    F['spiculated'] = [bool(((sp.image_id == r.image_id) & (sp.xmin <= r.xmin) & (sp.ymin <= r.ymin) & (sp.xmax >= r.xmax)
+                             & (sp.ymax >= r.ymax)).any()) if r.xmin == r.xmin and 'Mass' in r.cats else False
+                       for r in F.itertuples()]
     bl = bl.merge(tr.drop_duplicates('image_id')[['image_id', 'patient_key', 'path', 'photometric']], on='image_id')
     return bl, F
 
