@@ -13,7 +13,8 @@ import yaml
 from fastcore.basics import AttrDict
 
 # %% auto #0
-__all__ = ['REQUIRED', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SCHEMA', 'ParamsError', 'Field', 'validate', 'load_params']
+__all__ = ['REQUIRED', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'SCHEMA', 'ParamsError', 'Field', 'validate',
+           'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -39,6 +40,9 @@ VINDR_CLASSES = ('Mass', 'Suspicious Calcification', 'Architectural Distortion',
 VINDR_PRIORITY = ('Mass', 'Suspicious Calcification', 'Architectural Distortion', 'Focal Asymmetry', 'Asymmetry',
                   'Global Asymmetry', 'Suspicious Lymph Node', 'Nipple Retraction', 'Skin Retraction',
                   'Skin Thickening', 'Spiculation')
+# Revision of the synthetic generator (`01_synth`): bumped whenever the same settings would render other files.
+# It names the default `synth.out` folder and enters each synthetic version's name, so no stale set is reused.
+SYNTH_REVISION = 2
 
 # %% ../nbs/00_params.ipynb #e105428e
 SCHEMA = {
@@ -49,7 +53,7 @@ SCHEMA = {
     'synth': {
         'preset': Field(str, 'demo', 'size preset of the synthetic VinDr-layout set', ('tiny', 'demo', 'full')),
         'seed': Field(int, 0, 'generator seed; same seed -> byte-identical files'),
-        'out': Field(str, 'data/raw/synth-{preset}-s{seed}', 'output folder (`{preset}`/`{seed}` are filled in)'),
+        'out': Field(str, 'data/raw/synth-{preset}-s{seed}-r{rev}', 'output folder (`{preset}`/`{seed}`/`{rev}` (generator revision) are filled in)'),
         'workers': Field(int, 2, 'processes used to render images', min=1),
         # overrides of the preset (None keeps the preset's value)
         'n_patients': Field(int, None, 'number of patients', min=1),
@@ -316,5 +320,5 @@ def load_params(path: str | Path, overrides: dict | None = None) -> AttrDict:
     if p.synth.out == SCHEMA['synth']['out'].default:
         if ov: p.synth.out += '-' + hashlib.sha256(json.dumps(ov, sort_keys=True).encode()).hexdigest()[:6]  # preset overrides
         if p.source.layout != 'vindr': p.synth.out += f'-{p.source.layout}'                               # another layout
-    p.synth.out = p.synth.out.format(preset=p.synth.preset, seed=p.synth.seed)
+    p.synth.out = p.synth.out.format(preset=p.synth.preset, seed=p.synth.seed, rev=SYNTH_REVISION)
     return p

@@ -37,7 +37,7 @@ def data_params(p) -> dict:
     "The parameters that change a dataset version's content (and so its name)."
     d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'}, prepare={k: v for k, v in p.prepare.items() if k not in ('out', 'workers')},
              clahe=dict(p.clahe), split=dict(p.split), package=mammo_nb.__version__)
-    if p.source.root is None: d['synth'] = {k: v for k, v in p.synth.items() if k not in ('out', 'workers')}
+    if p.source.root is None: d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers')}, 'revision': SYNTH_REVISION}
     return d
 
 def version_name(p) -> str:

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .params import SYNTH_REVISION
+
 # %% auto #0
 __all__ = ['FULL_H', 'FULL_W', 'FULL_SPACING', 'FINDING_CLASSES', 'PRESETS', 'VENDORS', 'VIEWS', 'DENSITY_P', 'BIRADS_OF',
            'DENSITY_FRAC', 'SYNTAXES', 'MG_PRESENTATION', 'FINDING_COLUMNS', 'BREAST_COLUMNS', 'SynthConfig',
@@ -636,7 +638,7 @@ def synth_dataset(out: str | Path, preset: str = 'tiny', seed: int = 0, workers:
     t0 = time.perf_counter()
     out = Path(out)
     cfg = get_config(preset, **overrides)
-    info = json.loads(json.dumps(dict(preset=preset, seed=seed, config=asdict(cfg))))
+    info = json.loads(json.dumps(dict(preset=preset, seed=seed, revision=SYNTH_REVISION, config=asdict(cfg))))
     tables = dict(findings='finding_annotations.csv', breast='breast-level_annotations.csv',
                   spiculation='spiculation_annotations.csv', truth='synth_truth.csv')
     done = out / 'synth_info.json'                      # written last: its presence means the set is complete

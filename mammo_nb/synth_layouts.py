@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, PYDICOM_IMPLEMENTATION_UID
 
+from .params import SYNTH_REVISION
 from .synth import MG_PRESENTATION, _encode, _uid, synth_dataset
 
 # %% auto #0
@@ -267,7 +268,7 @@ def synth_layout(out: str | Path, layout: str, preset: str = 'tiny', seed: int =
     if layout not in WRITERS: raise ValueError(f'unknown layout {layout!r}; choose from {list(WRITERS)}')
     t0, out = time.perf_counter(), Path(out)
     ov = {**LAYOUT_SETTINGS[layout], **{k: v for k, v in overrides.items() if v is not None}}
-    info = json.loads(json.dumps(dict(layout=layout, preset=preset, seed=seed, overrides=ov)))
+    info = json.loads(json.dumps(dict(layout=layout, preset=preset, seed=seed, revision=SYNTH_REVISION, overrides=ov)))
     done = out / 'synth_info.json'
     if done.exists():
         if json.loads(done.read_text()) != info:
