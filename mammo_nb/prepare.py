@@ -20,6 +20,7 @@ from .adapters import expand_masks, mask_boxes, read_layout
 from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class, write_yolo
 from .clahe import render, write_png
 from .ingest import IngestError, ingest
+from .params import SYNTH_REVISION
 from .split import assign_splits, group_keys
 
 # %% auto #0
