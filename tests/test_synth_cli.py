@@ -101,9 +101,11 @@ def test_every_class_and_annotation_quirk(tmp_path):
     s = r['spiculation']
     assert len(s) > 0
     boxes = f.dropna(subset=['xmin'])
-    for x in s.itertuples():              # each Spiculation box lies inside a Mass box of its image
+    for x in s.itertuples():              # each Spiculation box (mass + spicules) holds a smaller Mass box of its image
         m = boxes[(boxes.image_id == x.image_id) & boxes.finding_categories.str.contains('Mass')]
-        assert ((m.xmin <= x.xmin) & (m.ymin <= x.ymin) & (m.xmax >= x.xmax) & (m.ymax >= x.ymax)).any()
+        inside = (m.xmin >= x.xmin) & (m.ymin >= x.ymin) & (m.xmax <= x.xmax) & (m.ymax <= x.ymax)
+        smaller = (m.xmax - m.xmin) * (m.ymax - m.ymin) < (x.xmax - x.xmin) * (x.ymax - x.ymin)
+        assert (inside & smaller).any()
 
 
 def test_full_preset_geometry():
