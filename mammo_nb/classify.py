@@ -20,7 +20,7 @@ from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from .evaluate import choose_threshold, fmt_ci, study_weights
-from .prepare import SPLITS, Version, _json
+from .prepare import SPLITS, Version, _json, file_sha256
 from .train import TrainError, check_device, check_version
 
 # %% auto #0
@@ -133,7 +133,7 @@ def build_cls_dataset(V: Version, c) -> Path:
     if df.empty: raise TrainError('the classification dataset is empty (no usable lesion or image)')
     df.to_csv(tmp / 'items.csv', index=False)
     counts = df.groupby(['split', 'label']).size().unstack(fill_value=0)
-    man = dict(version=V.manifest['version'], manifest_sha256=hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest(),
+    man = dict(version=V.manifest['version'], manifest_sha256=file_sha256(V.dir / 'manifest.json'),
                settings=dict(c), classes=sorted(df.label.unique()),
                counts={sp: {k: int(v) for k, v in row.items()} for sp, row in counts.iterrows()})
     (tmp / 'manifest.json').write_text(_json(man))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, sys, time
 from pathlib import Path
 
-from .params import ParamsError, load_params
+from .params import ParamsError, load_params, validate
 from .synth import PRESETS, class_counts, synth_dataset
 from .prepare import PrepareError, dry_run, prepare
 from .pipeline import CHAIN, STAGES, ChainError, run_chain, stage_synth, stage_train, stage_evaluate, stage_explain
@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {name} ==")
                 for k, v in r.items(): print(f"{k}: {v}")
         elif a.cmd == 'serve':
-            from mammo_nb.params import validate
             from mammo_nb.serve import serve
             p = load_params(a.params) if a.params else validate({'name': 'serve'})
             s = p.serve

@@ -26,7 +26,7 @@ from .split import assign_splits, group_keys
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'source_root', 'read_source',
            'process_image', 'load_records', 'parse_shard', 'ingest_images', 'merge', 'manifest', 'prepare', 'dry_run',
-           'Version', 'load_version', 'plot_counts', 'plot_box_sizes', 'show_steps']
+           'Version', 'file_sha256', 'load_version', 'plot_counts', 'plot_box_sizes', 'show_steps']
 
 # %% ../nbs/06_prepare.ipynb #df7a7dd7
 class PrepareError(RuntimeError):
@@ -282,6 +282,10 @@ class Version:
     images: pd.DataFrame
     boxes: pd.DataFrame
     failures: pd.DataFrame
+
+def file_sha256(f: str | Path) -> str:
+    "SHA-256 of file `f` (manifests and weights are recorded by it)."
+    return hashlib.sha256(Path(f).read_bytes()).hexdigest()
 
 def load_version(p_or_dir) -> Version:
     "The dataset version of recipe `p` (or at folder `p_or_dir`); fails clearly if it was not built."

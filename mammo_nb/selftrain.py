@@ -14,7 +14,7 @@ import torchvision
 
 from .annotations import yolo_lines
 from .evaluate import evaluate_run, hit_matrix, predict, fmt_ci
-from .prepare import IMAGE_OUT, SPLITS, Version, _counts, _json, _write, load_version
+from .prepare import IMAGE_OUT, SPLITS, Version, _counts, _json, _write, file_sha256, load_version
 from .split import group_keys
 from .train import TrainError, check_device, check_version, models, train_run
 
@@ -71,8 +71,6 @@ def pseudo_quality(pseudo: pd.DataFrame, truth: pd.DataFrame, images: list[str],
     return pd.DataFrame(rows).set_index('cls')
 
 # %% ../nbs/12_selftrain.ipynb #2b65916e
-def _sha(f: Path) -> str: return hashlib.sha256(Path(f).read_bytes()).hexdigest()
-
 def derive(V: Version, out: Path, rnd: int, train_ids: list[str], pseudo: pd.DataFrame, parent: Version, info: dict) -> Version:
     "Write round `rnd`'s dataset version at `out` from base version `V`; `parent` is the round before (or `V`)."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +103,7 @@ def derive(V: Version, out: Path, rnd: int, train_ids: list[str], pseudo: pd.Dat
     counts = _counts(im[in_train | (im.split != 'train')].assign(role=lambda x: x.role.replace('pseudo', 'positive')),
                      det.merge(im[['image_id']], on='image_id'), classes)
     man = dict(version=f"{V.manifest['version']}-{out.parent.name}-r{rnd}", name=V.manifest['name'], derived_from=dict(
-                   version=parent.manifest['version'], manifest_sha256=_sha(parent.dir / 'manifest.json'), dir=os.path.relpath(parent.dir, out)),
+                   version=parent.manifest['version'], manifest_sha256=file_sha256(parent.dir / 'manifest.json'), dir=os.path.relpath(parent.dir, out)),
                base_version=V.manifest['version'], round=rnd, selftrain=info, classes=classes, clahe=V.manifest['clahe'],
                split=V.manifest['split'], negative_sampling_seed=V.manifest['negative_sampling_seed'], counts=counts,
                pseudo=dict(images=len(ps_ids), boxes_per_class=pseudo.cls.value_counts().sort_index().to_dict()),
@@ -171,7 +169,7 @@ def selftrain(p, progress: bool = True) -> dict:
         q = pseudo_quality(pseudo, truth, sorted(hidden), classes, p.evaluate.hit_iou) if k else None
         train_ids = list(labeled.image_id) + sorted(set(pseudo.image_id))
         i = info(k)
-        if k: i.update(teacher=dict(run=os.path.relpath(teacher.parent.parent, root), weights_sha256=_sha(teacher)),
+        if k: i.update(teacher=dict(run=os.path.relpath(teacher.parent.parent, root), weights_sha256=file_sha256(teacher)),
                        quality=json.loads(q.reset_index().to_json(orient='records')))
         R = derive(V, d, k, train_ids, pseudo, parent, i)
         sp = _student_params(p, teacher)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_serve.ipynb #ba6bc7d2
 from __future__ import annotations
-import base64, hashlib, io, json, os, tempfile, threading, time
+import base64, io, json, os, tempfile, threading, time
 from pathlib import Path
 
 import cv2
@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .clahe import render, to_original
 from .ingest import IngestError, ingest
+from .prepare import file_sha256
 
 # %% auto #0
 __all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'sniff', 'Predictor', 'create_app', 'serve']
@@ -32,8 +33,6 @@ def sniff(head: bytes) -> str | None:
     return None
 
 # %% ../nbs/13_serve.ipynb #a1b6c8b7
-def _sha(f: Path) -> str: return hashlib.sha256(Path(f).read_bytes()).hexdigest()
-
 class Predictor:
     "A trained run ready to score one image at a time: weights, classes, threshold and the version's preprocessing."
     def __init__(self, run_dir: str | Path, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21)):
@@ -54,7 +53,7 @@ class Predictor:
         self.threshold = float(op['threshold']) if known else 0.25
         self.threshold_source = 'operating point chosen on val' if known else 'default 0.25 (run not evaluated)'
         self.device, self.conf, self.layers = device, conf, list(layers)
-        self.ids = dict(run=self.rd.name, version=man['version'], manifest_sha256=_sha(man_f), weights_sha256=_sha(self.weights),
+        self.ids = dict(run=self.rd.name, version=man['version'], manifest_sha256=file_sha256(man_f), weights_sha256=file_sha256(self.weights),
                         classes=self.classes, imgsz=self.imgsz, threshold=self.threshold, threshold_source=self.threshold_source)
         self.yolo, self._det, self.lock = YOLO(str(self.weights)), None, threading.Lock()
 
