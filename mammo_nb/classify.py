@@ -14,14 +14,15 @@ import torch
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 os.environ.setdefault('YOLO_OFFLINE', '1')
-from ultralytics.models.yolo.classify import ClassificationTrainer
+from ultralytics.models.yolo.classify import ClassificationPredictor, ClassificationTrainer
 from ultralytics.data.build import InfiniteDataLoader, seed_worker
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from .evaluate import choose_threshold, fmt_ci, study_weights
+from .metrics import _clean, bootstrap, choose_threshold, fmt_ci, unit_name
+from .split import group_keys
 from .prepare import SPLITS, Version, _json, file_sha256
-from .train import TrainError, check_device, check_version
+from .train import TrainError, check_device, check_version, cpu_threads, threaded
 
 # %% auto #0
 __all__ = ['KIND', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset', 'PhaseSampler',
@@ -195,6 +196,10 @@ def trainable_layers(epoch: int, n_backbone: int, freeze_epochs: int, steps: int
 
 class MammoClsTrainer(ClassificationTrainer):
     "ClassificationTrainer + balanced warm-up / weighted loss / progressive unfreezing, from the data dict's `mammo` keys."
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.cpu = dict(threads=cpu_threads(self.mc.get('threads')), workers=0) if self.device.type == 'cpu' else None
+
     @property
     def mc(self) -> dict: return (self.data or {}).get('mammo') or {}
 
@@ -259,24 +264,20 @@ def _wauc(y, s, w, f):
     try: return float(f(y, s, sample_weight=w)) if len(np.unique(y[w > 0])) == 2 else np.nan
     except ValueError: return np.nan
 
-def binary_metrics(y, s, study, thr: float, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
-    "ROC-AUC, PR-AUC, prevalence, sensitivity and specificity at `thr`, each {value, lo, hi} (study bootstrap)."
-    y, s, study = np.asarray(y, int), np.asarray(s, float), np.asarray(study)
+def binary_metrics(y, s, units, thr: float, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
+    """ROC-AUC, PR-AUC, prevalence, sensitivity and specificity at `thr`, each {value, lo, hi, n_boot}, resampling
+    `units` (each item's split group: its patient, else its study)."""
+    y, s, units = np.asarray(y, int), np.asarray(s, float), np.asarray(units)
     def figs(w):
+        w = np.ones(len(y)) if w is None else w
         tp, fn = (w * ((s >= thr) & (y == 1))).sum(), (w * ((s < thr) & (y == 1))).sum()
         tn, fp = (w * ((s < thr) & (y == 0))).sum(), (w * ((s >= thr) & (y == 0))).sum()
         return dict(roc_auc=_wauc(y, s, w, roc_auc_score), pr_auc=_wauc(y, s, w, average_precision_score),
                     prevalence=(w * y).sum() / w.sum() if w.sum() else np.nan,
                     sensitivity=tp / (tp + fn) if tp + fn else np.nan, specificity=tn / (tn + fp) if tn + fp else np.nan)
-    point = figs(np.ones(len(y)))
-    reps = [figs(w) for w in study_weights(study, n_boot, seed)] if n_boot else []
-    a = (1 - ci) / 2
-    out = {}
-    for k, v in point.items():
-        r = np.array([x[k] for x in reps], float); r = r[np.isfinite(r)]
-        out[k] = dict(value=None if not np.isfinite(v) else round(float(v), 6),
-                      lo=round(float(np.quantile(r, a)), 6) if len(r) else None, hi=round(float(np.quantile(r, 1 - a)), 6) if len(r) else None)
-    out.update(threshold=thr, n=int(len(y)), n_positive=int(y.sum()), n_studies=int(len(np.unique(study))))
+    out = _clean(bootstrap(figs, units, n_boot, seed, ci))
+    out.update(threshold=thr, n=int(len(y)), n_positive=int(y.sum()), n_groups=int(len(np.unique(units))),
+               unit=unit_name(units), n_boot=n_boot)
     return out
 
 # %% ../nbs/14_classify.ipynb #1990f96e
@@ -289,13 +290,15 @@ def _positive(classes: list[str]) -> list[int]:
     pos = [i for i, c in enumerate(classes) if c == 'abnormal' or c.startswith('malignant')]
     return pos or [i for i, c in enumerate(classes) if c != 'normal']
 
-def cls_predict(weights: Path, d: Path, items: pd.DataFrame, imgsz: int, device: str = 'cpu', batch: int = 64) -> np.ndarray:
+def cls_predict(weights: Path, d: Path, items: pd.DataFrame, imgsz: int, device: str = 'cpu', batch: int = 64,
+                threads: int | None = None) -> np.ndarray:
     "Class probabilities (items x classes, in the model's class order) of the items' files."
     from ultralytics import YOLO
     y = YOLO(str(weights))
     out = []
     for i in range(0, len(items), batch):
-        res = y.predict([str(d / f) for f in items.file.iloc[i:i + batch]], imgsz=imgsz, device=device, verbose=False)
+        res = y.predict([str(d / f) for f in items.file.iloc[i:i + batch]], imgsz=imgsz, device=device, verbose=False,
+                        predictor=threaded(ClassificationPredictor, threads))
         out += [r.probs.data.cpu().numpy() for r in res]
     return np.stack(out) if out else np.zeros((0, len(y.names)))
 
@@ -306,8 +309,9 @@ def classify(p) -> dict:
     device = check_device(p.train.device)
     d = build_cls_dataset(V, c)
     (d / 'mammo_cls.json').write_text(json.dumps({k: c[k] for k in ('balance', 'warmup_balanced', 'freeze_epochs', 'unfreeze_steps',
-                                                                   'unfreeze_every', 'unfreeze_lr_factor', 'seed')}))
+                                                                   'unfreeze_every', 'unfreeze_lr_factor', 'seed')} | {'threads': p.train.threads}))
     items = pd.read_csv(d / 'items.csv', dtype={'image_id': str, 'study_id': str})
+    items['group'] = items.image_id.map(dict(zip(V.images.image_id, group_keys(V.images))))   # the bootstrap unit
     aug = {**AUGMENT, **(c.hyp or {})}
     learn = {k: c[k] for k in ('model', 'imgsz', 'epochs', 'batch', 'lr0', 'balance', 'warmup_balanced', 'freeze_epochs',
                                'unfreeze_steps', 'unfreeze_every', 'unfreeze_lr_factor', 'seed')}
@@ -322,12 +326,13 @@ def classify(p) -> dict:
     classes = [names[i] for i in sorted(names)]
     pos = _positive(classes)
     out = dict(dataset=str(d), run=str(run), classes=classes, positive=[classes[i] for i in pos], task=c.task, labels=c.labels,
-               rule='threshold: Youden J on val, applied unchanged to test; intervals: 95% study bootstrap', splits={})
+               rule=f'threshold: Youden J on val, applied unchanged to test; intervals: {p.evaluate.ci:.0%} bootstrap of the split groups '
+                    f'(patients, else studies), {p.evaluate.bootstrap} resamples, undefined replicates dropped per figure', splits={})
     thr = None
     for sp in ('val', 'test'):
         it = items[items.split == sp].reset_index(drop=True)
         if it.empty: continue
-        P = cls_predict(run / 'weights' / 'best.pt', d, it, c.imgsz, device)
+        P = cls_predict(run / 'weights' / 'best.pt', d, it, c.imgsz, device, threads=p.train.threads)
         s = P[:, pos].sum(1)
         y = (~it.label.eq('normal')).astype(int).to_numpy() if c.labels == 'binary' else it.label.str.startswith('malignant').astype(int).to_numpy()
         if sp == 'val': thr = choose_threshold(y, s)
@@ -336,11 +341,11 @@ def classify(p) -> dict:
         cm = confusion_matrix(it.label, top, labels=classes)
         per = {k: dict(precision=float(cm[i, i] / cm[:, i].sum()) if cm[:, i].sum() else None,
                        recall=float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None, n=int(cm[i].sum())) for i, k in enumerate(classes)}
-        res = dict(items=binary_metrics(y, s, it.study_id, thr_, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci),
+        res = dict(items=binary_metrics(y, s, it.group, thr_, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci),
                    per_class=per, confusion=dict(labels=classes, matrix=cm.tolist()))
         if c.task == 'image':                                    # breast level: the max over a breast's images
-            b = it.assign(s=s, y=y).groupby(['study_id', 'laterality']).agg(s=('s', 'max'), y=('y', 'max')).reset_index()
-            res['breast'] = binary_metrics(b.y, b.s, b.study_id, thr_, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci)
+            b = it.assign(s=s, y=y).groupby(['study_id', 'laterality']).agg(s=('s', 'max'), y=('y', 'max'), group=('group', 'first')).reset_index()
+            res['breast'] = binary_metrics(b.y, b.s, b.group, thr_, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci)
             res['detector'] = detector_same_images(p, V, it, y)
         pd.DataFrame(dict(file=it.file, image_id=it.image_id, label=it.label, score=s)).to_csv(run / f'scores-{sp}.csv', index=False)
         out['splits'][sp] = res
@@ -360,7 +365,7 @@ def detector_same_images(p, V: Version, it: pd.DataFrame, y: np.ndarray) -> dict
         top = pred[pred.cls.isin(sc)].groupby('image_id').score.max()
         s = it.image_id.map(top).fillna(0.0).to_numpy()
         thr = json.loads(mj.read_text()).get('operating_point', {}).get('threshold') if mj.exists() else None
-        r = binary_metrics(y, s, it.study_id, thr if thr is not None else 0.5, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci)
+        r = binary_metrics(y, s, it.group, thr if thr is not None else 0.5, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci)
         return dict(run=rd.name, **r)
     return None
 
@@ -369,7 +374,7 @@ def metrics_table(m: dict) -> pd.DataFrame:
     rows = {}
     for sp, r in m['splits'].items():
         for lev, x in (('classifier', r['items']), ('classifier, breast', r.get('breast')), ('detector max-box score', r.get('detector'))):
-            if x: rows[(sp, lev)] = {'n': x['n'], 'positives': x['n_positive'], 'studies': x['n_studies'],
+            if x: rows[(sp, lev)] = {'n': x['n'], 'positives': x['n_positive'], 'groups': x['n_groups'],
                                       **{k: fmt_ci(x[k]) for k in ('roc_auc', 'pr_auc', 'prevalence', 'sensitivity', 'specificity')}}
     return pd.DataFrame(rows).T
 

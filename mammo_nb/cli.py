@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             p = load_params(a.params) if a.params else validate({'name': 'serve'})
             s = p.serve
             serve(a.run, a.host or s.host, a.port or s.port, max_upload_mb=s.max_upload_mb, device=str(s.device), conf=s.conf,
-                  layers=tuple(p.explain.layers))
+                  layers=tuple(p.explain.layers), threads=p.train.threads)
         elif a.cmd == 'slurm':
             from mammo_nb.slurm import write_scripts, submit
             d = write_scripts(a.params, a.out)

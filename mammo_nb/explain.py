@@ -16,7 +16,7 @@ from torch import nn
 os.environ.setdefault('YOLO_OFFLINE', '1')
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 
-from .evaluate import BOX, by_key, hit_matrix
+from .metrics import BOX, by_key, hit_matrix
 
 # %% auto #0
 __all__ = ['METHODS', 'Detector', 'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'LowMemEigenCAM',
@@ -169,7 +169,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     "CAMs for run `rd` on `explain.split`: per-lesion energy table, per-class summary, galleries (in `<run>/explain/`)."
     import matplotlib.pyplot as plt
     from tqdm import tqdm
-    from mammo_nb.train import check_version, TrainError
+    from mammo_nb.train import check_device, check_version, cpu_threads, TrainError
     from mammo_nb.prepare import source_root
     from mammo_nb.ingest import ingest
     from mammo_nb.clahe import to_original
@@ -185,6 +185,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     O = outcomes(pred, gt, thr, p.evaluate.hit_iou)
     les, gal = _pick(O, e)
     det = Detector(rd / 'weights' / 'best.pt')
+    if check_device(p.train.device) == 'cpu': cpu_threads(p.train.threads)
     imgsz = json.loads((rd / 'train.json').read_text())['args']['imgsz'] if (rd / 'train.json').exists() else p.train.imgsz
     cent, cid = anchor_centres(imgsz, det.strides), {v: k for k, v in det.names.items()}
     targeted = [m for m in e.methods if m != 'eigencam']

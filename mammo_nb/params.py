@@ -90,8 +90,8 @@ SCHEMA = {
     },
     'split': {
         'seed': Field(int, 0, 'seed of the iterative stratification'),
-        'val_frac': Field(float, 0.15, "share of the non-test groups held out for validation", min=0, max=0.9),
-        'test_frac': Field(float, 0.2, "share of groups for test when the dataset has no official test split", min=0, max=0.9),
+        'val_frac': Field(float, 0.15, "share of the images held out for validation (of the non-test images when the dataset's official test split is kept); whole groups at a time, so it is met to within a group", min=0, max=0.9),
+        'test_frac': Field(float, 0.2, "share of the images for test when the dataset has no official test split (whole groups at a time)", min=0, max=0.9),
         'official': Field(bool, True, "keep the dataset's own test split when it has one"),
     },
     'train': {
@@ -102,7 +102,12 @@ SCHEMA = {
         'batch': Field(int, 16, 'images per batch (over all GPUs)', min=1),
         'device': Field((str, int), 'cpu', "`cpu`, a GPU index `0`, or `0,1,2,3` for DDP on several GPUs"),
         'seed': Field(int, 0, 'training seed (ultralytics runs deterministic)'),
-        'workers': Field(int, 2, 'dataloader worker processes', min=0),
+        'workers': Field(int, 2, 'dataloader worker processes on GPU (ultralytics always uses 0 on CPU; see `cpu_workers`)', min=0),
+        'threads': Field(int, None, 'torch CPU threads for training and for every CPU stage of the detector and classifier '
+                         '(evaluate, explain, serve, classify); None: every core this process may use (ultralytics alone uses '
+                         'min(8, cores - 1))', min=1),
+        'cpu_workers': Field(int, 1, 'dataloader worker processes when training on CPU (`bench/train_cpu.py` measured '
+                             'the default on 2 cores)', min=0),
         'cache': Field((bool, str), False, "cache decoded images: false, 'ram' or 'disk'", (False, True, 'ram', 'disk')),
         'optimizer': Field(str, 'SGD', "optimizer ('auto' lets ultralytics pick, and then ignores lr0)",
                            ('auto', 'SGD', 'Adam', 'AdamW', 'NAdam', 'RAdam', 'RMSProp')),
@@ -128,10 +133,11 @@ SCHEMA = {
         'iou': Field(float, 0.6, 'NMS IoU', min=0, max=1),
         'max_det': Field(int, 100, 'boxes kept per image', min=1),
         'hit_iou': Field(float, 0.3, 'FROC: a prediction hits a lesion if its centre is inside or IoU >= this', min=0, max=1),
+        'pooled_nms_iou': Field(float, 0.5, "'all lesions' FROC: class-agnostic NMS IoU over every class's marks first", min=0, max=1),
         'froc_fps': Field(list, (0.125, 0.25, 0.5, 1.0, 2.0, 4.0), 'false positives per image where FROC sensitivity is read', items=float),
         'score_classes': Field(list, None, 'classes whose max box score is the image/breast score (None: all classes)', items=str),
-        'target_sensitivity': Field(float, None, 'operating point on val: lowest threshold reaching it (None: Youden J)', min=0, max=1),
-        'bootstrap': Field(int, 1000, 'bootstrap resamples of studies for the 95% intervals (0: none)', min=0),
+        'target_sensitivity': Field(float, None, 'operating point on val: the highest threshold whose sensitivity reaches it (None: Youden J)', min=0, max=1),
+        'bootstrap': Field(int, 1000, 'bootstrap resamples of the split groups (patients, else studies) for the intervals (0: none)', min=0),
         'ci': Field(float, 0.95, 'confidence level of the intervals', min=0.5, max=0.999),
         'seed': Field(int, 0, 'bootstrap seed'),
         'batch': Field(int, 16, 'images per inference batch', min=1),

@@ -44,7 +44,7 @@ def stage_prepare(p, progress: bool = True) -> dict:
 def _headline(m: dict, splits=None, n_classes: int | None = None) -> dict:
     """A run's headline figures from its metrics.json: mAP50, AP50 of the first `n_classes` classes with lesions (all
     when None), all-lesion FROC at 1 FP/image and image ROC-AUC, for `splits` (all when None)."""
-    from mammo_nb.evaluate import fmt_ci
+    from mammo_nb.metrics import fmt_ci
     out = {}
     for split, s in m['splits'].items():
         if splits and split not in splits: continue

@@ -21,7 +21,7 @@ from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class
 from .clahe import render, write_png
 from .ingest import IngestError, ingest
 from .params import SYNTH_REVISION
-from .split import assign_splits, group_keys
+from .split import SPLIT_REVISION, assign_splits, group_keys, split_fractions, split_targets
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'source_root', 'read_source',
@@ -37,7 +37,7 @@ SPLITS = ('train', 'val', 'test')
 def data_params(p) -> dict:
     "The parameters that change a dataset version's content (and so its name)."
     d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'}, prepare={k: v for k, v in p.prepare.items() if k not in ('out', 'workers')},
-             clahe=dict(p.clahe), split=dict(p.split), package=mammo_nb.__version__)
+             clahe=dict(p.clahe), split=dict(p.split, revision=SPLIT_REVISION), package=mammo_nb.__version__)
     if p.source.root is None: d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers')}, 'revision': SYNTH_REVISION}
     return d
 
@@ -231,6 +231,7 @@ def manifest(p, ok, det, fdf, shas, n_listed) -> dict:
                 code=dict(package='mammo_nb', version=mammo_nb.__version__, git_commit=_git_commit()),
                 source=dict(layout=p.source.layout, root=str(source_root(p)), images_listed=n_listed),
                 classes=list(p.prepare.classes), clahe=dict(p.clahe), split=dict(p.split),
+                split_fractions=split_fractions(ok, ok.split, split_targets(ok, p.split.val_frac, p.split.test_frac, p.split.official)),
                 negative_sampling_seed=p.prepare.negative_seed, counts=_counts(ok, det, p.prepare.classes),
                 failures=dict(total=int(len(fdf)), by_reason=fdf.reason.value_counts().sort_index().to_dict(), file='failures.csv'),
                 files=dict(sorted(shas.items())))

@@ -13,7 +13,8 @@ import torch
 import torchvision
 
 from .annotations import yolo_lines
-from .evaluate import evaluate_run, hit_matrix, predict, fmt_ci
+from .evaluate import evaluate_run, predict
+from .metrics import fmt_ci, hit_matrix, lesion_ids
 from .prepare import IMAGE_OUT, SPLITS, Version, _counts, _json, _write, file_sha256, load_version
 from .split import group_keys
 from .train import TrainError, check_device, check_version, models, train_run
@@ -51,8 +52,11 @@ def pseudo_boxes(pred: pd.DataFrame, thresholds: dict[str, float], nms_iou: floa
 
 def pseudo_quality(pseudo: pd.DataFrame, truth: pd.DataFrame, images: list[str], classes: list[str], hit_iou: float = 0.3) -> pd.DataFrame:
     """Per class, over the hidden images `images` (truth known): pseudo boxes, true ones (hit a hidden box of the
-    class: centre inside or IoU >= `hit_iou`, the FROC rule), precision; hidden boxes and the share found (recall)."""
-    pseudo, truth = pseudo[pseudo.image_id.isin(images)], truth[truth.image_id.isin(images)]
+    class: centre inside or IoU >= `hit_iou`, the FROC rule), precision; hidden boxes and the share found (recall).
+    The `all` row counts each physical lesion once, as the pooled FROC does (`mammo_nb.metrics.lesion_ids`: a layer
+    box holding a finding box is the same lesion); a lesion is found when a pseudo box hits one of its boxes."""
+    pseudo, truth = pseudo[pseudo.image_id.isin(images)], truth[truth.image_id.isin(images)].reset_index(drop=True)
+    truth = truth.assign(_lesion=lesion_ids(truth))
     rows = []
     for c in list(classes) + ['all']:
         P = pseudo if c == 'all' else pseudo[pseudo.cls == c]
@@ -60,14 +64,16 @@ def pseudo_quality(pseudo: pd.DataFrame, truth: pd.DataFrame, images: list[str],
         tp_p = found = 0
         for iid in set(P.image_id) | set(T.image_id):
             p, t = P[P.image_id == iid], T[T.image_id == iid]
+            h = hit_matrix(p[['x0', 'y0', 'x1', 'y1']].to_numpy(), t[['x0', 'y0', 'x1', 'y1']].to_numpy(), hit_iou)
             if c == 'all':      # a pseudo box is right when it hits a hidden box of its own class
-                h = hit_matrix(p[['x0', 'y0', 'x1', 'y1']].to_numpy(), t[['x0', 'y0', 'x1', 'y1']].to_numpy(), hit_iou) \
-                    & (p.cls.to_numpy()[:, None] == t.cls.to_numpy()[None, :])
-            else: h = hit_matrix(p[['x0', 'y0', 'x1', 'y1']].to_numpy(), t[['x0', 'y0', 'x1', 'y1']].to_numpy(), hit_iou)
-            tp_p += int(h.any(1).sum()); found += int(h.any(0).sum())
+                h &= p.cls.to_numpy()[:, None] == t.cls.to_numpy()[None, :]
+                found += len({l for l, hit in zip(t._lesion, h.any(0)) if hit})
+            else: found += int(h.any(0).sum())
+            tp_p += int(h.any(1).sum())
         if c != 'all' and not len(P) and not len(T): continue
+        n_t = T._lesion.nunique() if c == 'all' else len(T)
         rows.append(dict(cls=c, pseudo=len(P), correct=tp_p, precision=tp_p / len(P) if len(P) else np.nan,
-                         hidden=len(T), found=found, recall=found / len(T) if len(T) else np.nan))
+                         hidden=n_t, found=found, recall=found / n_t if n_t else np.nan))
     return pd.DataFrame(rows).set_index('cls')
 
 # %% ../nbs/12_selftrain.ipynb #2b65916e
@@ -114,7 +120,7 @@ def derive(V: Version, out: Path, rnd: int, train_ids: list[str], pseudo: pd.Dat
 # %% ../nbs/12_selftrain.ipynb #1fdb5739
 def selftrain_id(p, V: Version) -> str:
     "`st-<8 hex>` of what the rounds depend on: base version, model, train and selftrain params."
-    d = dict(version=V.manifest['version'], train={k: v for k, v in p.train.items() if k not in ('device', 'workers', 'cache', 'evaluate')},
+    d = dict(version=V.manifest['version'], train={k: v for k, v in p.train.items() if k not in ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'evaluate')},
              selftrain={k: v for k, v in p.selftrain.items() if k != 'control'})
     return 'st-' + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -164,7 +170,7 @@ def selftrain(p, progress: bool = True) -> dict:
         if k == 0: pseudo = pd.DataFrame(columns=['image_id', 'cls', 'class_id', 'score', 'x0', 'y0', 'x1', 'y1'])
         else:
             pred = predict(teacher, V, 'train', p.train.imgsz, min(thr.values()), p.evaluate.iou, p.evaluate.max_det, p.evaluate.batch,
-                           check_device(p.train.device), progress, ims=pool)
+                           check_device(p.train.device), progress, ims=pool, threads=p.train.threads)
             pseudo = pseudo_boxes(pred, thr, s.nms_iou, s.max_per_image)
         q = pseudo_quality(pseudo, truth, sorted(hidden), classes, p.evaluate.hit_iou) if k else None
         train_ids = list(labeled.image_id) + sorted(set(pseudo.image_id))

@@ -35,7 +35,7 @@ def sniff(head: bytes) -> str | None:
 # %% ../nbs/13_serve.ipynb #a1b6c8b7
 class Predictor:
     "A trained run ready to score one image at a time: weights, classes, threshold and the version's preprocessing."
-    def __init__(self, run_dir: str | Path, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21)):
+    def __init__(self, run_dir: str | Path, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21), threads: int | None = None):
         from ultralytics import YOLO
         self.rd = Path(run_dir)
         self.weights = self.rd / 'weights' / 'best.pt'
@@ -52,7 +52,7 @@ class Predictor:
         known = op.get('threshold') is not None
         self.threshold = float(op['threshold']) if known else 0.25
         self.threshold_source = 'operating point chosen on val' if known else 'default 0.25 (run not evaluated)'
-        self.device, self.conf, self.layers = device, conf, list(layers)
+        self.device, self.conf, self.layers, self.threads = device, conf, list(layers), threads
         self.ids = dict(run=self.rd.name, version=man['version'], manifest_sha256=file_sha256(man_f), weights_sha256=file_sha256(self.weights),
                         classes=self.classes, imgsz=self.imgsz, threshold=self.threshold, threshold_source=self.threshold_source)
         self.yolo, self._det, self.lock = YOLO(str(self.weights)), None, threading.Lock()
@@ -72,12 +72,14 @@ class Predictor:
     def _predict(self, path: str | Path):
         "The ingested image, the network's input and the /predict answer (read and decoded once)."
         from mammo_nb.evaluate import MultiLabelPredictor
+        from mammo_nb.train import threaded
         t0 = time.perf_counter()
         g, img, geo = self.preprocess(path)
         t1 = time.perf_counter()
         with self.lock:
             r = self.yolo.predict(np.repeat(img[..., None], 3, 2), imgsz=self.imgsz, conf=self.conf, iou=0.6, max_det=100,
-                                  device=self.device, verbose=False, predictor=MultiLabelPredictor)[0]
+                                  device=self.device, verbose=False,
+                                  predictor=threaded(MultiLabelPredictor, self.threads))[0]
         t2 = time.perf_counter()
         xyxy = r.boxes.xyxy.cpu().numpy().reshape(-1, 4)
         orig = to_original(xyxy, g.crop, geo['scale'])
@@ -155,9 +157,10 @@ $('form').addEventListener('submit', async ev => {
 });
 </script></body></html>"""
 
-def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21)):
-    "The FastAPI app serving run `run_dir`."
-    P = Predictor(run_dir, device, conf, layers)
+def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21),
+               threads: int | None = None):
+    "The FastAPI app serving run `run_dir` (`threads`: CPU threads, None: every core)."
+    P = Predictor(run_dir, device, conf, layers, threads)
     limit = int(max_upload_mb * 2**20)
     app = FastAPI(title='mammo_nb', description=NOTICE)
     app.state.predictor = P

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['group_keys', 'label_counts', 'iterative_stratification', 'LeakageError', 'assert_no_leakage', 'assign_splits']
+__all__ = ['SPLIT_REVISION', 'group_keys', 'label_counts', 'iterative_stratification', 'LeakageError', 'assert_no_leakage',
+           'split_targets', 'split_fractions', 'assign_splits']
 
 # %% ../nbs/05_split.ipynb #c8f43c11
 def group_keys(images: pd.DataFrame) -> pd.Series:
@@ -29,14 +30,19 @@ def label_counts(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], 
     return per_img.groupby(level=0).sum()
 
 # %% ../nbs/05_split.ipynb #000cc740
-def iterative_stratification(Y: pd.DataFrame, fractions: dict[str, float], seed: int = 0) -> pd.Series:
-    "Assign each row (group) of label-count matrix `Y` to one of `fractions`' splits, keeping label proportions."
+SPLIT_REVISION = 2   # 2: split sizes counted in images (1: in label instances); part of every version's name
+
+def iterative_stratification(Y: pd.DataFrame, fractions: dict[str, float], seed: int = 0,
+                             sizes: pd.Series | None = None) -> pd.Series:
+    """Assign each row (group) of label-count matrix `Y` to one of `fractions`' splits, keeping label proportions;
+    split sizes are counted in `sizes` (images per group; default: 1 per group)."""
     rng = np.random.default_rng(seed)
     names, fr = list(fractions), np.array(list(fractions.values()), float)
     fr = fr / fr.sum()
     M = Y.to_numpy(float)
+    n = np.ones(len(Y)) if sizes is None else sizes.reindex(Y.index).to_numpy(float)
     want = fr[:, None] * M.sum(0)[None, :]                          # split x label: counts still wanted
-    size = fr * M.sum()                                             # split: images still wanted
+    size = fr * n.sum()                                             # split: images still wanted
     left = np.ones(len(Y), bool)
     out = np.empty(len(Y), object)
     order = rng.permutation(len(Y))                                 # seeded tie-breaking among groups
@@ -46,12 +52,14 @@ def iterative_stratification(Y: pd.DataFrame, fractions: dict[str, float], seed:
         else: lab = int(np.argmin(np.where(tot > 0, tot, np.inf)))  # rarest label still unassigned
         rows = [i for i in order if left[i] and (lab is None or M[i, lab] > 0)]
         for i in rows:
-            key = want[:, lab] if lab is not None else size
-            best = np.flatnonzero(key == key.max())
+            room = size > 0                                         # a split that holds its images takes no more
+            cand = np.flatnonzero(room) if room.any() else np.arange(len(names))
+            key = (want[cand, lab] if lab is not None else size[cand])
+            best = cand[key == key.max()]
             if len(best) > 1: best = best[size[best] == size[best].max()]
             s = int(best[0] if len(best) == 1 else rng.choice(best))
             out[i], left[i] = names[s], False
-            want[s] -= M[i]; size[s] -= M[i].sum()
+            want[s] -= M[i]; size[s] -= n[i]
     return pd.Series(out, index=Y.index, name='split')
 
 # %% ../nbs/05_split.ipynb #76017be3
@@ -65,21 +73,40 @@ def assert_no_leakage(images: pd.DataFrame, split: pd.Series, groups: pd.Series 
         n = pd.DataFrame({'k': key.values, 's': split.values}).groupby('k').s.nunique()
         if (n > 1).any(): raise LeakageError(f'{(n > 1).sum()} {name}(s) in more than one split, e.g. {n[n > 1].index[0]}')
 
+def _official_test(images: pd.DataFrame, official: bool) -> bool:
+    src = images.get('source_split', pd.Series('', index=images.index)).fillna('')
+    return bool(official and (src == 'test').any())
+
+def split_targets(images: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0.2, official: bool = True) -> dict:
+    """Target share of images per split: of all images, or of the non-test images when the dataset's official test
+    split is kept (test is then whatever the dataset put there)."""
+    if _official_test(images, official): fr = {'train': 1 - val_frac, 'val': val_frac}
+    else: fr = {'train': 1 - val_frac - test_frac, 'val': val_frac, 'test': test_frac}
+    return {k: v for k, v in fr.items() if v > 0}
+
+def split_fractions(images: pd.DataFrame, split: pd.Series, targets: dict) -> dict:
+    "Per split: target and achieved share of images (of the images the targets are shares of), images and groups."
+    s, g = pd.Series(split.values), pd.Series(group_keys(images).values)
+    base = s.isin(list(targets))                     # the images the targets are shares of
+    out = {}
+    for sp in ('train', 'val', 'test'):
+        k = s == sp
+        out[sp] = dict(target=None if sp not in targets else round(float(targets[sp]), 6),
+                       achieved=round(float(k.sum() / max(base.sum(), 1)), 6) if sp in targets else None,
+                       images=int(k.sum()), groups=int(g[k].nunique()))
+    return out
+
 def assign_splits(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], val_frac: float = 0.15,
                   test_frac: float = 0.2, seed: int = 0, official: bool = True) -> pd.Series:
     "train/val/test for every image (indexed like `images`), whole groups at a time, leakage asserted."
     groups = group_keys(images)
     Y = label_counts(images, boxes, classes, groups)
     src = images.get('source_split', pd.Series('', index=images.index)).fillna('')
-    has_official = official and (src == 'test').any()
     fixed = pd.Series(dtype=object)
-    if has_official:
-        fixed = pd.Series('test', index=sorted(set(groups[src == 'test'])))
-        fr = {'train': 1 - val_frac, 'val': val_frac}
-    else: fr = {'train': 1 - val_frac - test_frac, 'val': val_frac, 'test': test_frac}
-    fr = {k: v for k, v in fr.items() if v > 0}
+    if _official_test(images, official): fixed = pd.Series('test', index=sorted(set(groups[src == 'test'])))
     rest = Y.drop(fixed.index)
-    per_group = pd.concat([fixed, iterative_stratification(rest, fr, seed) if len(rest) else pd.Series(dtype=object)])
+    per_group = pd.concat([fixed, iterative_stratification(rest, split_targets(images, val_frac, test_frac, official), seed,
+                                                           groups.value_counts()) if len(rest) else pd.Series(dtype=object)])
     split = groups.map(per_group).rename('split')
     assert_no_leakage(images, split, groups)
     return split

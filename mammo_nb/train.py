@@ -25,9 +25,9 @@ import mammo_nb
 from .prepare import PrepareError, load_version, version_dir, Version, _git_commit
 
 # %% auto #0
-__all__ = ['NegativeSampler', 'class_weights', 'FocalBCE', 'MammoDetectionLoss', 'MammoTrainer', 'TrainError', 'check_version',
-           'check_device', 'weights_classes', 'check_classes', 'models', 'run_name', 'run_dir', 'run_dirs',
-           'write_run_data', 'yolo_args', 'train_run', 'train', 'negatives_summary']
+__all__ = ['NegativeSampler', 'class_weights', 'FocalBCE', 'MammoDetectionLoss', 'cpu_threads', 'CPUThreads', 'threaded',
+           'MammoTrainer', 'TrainError', 'check_version', 'check_device', 'weights_classes', 'check_classes', 'models',
+           'run_name', 'run_dir', 'run_dirs', 'write_run_data', 'yolo_args', 'train_run', 'train', 'negatives_summary']
 
 # %% ../nbs/07_train.ipynb #73ef8958
 class NegativeSampler(torch.utils.data.Sampler):
@@ -85,6 +85,28 @@ class MammoDetectionLoss(v8DetectionLoss):
         if focal_gamma > 0: self.bce = FocalBCE(focal_gamma)
 
 # %% ../nbs/07_train.ipynb #8c2a3495
+def cpu_threads(threads: int | None = None) -> int:
+    "Set torch's CPU intra-op threads to `threads` (None: every core this process may use); returns the number set."
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    n = int(threads or cores)
+    torch.set_num_threads(n)
+    return n
+
+class CPUThreads:
+    """Mixin for ultralytics predictors and validators: after ultralytics picks the device (and, on the CPU, its
+    `min(8, cores - 1)` threads), use `threads` (None: every core)."""
+    threads: int | None = None
+    def setup_model(self, model, verbose: bool = True):         # predictors: select_device runs in here
+        super().setup_model(model, verbose)
+        if self.device.type == 'cpu': cpu_threads(self.threads)
+    def get_dataloader(self, *args, **kw):                      # validators: the first call after select_device
+        if getattr(self, 'device', None) is not None and self.device.type == 'cpu': cpu_threads(self.threads)
+        return super().get_dataloader(*args, **kw)
+
+def threaded(cls, threads: int | None = None):
+    "`cls` (an ultralytics predictor or validator class) that runs on `threads` CPU threads."
+    return type(cls.__name__, (cls,) if issubclass(cls, CPUThreads) else (CPUThreads, cls), dict(threads=threads))
+
 def _loader(dataset, batch: int, workers: int, sampler, device) -> InfiniteDataLoader:
     "ultralytics' training loader, with our sampler."
     nd = torch.cuda.device_count() if getattr(device, 'type', str(device)) == 'cuda' else 0
@@ -103,10 +125,14 @@ def _log_negatives(trainer):
     with open(Path(trainer.save_dir) / 'negatives.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
 
 class MammoTrainer(DetectionTrainer):
-    "DetectionTrainer + per-epoch No-Finding resampling, manifest class weights and an optional focal loss."
+    "DetectionTrainer + per-epoch No-Finding resampling, manifest class weights, an optional focal loss, all CPU cores."
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.add_callback('on_train_epoch_start', _log_negatives)
+        if self.device.type == 'cpu':                           # ultralytics just set 1 thread / 0 workers on 2 cores
+            self.cpu = dict(threads=cpu_threads(self.mammo.get('threads')), workers=int(self.mammo.get('cpu_workers', 0)))
+            self.args.workers = self.cpu['workers']
+        else: self.cpu = None
 
     @property
     def mammo(self) -> dict: return (self.data or {}).get('mammo') or {}
@@ -180,7 +206,7 @@ def check_classes(model: str, classes: list[str], what: str = "'train.model'"):
                          f"use weights trained on this class list, or set train.reset_head: true to fine-tune a new head")
 
 # %% ../nbs/07_train.ipynb #a2842386
-_NOT_LEARNING = ('device', 'workers', 'cache', 'resume', 'evaluate', 'run_name')
+_NOT_LEARNING = ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'resume', 'evaluate', 'run_name')
 
 def models(p) -> list[str]:
     "The recipe's model(s) as a list."
@@ -208,7 +234,8 @@ def write_run_data(p, V: Version, rd: Path) -> Path:
              mammo=dict(version=V.manifest['version'], negative_ratio=p.train.negative_ratio,
                         negative_seed=V.manifest['negative_sampling_seed'], focal_gamma=p.train.focal_gamma,
                         class_weight_power=p.train.class_weight_power,
-                        class_weights=class_weights(counts, V.manifest['classes'], p.train.class_weight_power)))
+                        class_weights=class_weights(counts, V.manifest['classes'], p.train.class_weight_power),
+                        threads=p.train.threads, cpu_workers=p.train.cpu_workers))
     rd.mkdir(parents=True, exist_ok=True)
     f = rd / 'data.yaml'
     f.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -275,7 +302,7 @@ def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -
                manifest_sha256=hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest(),
                args={k: v for k, v in args.items() if k not in ('project',)}, mammo=yaml.safe_load(data.read_text())['mammo'],
                epochs_done=len(res), wall_s=round(time.time() - t0, 1), s_per_epoch=round(float(np.median(times)), 2) if len(times) else None,
-               device=device, torch=torch.__version__, ultralytics=__import__('ultralytics').__version__,
+               device=device, cpu=getattr(y.trainer, 'cpu', None), torch=torch.__version__, ultralytics=__import__('ultralytics').__version__,
                code=dict(version=mammo_nb.__version__, git_commit=_git_commit()))
     (rd / 'train.json').write_text(json.dumps(rec, indent=1, default=str))
     return rd

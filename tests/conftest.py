@@ -22,3 +22,29 @@ def tiny_set(tmp_path_factory):
     out = tmp_path_factory.mktemp('synth') / 'tiny'
     mammo('synth', '--preset', 'tiny', '--out', out, '--seed', '0', '--quiet')
     return out
+
+
+def tiny_recipe(tmp, root, out, name='recipe', **extra):
+    "A recipe based on tiny.yaml reading `root`, versions under `out`; `extra` sections are merged in."
+    import yaml
+    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 't', 'source': {'root': str(root)},
+         'prepare': {'out': str(out), 'workers': 1}}
+    for k, v in extra.items(): d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    f = Path(tmp) / f'{name}.yaml'
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+# The one tiny detector every test file that only needs *a* trained run shares (train, evaluate, explain, serve,
+# metrics): 3 epochs, 2 No-Finding images drawn per epoch (6 finding + 4 No-Finding in the tiny train split).
+TRAIN = {'epochs': 3, 'negative_ratio': 0.34}
+EXPLAIN = {'threshold': 0.001, 'per_class': 2, 'n_original': 1, 'max_lesions': 300}
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tiny_set, tmp_path_factory):
+    "The tiny set prepared, trained (3 epochs) and evaluated once per session through the CLI: (recipe, stdout)."
+    tmp = tmp_path_factory.mktemp('tiny-run')
+    f = tiny_recipe(tmp, tiny_set, tmp / 'versions', train=TRAIN, explain=EXPLAIN)
+    mammo('prepare', f, '--quiet')
+    return f, mammo('train', f)

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT, mammo
 from mammo_nb.clahe import to_original
-from mammo_nb.evaluate import box_iou
+from mammo_nb.metrics import box_iou
 from mammo_nb.explain import Detector, letterbox, unletterbox, cam, BoxClassTarget, anchor_centres, to_original_grid
 from mammo_nb.ingest import ingest
 from mammo_nb.params import load_params
@@ -20,14 +20,9 @@ from mammo_nb.train import run_dir
 
 
 @pytest.fixture(scope='module')
-def explained(tiny_set, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('explain')
-    f = tmp / 'r.yaml'
-    f.write_text(yaml.safe_dump({'base': str(ROOT / 'params/tiny.yaml'), 'name': 'x', 'source': {'root': str(tiny_set)},
-                                 'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'train': {'epochs': 3},
-                                 'explain': {'threshold': 0.001, 'per_class': 2, 'n_original': 1, 'max_lesions': 300}}))
-    mammo('prepare', f, '--quiet')
-    mammo('train', f)
+def explained(tiny_run):
+    "CAMs of the session's tiny run (its recipe's explain section: threshold 0.001, 2 per class, 300 lesions)."
+    f, _ = tiny_run
     r = mammo('explain', f)
     p = load_params(f)
     return p, run_dir(p, 'yolov8n.yaml'), r

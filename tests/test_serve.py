@@ -21,14 +21,9 @@ CONF = 0.0005
 
 
 @pytest.fixture(scope='module')
-def trained(tiny_set, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('serve')
-    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 'sv', 'source': {'root': str(tiny_set)},
-         'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'evaluate': {'bootstrap': 10}}
-    f = tmp / 'sv.yaml'
-    f.write_text(yaml.safe_dump(d))
-    mammo('prepare', f, '--quiet')
-    mammo('train', f)
+def trained(tiny_run, tiny_set):
+    "The session's tiny run, its version and the raw set it was built from."
+    f, _ = tiny_run
     p = load_params(f)
     return p, run_dir(p, 'yolov8n.yaml'), check_version(p), tiny_set
 

@@ -9,38 +9,24 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, mammo
+from conftest import BIN, ROOT, TRAIN, mammo, tiny_recipe
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
 from mammo_nb.train import MammoTrainer, MammoDetectionLoss, FocalBCE, check_version, run_dir, write_run_data, yolo_args
 
 
-def recipe(tmp, root, out, name='recipe', **extra):
-    "A recipe based on tiny.yaml reading `root`, versions under `out`; `extra` sections are merged in."
-    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 't', 'source': {'root': str(root)},
-         'prepare': {'out': str(out), 'workers': 1}}
-    for k, v in extra.items(): d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
-    f = tmp / f'{name}.yaml'
-    f.write_text(yaml.safe_dump(d))
-    return f
-
-
-TRAIN = {'epochs': 3, 'negative_ratio': 0.34}        # tiny train split: 6 finding + 4 No-Finding -> 2 drawn per epoch
+recipe = tiny_recipe
 
 
 @pytest.fixture(scope='module')
-def trained(tiny_set, tmp_path_factory):
-    "The tiny set prepared and trained (3 epochs) + evaluated through the CLI."
-    tmp = tmp_path_factory.mktemp('train')
-    f = recipe(tmp, tiny_set, tmp / 'versions', train=TRAIN)
-    mammo('prepare', f, '--quiet')
-    t0 = time.time()
-    r = mammo('train', f)
-    return f, load_params(f), r, time.time() - t0
+def trained(tiny_run):
+    "The session's tiny run (prepared, trained 3 epochs and evaluated through the CLI)."
+    f, r = tiny_run
+    return f, load_params(f), r
 
 
 def test_train_then_evaluate_end_to_end(trained):
-    f, p, r, secs = trained
+    f, p, r = trained
     rd = run_dir(p, 'yolov8n.yaml')
     assert rd.parent == version_dir(p) / 'runs'
     for name in ('args.yaml', 'results.csv', 'weights/best.pt', 'weights/last.pt', 'train.json', 'negatives.jsonl',
@@ -52,7 +38,10 @@ def test_train_then_evaluate_end_to_end(trained):
     assert len((rd / 'results.csv').read_text().splitlines()) == 1 + 3
     m = json.loads((rd / 'eval' / 'metrics.json').read_text())
     assert set(m['splits']) == {'val', 'test'} and m['operating_point']['chosen_on'] == 'val'
-    assert 'IoU >= 0.3' in m['hit_rule'] and m['bootstrap']['unit'] == 'study'
+    c = m['conventions']
+    assert 'IoU >= 0.3' in c['froc_hit'] and m['bootstrap']['unit'] == 'patient' and c['bootstrap']['n'] == p.evaluate.bootstrap
+    assert 'ignored' in c['froc_second_mark'] and f'IoU {p.evaluate.pooled_nms_iou}' in c['pooled_nms'] and 'pycocotools' in c['ap']
+    assert tj['cpu'] == {'threads': len(__import__('os').sched_getaffinity(0)), 'workers': p.train.cpu_workers}   # every core
     s = m['splits']['test']
     assert s['n_detection_images'] == len((version_dir(p) / 'test.txt').read_text().split())   # image-level ones: AUC only
     assert set(s['all_lesions']['froc']) == {'0.125', '0.25', '0.5', '1', '2', '4'}
@@ -77,7 +66,7 @@ class RecordingTrainer(MammoTrainer):
 
 def test_sampler_changes_the_epoch_image_set_and_weights_reach_the_loss(trained, tmp_path):
     from ultralytics import YOLO
-    f, p, _, _ = trained
+    f, p, _ = trained
     V = check_version(p)
     rd = V.dir / 'runs' / 'recording'
     data = write_run_data(p, V, rd)
@@ -117,7 +106,15 @@ def test_sampler_changes_the_epoch_image_set_and_weights_reach_the_loss(trained,
         focal.class_weights = None
         fl = focal(preds, batch)[1]['cls_loss']
     assert abs(float(weighted) - float(plain)) > 1e-3 * float(plain)
-    assert float(fl) < float(plain)
+    assert abs(float(fl) - float(plain)) > 1e-3 * float(plain)       # the focal term reaches the batch's loss
+
+
+def test_focal_bce_known_values():
+    "BCE x |t - sigmoid(x)|^gamma at hand-computed points (not an inequality every input satisfies)."
+    x, t = torch.tensor([0., 2., -1.]), torch.tensor([1., 0., 0.25])
+    # x=0, t=1: ln 2 x 0.5^2; x=2, t=0: softplus(2) x sigmoid(2)^2; x=-1, t=.25: BCE 0.5633 x |.25 - .2689|^2
+    torch.testing.assert_close(FocalBCE(2.0)(x, t), torch.tensor([0.1732868, 1.6500781, 0.00020209]), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(FocalBCE(0.0)(x, t), torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction='none'))
 
 
 def test_resume_after_kill(tiny_set, tmp_path):
@@ -147,7 +144,7 @@ def test_resume_after_kill(tiny_set, tmp_path):
 
 
 def test_clear_errors(trained, tiny_set, tmp_path):
-    f, p, _, _ = trained
+    f, p, _ = trained
     # the recipe's version was never built
     g = recipe(tmp_path, tiny_set, tmp_path / 'nowhere', name='missing')
     r = mammo('train', g, check=False)
@@ -173,7 +170,7 @@ def test_clear_errors(trained, tiny_set, tmp_path):
 
 
 def test_model_comparison_table(trained, tiny_set, tmp_path):
-    f, p, _, _ = trained
+    f, p, _ = trained
     g = recipe(tmp_path, tiny_set, Path(p.prepare.out), name='cmp',
                train={'model': ['yolov8n.yaml', 'yolov8s.yaml'], 'epochs': 1}, evaluate={'bootstrap': 20})
     r = mammo('train', g)
@@ -185,7 +182,7 @@ def test_model_comparison_table(trained, tiny_set, tmp_path):
 
 
 def test_report_notebook(trained, tmp_path):
-    f, p, _, _ = trained
+    f, p, _ = trained
     out = tmp_path / 'report.ipynb'
     r = subprocess.run([str(BIN / 'papermill'), str(ROOT / 'nbs/pipeline/20_train.ipynb'), str(out),
                         '-p', 'params_path', str(f), '-p', 'root', str(ROOT), '--cwd', str(ROOT / 'nbs/pipeline')],

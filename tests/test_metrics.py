@@ -1,0 +1,96 @@
+"""The metrics against the reference implementation: per-class AP50 and AP50:95 of a real tiny run's predictions
+agree with pycocotools to 1e-4; a predictions CSV scored from outside (`score_predictions`) gives the run's own
+metrics.json; the manifest records target and achieved split fractions."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mammo_nb.metrics import Scored, score_predictions
+from mammo_nb.params import load_params
+from mammo_nb.prepare import load_version, version_dir
+from mammo_nb.train import run_dir
+
+
+@pytest.fixture(scope='module')
+def run(tiny_run):
+    f, _ = tiny_run
+    p = load_params(f)
+    return p, load_version(version_dir(p)), run_dir(p, 'yolov8n.yaml')
+
+
+def pycocotools_ap(V, split: str, pred: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    "Per class with GT boxes in `split`: (AP50, AP50:95) by pycocotools on the version's own COCO JSON."
+    gt = COCO(str(V.dir / 'annotations' / f'{split}.json'))
+    ids = {im['image_id']: im['id'] for im in gt.dataset['images']}
+    classes = V.manifest['classes']
+    dets = [dict(image_id=ids[r.image_id], category_id=classes.index(r.cls) + 1, score=float(r.score),
+                 bbox=[r.x0, r.y0, r.x1 - r.x0, r.y1 - r.y0]) for r in pred.itertuples() if r.image_id in ids]
+    E = COCOeval(gt, gt.loadRes(dets), 'bbox')
+    E.evaluate(); E.accumulate()
+    prec = E.eval['precision'][:, :, :, 0, E.params.maxDets.index(100)]        # IoU x recall x class; area 'all'
+    return {classes[c - 1]: (float(prec[0, :, k].mean()), float(prec[:, :, k].mean()))
+            for k, c in enumerate(E.params.catIds) if (prec[:, :, k] > -1).all()}
+
+
+def ours(V, split, pred):
+    S = Scored(V.images[V.images.split == split], V.boxes[V.boxes.split == split], pred, V.manifest['classes'])
+    m = S.metrics()
+    return {c: (m[f'ap50/{c}'], m[f'ap50_95/{c}']) for c in V.manifest['classes'] if np.isfinite(m[f'ap50/{c}'])}
+
+
+def noisy_oracle(V, split, seed=0) -> pd.DataFrame:
+    "Every GT box of `split` jittered by up to 20% of its size, random scores, plus as many random false boxes."
+    rng = np.random.default_rng(seed)
+    gt = V.boxes[V.boxes.split == split].reset_index(drop=True)
+    wh = np.c_[gt.x1 - gt.x0, gt.y1 - gt.y0, gt.x1 - gt.x0, gt.y1 - gt.y0]
+    tp = gt[['image_id', 'cls']].assign(score=rng.random(len(gt)).round(5))
+    tp[['x0', 'y0', 'x1', 'y1']] = gt[['x0', 'y0', 'x1', 'y1']].to_numpy() + rng.uniform(-0.2, 0.2, (len(gt), 4)) * wh
+    ims = V.images[(V.images.split == split) & V.images.role.isin(['positive', 'negative'])]
+    fp = pd.DataFrame(dict(image_id=rng.choice(ims.image_id, len(gt)), cls=rng.choice(gt.cls, len(gt)),
+                           score=(rng.random(len(gt)) * 0.8).round(5)))
+    xy = rng.uniform(0, 200, (len(gt), 2))
+    fp[['x0', 'y0', 'x1', 'y1']] = np.c_[xy, xy + rng.uniform(5, 40, (len(gt), 2))]
+    return pd.concat([tp, fp], ignore_index=True)
+
+
+@pytest.mark.parametrize('split', ['val', 'test'])
+def test_ap_agrees_with_pycocotools(run, split):
+    p, V, rd = run
+    real = pd.read_csv(rd / 'eval' / f'predictions-{split}.csv', dtype={'image_id': str})
+    assert len(real) > 50                                          # conf 0.001: a long list, as evaluate keeps
+    for pred in (real, pd.concat([real, noisy_oracle(V, split)], ignore_index=True)):
+        ref, got = pycocotools_ap(V, split, pred), ours(V, split, pred)
+        assert set(ref) == set(got) and ref, (ref, got)
+        for c in ref:
+            np.testing.assert_allclose(got[c], ref[c], atol=1e-4, err_msg=f'{split} {c}')
+    # the noisy oracle makes the comparison non-trivial: most classes score well above 0
+    assert np.mean([v[0] for v in ours(V, split, noisy_oracle(V, split)).values()]) > 0.3
+
+
+def test_a_csv_scored_from_outside_gives_the_runs_metrics(run):
+    p, V, rd = run
+    m = json.loads((rd / 'eval' / 'metrics.json').read_text())
+    e = p.evaluate
+    s = score_predictions(rd / 'eval' / 'predictions-test.csv', V.dir, 'test', e.score_classes, e.hit_iou,
+                          e.pooled_nms_iou, e.max_det, tuple(e.froc_fps), e.bootstrap, e.seed, e.ci,
+                          threshold=m['operating_point']['threshold'])
+    a, b = s['splits']['test'], m['splits']['test']
+    assert a['per_class'] == {c: {k: v for k, v in d.items() if 'ultralytics' not in k} for c, d in b['per_class'].items()}
+    assert (a['all_lesions'], a['image'], a['breast']) == (b['all_lesions'], b['image'], b['breast'])
+    assert s['conventions'] == m['conventions']
+
+
+def test_manifest_records_split_fractions(run):
+    p, V, rd = run
+    fr = V.manifest['split_fractions']
+    n = V.images.split.value_counts()
+    for sp in ('train', 'val', 'test'):
+        assert fr[sp]['images'] == int(n.get(sp, 0)) and fr[sp]['groups'] >= (1 if fr[sp]['images'] else 0)
+    # an official test split (the synthetic set has one): val is a share of the non-test images, test has no target
+    base = n['train'] + n['val'] + (0 if fr['test']['target'] is None else n.get('test', 0))
+    assert fr['val']['target'] == p.split.val_frac and abs(fr['val']['achieved'] - n['val'] / base) < 1e-6
+    if fr['test']['target'] is not None: assert fr['test']['target'] == p.split.test_frac
