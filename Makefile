@@ -7,7 +7,7 @@ export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test check-nbs nbtest pytest bench clean
+.PHONY: install demo test check-nbs nbtest pytest bench bench-train clean
 
 # The venv is rebuilt only when the dependency files change.
 $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
@@ -37,6 +37,9 @@ pytest: install
 bench: install
 	$(BIN)/python bench/decode.py data/bench/synth-full
 	$(BIN)/python bench/prepare.py data/bench/synth-full
+
+bench-train: install
+	$(BIN)/python bench/train_cpu.py params/demo.yaml
 
 clean:
 	rm -rf data runs reports/*/ _proc

@@ -37,9 +37,9 @@ def layers(labels: list[str]) -> list[tuple[list[str], str]]:
     rest = [l for l in labels if l != 'Spiculation']
     return ([(rest, 'finding')] if rest else []) + ([(['Spiculation'], 'spiculation')] if 'Spiculation' in labels else [])
 
-def study_key(value) -> str:
-    "A one-way study id for datasets whose study ids may identify a patient (accession numbers)."
-    return hashlib.sha256(f'mammo_nb/study/{value}'.encode()).hexdigest()[:16]
+def study_key(value, key: bytes) -> str:
+    "A keyed one-way study id for datasets whose study ids may identify a patient (accession numbers)."
+    return pseudonym(value, key, 'study')
 
 def _pathology(im: dict, patho: str):
     "Fold one finding's pathology into its image's: malignant wins, else the first known."
@@ -71,7 +71,7 @@ def _resolve(root: Path, idx: dict, path: str) -> list[str]:
     if (root / path).is_file(): return [path]
     return idx.get(Path(path).parts[0] if path else '', [])
 
-def read_cbis(root: str | Path, cmap: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def read_cbis(root: str | Path, cmap: dict | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images and boxes (mask references) tables of a CBIS-DDSM download at `root`, and the rows that failed."
     root, cmap = Path(root), class_map('cbis', cmap)
     files = [root / f'{k}_case_description_{s}_set.csv' for k in ('mass', 'calc') for s in ('train', 'test')]
@@ -95,7 +95,7 @@ def read_cbis(root: str | Path, cmap: dict | None = None) -> tuple[pd.DataFrame,
             patho = _PATHO.get(r.get('pathology', '').strip().upper(), '')
             img_path = r.get('image_file_path', '').strip()
             full = _resolve(root, idx, img_path)
-            im = imgs.setdefault(iid, dict(image_id=iid, study_id=pid, patient=pseudonym(pid), path=full[0] if full else img_path,
+            im = imgs.setdefault(iid, dict(image_id=iid, study_id=pid, patient=pseudonym(pid, key), path=full[0] if full else img_path,
                                            laterality=side[0], view=view, source_split=split, height=np.nan, width=np.nan,
                                            labels=set(), birads=r.get('assessment', ''), density=r.get('breast_density', ''),
                                            pathology=''))
@@ -162,7 +162,7 @@ def expand_masks(boxes: pd.DataFrame, recs: dict[str, dict], images: pd.DataFram
     return pd.concat([o for o in out if len(o)], ignore_index=True) if any(len(o) for o in out) else boxes.iloc[:0], fails
 
 # %% ../nbs/04a_adapters.ipynb #0a6b3815
-def read_rsna(root: str | Path, cmap: dict | None = None, csv: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def read_rsna(root: str | Path, cmap: dict | None = None, csv: str | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images table (no boxes) of an RSNA Screening Mammography download at `root`, and the rows that failed."
     root, cmap, name = Path(root), class_map('rsna', cmap), csv or 'train.csv'
     df = pd.read_csv(root / name, dtype=str).fillna('')
@@ -176,7 +176,7 @@ def read_rsna(root: str | Path, cmap: dict | None = None, csv: str | None = None
             fails.append(failure('read', 'bad_row', iid, name, row, 'patient_id / image_id / cancer')); continue
         labels = list(cmap['cancer']) if c == '1' else [NO_FINDING] if c == '0' else []
         patho = 'malignant' if c == '1' else 'benign' if c == '0' and r.get('biopsy', '') == '1' else ''
-        imgs[iid] = dict(image_id=iid, study_id=pid, patient=pseudonym(pid), path=f'train_images/{pid}/{iid}.dcm',
+        imgs[iid] = dict(image_id=iid, study_id=pid, patient=pseudonym(pid, key), path=f'train_images/{pid}/{iid}.dcm',
                          laterality=r['laterality'], view=r['view'], source_split='', height=np.nan, width=np.nan,
                          labels=set(labels), birads=r.get('BIRADS', ''), density=r.get('density', ''), pathology=patho)
     return _finish(imgs, [], fails, {name: len(df)})
@@ -185,7 +185,7 @@ def read_rsna(root: str | Path, cmap: dict | None = None, csv: str | None = None
 MIAS_SIZE = 1024
 _MIAS_LINE = re.compile(r'^(mdb\d{3})\s+([FGD])\s+([A-Z]+)(?:\s+([BM]))?(?:\s+(\d+)\s+(\d+)\s+(\d+))?(?:\s+\*.*)?\s*$')  # '*NOTE ...' tails
 
-def read_mias(root: str | Path, cmap: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def read_mias(root: str | Path, cmap: dict | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images and boxes tables of a mini-MIAS copy at `root` (`Info.txt` + `mdbNNN.pgm`), and the lines that failed."
     root, cmap = Path(root), class_map('mias', cmap)
     lines = (root / 'Info.txt').read_text(errors='replace').splitlines()
@@ -201,7 +201,7 @@ def read_mias(root: str | Path, cmap: dict | None = None) -> tuple[pd.DataFrame,
         if cls not in cmap: fails.append(failure('read', 'unknown_class', ref, 'Info.txt', row, cls)); continue
         k = int(ref[3:])
         pat = f'mias-{(k + 1) // 2:03d}'
-        im = imgs.setdefault(ref, dict(image_id=ref, study_id=pat, patient=pseudonym(pat), path=f'{ref}.pgm',
+        im = imgs.setdefault(ref, dict(image_id=ref, study_id=pat, patient=pseudonym(pat, key), path=f'{ref}.pgm',
                                        laterality='L' if k % 2 == 0 else 'R', view='MLO', source_split='',
                                        height=MIAS_SIZE, width=MIAS_SIZE, labels=set(), birads='', density=bg, pathology=''))
         labels = cmap[cls]
@@ -216,7 +216,7 @@ def read_mias(root: str | Path, cmap: dict | None = None) -> tuple[pd.DataFrame,
     return _finish(imgs, boxes, fails, {'Info.txt': n})
 
 # %% ../nbs/04a_adapters.ipynb #ffc2d956
-def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images and boxes tables of a generic-CSV dataset at `root`, and the rows that failed."
     root, cmap, name = Path(root), class_map('csv', cmap), csv or 'annotations.csv'
     df = pd.read_csv(root / name, dtype=str).fillna('')
@@ -227,12 +227,12 @@ def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None 
         row = f'{Path(name).name}:{i + 2}'
         path, pid = r['image'].strip(), r['patient_id'].strip()
         if not path or not pid: fails.append(failure('read', 'bad_row', '', name, row, 'image / patient_id')); continue
-        iid = hashlib.sha256(f'mammo_nb/image/{path}'.encode()).hexdigest()[:16]
+        iid = pseudonym(path, key, 'image')
         raw = [l.strip() for l in r.get('label', '').split(';') if l.strip()]
         unknown = [l for l in raw if l != NO_FINDING and cmap and l not in cmap]
         labels = [x for l in raw for x in (cmap.get(l, [l]) if l != NO_FINDING else [l])]
         patho = r.get('pathology', '').strip().lower()
-        im = imgs.setdefault(iid, dict(image_id=iid, study_id=study_key(r.get('study_id', '').strip() or pid), patient=pseudonym(pid),
+        im = imgs.setdefault(iid, dict(image_id=iid, study_id=study_key(r.get('study_id', '').strip() or pid, key), patient=pseudonym(pid, key),
                                        path=path, laterality=r.get('laterality', '').strip().upper()[:1], view=r.get('view', '').strip().upper(),
                                        source_split='test' if r.get('split', '').strip().lower() == 'test' else '',
                                        height=pd.to_numeric(r.get('height', ''), errors='coerce'),
@@ -253,10 +253,11 @@ def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None 
     return _finish(imgs, boxes, fails, {Path(name).name: len(df)})
 
 # %% ../nbs/04a_adapters.ipynb #cde60e3a
-LAYOUTS = {'vindr': lambda root, cmap=None, csv=None: read_vindr(root), 'cbis': lambda root, cmap=None, csv=None: read_cbis(root, cmap),
-           'rsna': read_rsna, 'mias': lambda root, cmap=None, csv=None: read_mias(root, cmap), 'csv': read_csv_layout}
+LAYOUTS = {'vindr': lambda root, cmap, csv, key: read_vindr(root), 'cbis': lambda root, cmap, csv, key: read_cbis(root, cmap, key),
+           'rsna': read_rsna, 'mias': lambda root, cmap, csv, key: read_mias(root, cmap, key), 'csv': read_csv_layout}
 
-def read_layout(layout: str, root: str | Path, cmap: dict | None = None, csv: str | None = None):
-    "Images table, boxes table and failures of the dataset at `root` in `layout` (annotation files only)."
+def read_layout(layout: str, root: str | Path, cmap: dict | None = None, csv: str | None = None, *, key: bytes):
+    """Images table, boxes table and failures of the dataset at `root` in `layout` (annotation files only); ids that
+    may identify a patient become pseudonyms under the secret `key` (`mammo_nb.ingest.pseudonym`)."""
     if layout not in LAYOUTS: raise ValueError(f'unknown layout {layout!r}; choose from {list(LAYOUTS)}')
-    return LAYOUTS[layout](root, cmap, csv)
+    return LAYOUTS[layout](root, cmap, csv, key)

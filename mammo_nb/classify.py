@@ -120,8 +120,8 @@ def build_cls_dataset(V: Version, c) -> Path:
         for sp in SPLITS:
             n_ab = int((ab.split == sp).sum()) if len(ab) else 0
             want = int(round(c.normal_ratio * n_ab))
-            cand = use[(use.split == sp) & use.role.isin(['negative', 'positive'])]
-            cand = pd.concat([cand[cand.role == 'negative'], cand[cand.role == 'positive']])   # No-Finding images first
+            # No-Finding images only: an image-level-only finding or an ignored class has no box to keep away from
+            cand = use[(use.split == sp) & (use.role == 'negative')]
             per = max(1, math.ceil(want / max(len(cand), 1)))
             got = 0
             for r in cand.itertuples():

@@ -170,7 +170,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     import matplotlib.pyplot as plt
     from tqdm import tqdm
     from mammo_nb.train import check_device, check_version, cpu_threads, TrainError
-    from mammo_nb.prepare import source_root
+    from mammo_nb.prepare import source_root, source_paths
     from mammo_nb.ingest import ingest
     from mammo_nb.clahe import to_original
     e, rd = p.explain, Path(rd)
@@ -230,10 +230,10 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
         fig.tight_layout()
         f = out / f"gallery-{c.replace(' ', '_')}.png"; fig.savefig(f, dpi=90); plt.close(fig); figs.append(f.name)
     # a few lesions on the original, uncropped mammogram
-    origs = []
+    origs, src_paths = [], source_paths(p) if e.n_original else {}
     for n, it in enumerate(gal[gal.outcome == 'TP'].head(e.n_original).itertuples()):
         r = im.loc[it.image_id]
-        g0 = ingest(source_root(p) / r.path, p.prepare.margin)
+        g0 = ingest(source_root(p) / src_paths[r.image_id], p.prepare.margin, p.prepare.for_processing)
         m0 = to_original_grid(maps[(it.image_id, it.cls, 'TP', it.box)][1], r.crop, g0.image.shape)
         gb = to_original(np.array([it.gt_box]), r.crop, r.scale)[0]
         pb = to_original(np.array([it.box]), r.crop, r.scale)[0]

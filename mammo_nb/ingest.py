@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import hashlib
+import hashlib, hmac, os, secrets
 
 import cv2
 import numpy as np
@@ -16,8 +16,9 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless
 
 # %% auto #0
-__all__ = ['HEADER_FIELDS', 'RASTER', 'IngestError', 'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask',
-           'mask_crop', 'Ingested', 'pseudonym', 'read_dicom', 'read_raster', 'ingest']
+__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask',
+           'crop_box', 'full_mask', 'mask_crop', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'read_dicom',
+           'read_raster', 'for_processing', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -40,8 +41,28 @@ def _decode_plugin(ds, plugin: str | None) -> np.ndarray:
     if plugin: ds.pixel_array_options(decoding_plugin=plugin)
     return ds.pixel_array
 
+def stored_bits(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The `BitsStored` bits ending at `HighBit` of each pixel, as 16-bit integers (sign-extended when
+    `PixelRepresentation` is 1): vendor overlay or garbage bits above them are dropped, 8-bit data is widened."""
+    if arr.dtype.itemsize > 2: raise IngestError('unsupported_layout', f'{arr.dtype} pixels (BitsAllocated {ds.get("BitsAllocated")})')
+    signed = bool(int(ds.get('PixelRepresentation', 0) or 0))
+    width = 8 * arr.dtype.itemsize
+    bits = min(int(ds.get('BitsStored') or width), width)
+    high = int(ds.get('HighBit') if ds.get('HighBit') is not None else bits - 1)
+    shift = max(0, min(high - bits + 1, width - bits))
+    u = arr.astype(np.uint16) if arr.dtype.itemsize == 1 else arr.view(np.uint16)
+    if bits == 16 and shift == 0: return u.view(np.int16) if signed else u
+    v = (u >> shift) & np.uint16((1 << bits) - 1)
+    if not signed: return v
+    return np.where(v >= 1 << (bits - 1), v.astype(np.int32) - (1 << bits), v).astype(np.int16)
+
 def decode(ds: pydicom.Dataset, threads: int = 1) -> tuple[np.ndarray, str]:
-    "Stored pixel values of a single-frame, single-sample image and the decoder used (`threads` for JPEG 2000)."
+    """Stored pixel values of a single-frame, single-sample image (16-bit, only the `BitsStored` bits) and the decoder
+    used (`threads` for JPEG 2000)."""
+    arr, decoder = _decode(ds, threads)
+    return stored_bits(arr, ds), decoder
+
+def _decode(ds: pydicom.Dataset, threads: int = 1) -> tuple[np.ndarray, str]:
     if 'PixelData' not in ds: raise IngestError('no_pixel_data')
     if int(ds.get('SamplesPerPixel', 1)) != 1 or int(ds.get('NumberOfFrames', 1) or 1) != 1:
         raise IngestError('unsupported_layout', f"{ds.get('SamplesPerPixel')} samples, {ds.get('NumberOfFrames', 1)} frames")
@@ -74,6 +95,13 @@ def _domain(ds) -> np.ndarray:
     slope, icpt = float(ds.get('RescaleSlope', 1) or 1), float(ds.get('RescaleIntercept', 0) or 0)
     return i * slope + icpt
 
+def _window(ds) -> tuple[float, float] | None:
+    "The header's window (centre, width), or None when there is none or it is unusable (width < 1, e.g. 0)."
+    if 'WindowCenter' not in ds or 'WindowWidth' not in ds: return None
+    try: c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError): return None
+    return (c, w) if np.isfinite(c) and np.isfinite(w) and w >= 1 else None
+
 def voi_lut(ds: pydicom.Dataset, arr: np.ndarray) -> tuple[np.ndarray, dict]:
     "A `uint16` table from stored pattern to display value (rescale, VOI, MONOCHROME1 inversion) and what was applied."
     x = _domain(ds)
@@ -87,10 +115,10 @@ def voi_lut(ds: pydicom.Dataset, arr: np.ndarray) -> tuple[np.ndarray, dict]:
         idx = np.clip(np.round(x) - first, 0, len(lut) - 1).astype(np.intp)
         y = lut[idx] / float(2 ** bits - 1)
         info.update(voi_source='lut')
-    elif 'WindowCenter' in ds and 'WindowWidth' in ds:
-        c, w = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+    elif _window(ds) is not None:
+        c, w = _window(ds)
         if str(ds.get('VOILUTFunction', 'LINEAR')).upper() == 'SIGMOID': y = 1 / (1 + np.exp(np.clip(-4 * (x - c) / w, -50, 50)))
-        else: y = np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+        else: y = np.clip((x - (c - 0.5)) / max(w - 1, 1e-9) + 0.5, 0, 1)      # width 1: a step at the centre
         info.update(voi_source='window', window_center=c, window_width=w)
     else:
         sample = x[arr[::4, ::4].view(np.uint16)]
@@ -190,10 +218,32 @@ def _plain(v):
     if isinstance(v, pydicom.multival.MultiValue): return [float(x) for x in v]
     return str(v) if isinstance(v, pydicom.valuerep.PersonName) else v
 
-def pseudonym(patient_id) -> str | None:
-    "A one-way key for grouping a patient's images (never the ID itself); None when the header has no ID."
-    pid = str(patient_id or '').strip()
-    return hashlib.sha256(f'mammo_nb/patient/{pid}'.encode()).hexdigest()[:16] if pid else None
+def pseudonym(value, key: bytes | None, kind: str = 'patient') -> str | None:
+    """A keyed one-way pseudonym of an identifier (a patient ID, an accession-like study id, a path): HMAC-SHA256
+    under the secret `key`, 16 hex digits. Without the key, a dictionary of candidate MRNs cannot be hashed to match
+    it (an unkeyed hash of a small, listable ID space can). None when the value is empty or there is no key."""
+    v = str(value or '').strip()
+    if not v or key is None: return None
+    return hmac.new(key, f'mammo_nb/{kind}/{v}'.encode(), hashlib.sha256).hexdigest()[:16]
+
+def key_fingerprint(key: bytes) -> str:
+    "What the manifest records of the pseudonym key: an HMAC of a constant (identifies the key, reveals nothing)."
+    return hmac.new(key, b'mammo_nb/fingerprint', hashlib.sha256).hexdigest()[:16]
+
+def load_key(path: str | Path) -> bytes:
+    """The pseudonym key held in `path`, made the first time (32 random bytes as hex, mode 600). Made atomically,
+    so parallel shard tasks agree on one key."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f'.{path.name}.{os.getpid()}')
+        tmp.write_text(secrets.token_hex(32) + '\n'); os.chmod(tmp, 0o600)
+        try: os.link(tmp, path)                                  # fails if another task made it first: use theirs
+        except FileExistsError: pass
+        finally: tmp.unlink()
+    key = path.read_text().strip()
+    if len(key) < 32: raise IngestError('bad_key', f'{path}: a pseudonym key needs at least 32 characters')
+    return key.encode()
 
 def read_dicom(path: str | Path, **kw) -> pydicom.Dataset:
     "`pydicom.dcmread` with failures turned into `IngestError` reasons."
@@ -225,17 +275,30 @@ def read_raster(path: str | Path) -> tuple[np.ndarray, dict]:
                transfer_syntax=path.suffix.lower().lstrip('.').upper(), decoder='opencv', patient=None, **v)
     return img, rec
 
-def ingest(path: str | Path, margin: int = 4) -> Ingested:
+MIN_SIDE = 64    # pixels: smaller images are vendor test patterns or thumbnails, not mammograms to learn from
+
+def for_processing(ds: pydicom.Dataset) -> bool:
+    "A For-Processing image (raw detector data, `PresentationIntentType` FOR PROCESSING), not what radiologists read."
+    return str(ds.get('PresentationIntentType', '') or '').strip().upper() == 'FOR PROCESSING'
+
+def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip', key: bytes | None = None) -> Ingested:
     """Read one image file: decode, VOI, MONOCHROME1 inversion, breast mask and crop. DICOM unless the name ends
-    in one of `RASTER`. Raises `IngestError` with a reason."""
+    in one of `RASTER`. Raises `IngestError` with a reason: also for images under `MIN_SIDE` px (`too_small`),
+    constant after VOI (`blank_image`) and, unless `for_processing_images='keep'`, For-Processing images. The
+    record's `patient` is the header's PatientID as a pseudonym under `key` (None without a key)."""
     if Path(path).suffix.lower() in RASTER: img, rec = read_raster(path)
     else:
         ds = read_dicom(path)
+        if for_processing_images != 'keep' and for_processing(ds):
+            raise IngestError('for_processing', 'PresentationIntentType FOR PROCESSING (raw detector data); prepare.for_processing: keep to use it')
         arr, decoder = decode(ds)
+        if min(arr.shape[:2]) < MIN_SIDE: raise IngestError('too_small', f'{arr.shape[0]}x{arr.shape[1]} px')
         img, vinfo = voi(arr, ds)
         rec = {k.lower(): _plain(ds.get(k)) for k in HEADER_FIELDS}
         rec.update(transfer_syntax=ds.file_meta.TransferSyntaxUID.name, decoder=decoder,
-                   patient=pseudonym(ds.get('PatientID')), **vinfo)
+                   patient=pseudonym(ds.get('PatientID'), key), **vinfo)
+    if min(img.shape[:2]) < MIN_SIDE: raise IngestError('too_small', f'{img.shape[0]}x{img.shape[1]} px')
+    if int(img.min()) == int(img.max()): raise IngestError('blank_image', f'every pixel {int(img.min())} after VOI')
     mask = breast_mask(img)
     crop = crop_box(mask, img.shape, margin)
     rec['crop'] = list(crop)

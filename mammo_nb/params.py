@@ -81,6 +81,14 @@ SCHEMA = {
         'priority': Field(list, VINDR_PRIORITY, 'multi-label box -> the first of its labels in this list', items=str),
         'min_box_px': Field(float, 2.0, 'boxes narrower or shorter than this after clipping (original px) are failures', min=0),
         'negative_seed': Field(int, 0, 'seed of the per-epoch No-Finding resampling (recorded for training)'),
+        'pseudonym_key': Field(str, None, 'file holding the secret key of the pseudonyms (HMAC-SHA256 of patient, '
+                               'study and path ids); None: `pseudonym.key` beside `prepare.out`, made once. Keep it out of '
+                               'every folder you share: with it, a list of candidate MRNs can be matched to pseudonyms'),
+        'paths': Field(str, 'relative', "images.csv / failures.csv file column: the path under `source.root` (relative) or a "
+                       "keyed pseudonym of it (hashed: for a version that leaves the hospital, as folder names can hold "
+                       "MRNs or names)", ('relative', 'hashed')),
+        'for_processing': Field(str, 'skip', "For-Processing images (PresentationIntentType FOR PROCESSING: raw detector "
+                                "data): skip them (failure reason `for_processing`) or keep them", ('skip', 'keep')),
     },
     'clahe': {
         'clip_limit': Field(float, 2.0, 'CLAHE clip limit (OpenCV)', min=0),
@@ -106,8 +114,8 @@ SCHEMA = {
         'threads': Field(int, None, 'torch CPU threads for training and for every CPU stage of the detector and classifier '
                          '(evaluate, explain, serve, classify); None: every core this process may use (ultralytics alone uses '
                          'min(8, cores - 1))', min=1),
-        'cpu_workers': Field(int, 1, 'dataloader worker processes when training on CPU (`bench/train_cpu.py` measured '
-                             'the default on 2 cores)', min=0),
+        'cpu_workers': Field(int, 0, 'dataloader worker processes when training on CPU (0: augmentation in the training '
+                             'process; fastest on 2 cores with 2 threads, `bench/train_cpu.py`)', min=0),
         'cache': Field((bool, str), False, "cache decoded images: false, 'ram' or 'disk'", (False, True, 'ram', 'disk')),
         'optimizer': Field(str, 'SGD', "optimizer ('auto' lets ultralytics pick, and then ignores lr0)",
                            ('auto', 'SGD', 'Adam', 'AdamW', 'NAdam', 'RAdam', 'RMSProp')),

@@ -44,10 +44,13 @@ def stage_prepare(p, progress: bool = True) -> dict:
 def _headline(m: dict, splits=None, n_classes: int | None = None) -> dict:
     """A run's headline figures from its metrics.json: mAP50, AP50 of the first `n_classes` classes with lesions (all
     when None), all-lesion FROC at 1 FP/image and image ROC-AUC, for `splits` (all when None)."""
+    import numpy as np
     from mammo_nb.metrics import fmt_ci
     out = {}
     for split, s in m['splits'].items():
         if splits and split not in splits: continue
+        aps = [d['ap50']['value'] for d in s['per_class'].values() if d['n_gt'] > 0 and d['ap50'].get('value') is not None]
+        out[f'{split} mAP50 (COCO)'] = round(float(np.mean(aps)), 4) if aps else None
         out[f'{split} mAP50 (ultralytics)'] = (s.get('ultralytics') or {}).get('map50')
         for c, d in [(c, d) for c, d in s['per_class'].items() if d['n_gt'] > 0][:n_classes]:
             out[f'{split} AP50 {c}'] = fmt_ci(d['ap50'])

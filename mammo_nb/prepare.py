@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_prepare.ipynb #b8cf0f3a
 from __future__ import annotations
-import ast, hashlib, json, multiprocessing as mp, os, resource, subprocess, sys, time
+import ast, hashlib, json, multiprocessing as mp, os, resource, secrets, subprocess, sys, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +19,15 @@ import mammo_nb
 from .adapters import expand_masks, mask_boxes, read_layout
 from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class, write_yolo
 from .clahe import render, write_png
-from .ingest import IngestError, ingest
+from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym
 from .params import SYNTH_REVISION
-from .split import SPLIT_REVISION, assign_splits, group_keys, split_fractions, split_targets
+from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'source_root', 'read_source',
-           'process_image', 'load_records', 'parse_shard', 'ingest_images', 'merge', 'manifest', 'prepare', 'dry_run',
-           'Version', 'file_sha256', 'load_version', 'plot_counts', 'plot_box_sizes', 'show_steps']
+__all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'source_root', 'key_path',
+           'source_paths', 'pseudonym_key', 'read_source', 'process_image', 'load_records', 'parse_shard',
+           'ingest_images', 'check_key', 'merge', 'split_warnings', 'manifest', 'prepare', 'dry_run', 'Version',
+           'file_sha256', 'load_version', 'plot_counts', 'plot_box_sizes', 'show_steps']
 
 # %% ../nbs/06_prepare.ipynb #df7a7dd7
 class PrepareError(RuntimeError):
@@ -36,7 +37,7 @@ SPLITS = ('train', 'val', 'test')
 
 def data_params(p) -> dict:
     "The parameters that change a dataset version's content (and so its name)."
-    d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'}, prepare={k: v for k, v in p.prepare.items() if k not in ('out', 'workers')},
+    d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'}, prepare={k: v for k, v in p.prepare.items() if k not in ('out', 'workers', 'pseudonym_key')},
              clahe=dict(p.clahe), split=dict(p.split, revision=SPLIT_REVISION), package=mammo_nb.__version__)
     if p.source.root is None: d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers')}, 'revision': SYNTH_REVISION}
     return d
@@ -52,13 +53,31 @@ def source_root(p) -> Path:
     "The dataset root: `source.root`, else the synthetic set in `synth.out`."
     return Path(p.source.root if p.source.root is not None else p.synth.out)
 
-def read_source(p) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    "The images and boxes tables of the recipe's dataset (`source.layout`, see `mammo_nb.adapters`), and the rows that failed to parse."
+def key_path(p) -> Path:
+    "Where the recipe's pseudonym key lives: `prepare.pseudonym_key`, else `pseudonym.key` beside `prepare.out`."
+    return Path(p.prepare.pseudonym_key) if p.prepare.pseudonym_key else Path(p.prepare.out).parent / 'pseudonym.key'
+
+def source_paths(p) -> dict[str, str]:
+    "Image id -> its file under the dataset root (from the annotation files: `images.csv` may hold hashed paths)."
+    images, _, _ = read_source(p)
+    return dict(zip(images.image_id, images.path))
+
+def pseudonym_key(p, create: bool = True) -> bytes:
+    "The recipe's secret pseudonym key (made once when `create`; a throwaway key for a look that writes nothing)."
+    f = key_path(p)
+    if not create and not f.exists(): return secrets.token_bytes(32)
+    try: return load_key(f)
+    except IngestError as e: raise PrepareError(e.detail) from None
+    except OSError as e: raise PrepareError(f"pseudonym key '{f}' cannot be read or made: {e.strerror}") from None
+
+def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """The images and boxes tables of the recipe's dataset (`source.layout`, see `mammo_nb.adapters`), and the rows
+    that failed to parse; identifiers pseudonymised under `key` (default: the recipe's key)."""
     root = source_root(p)
     if not root.is_dir():
         hint = ' (run `mammo run <params> --stages synth` first)' if p.source.root is None else ''
         raise PrepareError(f"dataset root '{root}' not found{hint}")
-    try: return read_layout(p.source.layout, root, p.source.class_map, p.source.csv)
+    try: return read_layout(p.source.layout, root, p.source.class_map, p.source.csv, key=key or pseudonym_key(p))
     except FileNotFoundError as e: raise PrepareError(f"'{root}' is not a {p.source.layout} dataset: {e.filename} missing") from None
 
 # %% ../nbs/06_prepare.ipynb #411d542f
@@ -66,7 +85,7 @@ def process_image(job: dict) -> dict:
     "Ingest one DICOM and write its CLAHE PNG; a record (`ok`) or a failure (`reason`), plus `_perf`."
     t0 = time.perf_counter()
     try:
-        g = ingest(job['src'], job['margin'])
+        g = ingest(job['src'], job['margin'], job.get('for_processing', 'skip'), bytes.fromhex(job['key']))
         img, geo = render(g, **job['clahe'])
         sha = write_png(job['dst'], img)
         rec = {**{k: v for k, v in g.record.items() if k != 'columns'}, **geo, 'image_id': job['image_id'], 'ok': True,
@@ -109,8 +128,10 @@ def parse_shard(s: str | None) -> tuple[int, int]:
 def ingest_images(p, shard: str | None = None, progress: bool = True) -> dict:
     "Ingest shard `i/n` of the recipe's images into its dataset version; returns counts, time and peak RSS."
     i, n = parse_shard(shard)
-    images, boxes, _ = read_source(p)
+    key = pseudonym_key(p)
+    images, boxes, _ = read_source(p, key)
     root, out = source_root(p), version_dir(p)
+    check_key(out, key)
     mrows = boxes[boxes['mask'].notna()].drop_duplicates(['image_id', 'row'])
     masks = {i: [(r, list(m)) for r, m in zip(g.row, g['mask'])] for i, g in mrows.groupby('image_id')}
     work = out / '_work'; work.mkdir(parents=True, exist_ok=True)
@@ -119,6 +140,7 @@ def ingest_images(p, shard: str | None = None, progress: bool = True) -> dict:
     todo = [r for r in mine.itertuples() if not (r.image_id in done and (not done[r.image_id]['ok'] or (out / done[r.image_id]['png']).exists()))]
     jobs = [dict(image_id=r.image_id, src=str(root / r.path), png=f'images/{r.study_id}/{r.image_id}.png',
                  dst=str(out / f'images/{r.study_id}/{r.image_id}.png'), margin=p.prepare.margin, clahe=dict(p.clahe),
+                 for_processing=p.prepare.for_processing, key=key.hex(),
                  root=str(root), masks=masks.get(r.image_id, []))
             for r in todo]
     t0, perf, fails = time.perf_counter(), [], 0
@@ -171,9 +193,20 @@ IMAGE_OUT = ['image_id', 'study_id', 'patient', 'split', 'role', 'labels', 'path
              'path', 'png', 'rows', 'cols', 'crop', 'scale', 'size', 'transfer_syntax', 'decoder', 'photometricinterpretation',
              'bitsstored', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
 
+def check_key(out: Path, key: bytes):
+    """A version's pseudonyms all come from one key: the first ingest records the key's fingerprint in `_work/`, and a
+    later run with another key (a lost or replaced key file) stops instead of mixing pseudonyms."""
+    f, fp = out / '_work' / 'key_fingerprint', key_fingerprint(key)
+    if f.exists() and f.read_text().strip() != fp:
+        raise PrepareError(f"'{out}' was built with another pseudonym key (fingerprint {f.read_text().strip()}, now {fp}): "
+                           f"restore that key file, or delete the version folder to rebuild it")
+    f.parent.mkdir(parents=True, exist_ok=True); f.write_text(fp + '\n')
+
 def merge(p) -> dict:
     "Build the dataset version from the ingest records: boxes, split, YOLO/COCO, lists, data.yaml, manifest."
-    images, boxes, fails = read_source(p)
+    key = pseudonym_key(p)
+    check_key(version_dir(p), key)
+    images, boxes, fails = read_source(p, key)
     _strict_check(p, fails)
     out = version_dir(p)
     recs = load_records(out / '_work')
@@ -198,6 +231,8 @@ def merge(p) -> dict:
     ok['role'] = ok.image_id.map(role)
     s = p.split
     ok['split'] = assign_splits(ok, det, p.prepare.classes, s.val_frac, s.test_frac, s.seed, s.official).values
+    warnings = split_warnings(ok, split_targets(ok, s.val_frac, s.test_frac, s.official))
+    if p.strict and warnings: raise PrepareError(f'{warnings[0]} (strict)')
     det = det.merge(ok[['image_id', 'split']], on='image_id')
     shas = {ok.png[k]: recs[iid]['sha256'] for k, iid in enumerate(ok.image_id)}
     shas.update(write_yolo(ok, det, out))
@@ -209,10 +244,13 @@ def merge(p) -> dict:
     _write(out, 'data.yaml', yaml.safe_dump(dict(train='train.txt', val='val.txt', test='test.txt', nc=len(names),
                                                  names=names), sort_keys=False), shas)
     fdf = pd.DataFrame(fails, columns=FAILURE_COLUMNS).sort_values(['stage', 'image_id', 'row', 'reason'], ignore_index=True)
+    if p.prepare.paths == 'hashed':                    # folder names can hold MRNs: a version that leaves the hospital
+        ok['path'] = [pseudonym(x, key, 'path') for x in ok.path]
+        fdf['file'] = [pseudonym(x, key, 'path') or '' for x in fdf.file]
     _write(out, 'images.csv', ok[IMAGE_OUT].to_csv(index=False), shas)
     _write(out, 'boxes.csv', det.drop(columns=['labels']).to_csv(index=False, float_format='%.3f'), shas)
     _write(out, 'failures.csv', fdf.to_csv(index=False), shas)
-    man = manifest(p, ok, det, fdf, shas, n_listed=len(images))
+    man = manifest(p, ok, det, fdf, shas, n_listed=len(images), warnings=warnings)
     (out / 'manifest.json').write_text(_json(man))
     return man
 
@@ -225,13 +263,20 @@ def _counts(ok: pd.DataFrame, det: pd.DataFrame, classes: list[str]) -> dict:
                 roles=roles, boxes_per_class=boxes, images_per_class=imgs, groups_per_split={
                     sp: int(group_keys(ok[ok.split == sp]).nunique()) for sp in SPLITS})
 
-def manifest(p, ok, det, fdf, shas, n_listed) -> dict:
+def split_warnings(ok: pd.DataFrame, targets: dict) -> list[str]:
+    "One line per split that should hold images but came out empty (too few groups for the fractions asked)."
+    n, g = ok.split.value_counts(), group_keys(ok).nunique()
+    return [f"split '{sp}' is empty: {g} group(s) in all cannot fill {', '.join(targets)} (shares {targets}); "
+            f"add patients or change split.val_frac / test_frac" for sp in targets if n.get(sp, 0) == 0]
+
+def manifest(p, ok, det, fdf, shas, n_listed, warnings=()) -> dict:
     "The version's manifest (no timestamps, so a rebuild from the same params is byte-identical)."
     return dict(version=version_dir(p).name, name=p.name, data_params=data_params(p), params=p,
                 code=dict(package='mammo_nb', version=mammo_nb.__version__, git_commit=_git_commit()),
                 source=dict(layout=p.source.layout, root=str(source_root(p)), images_listed=n_listed),
                 classes=list(p.prepare.classes), clahe=dict(p.clahe), split=dict(p.split),
                 split_fractions=split_fractions(ok, ok.split, split_targets(ok, p.split.val_frac, p.split.test_frac, p.split.official)),
+                grouping=grouping_summary(ok), warnings=list(warnings), pseudonym_key_fingerprint=key_fingerprint(pseudonym_key(p)),
                 negative_sampling_seed=p.prepare.negative_seed, counts=_counts(ok, det, p.prepare.classes),
                 failures=dict(total=int(len(fdf)), by_reason=fdf.reason.value_counts().sort_index().to_dict(), file='failures.csv'),
                 files=dict(sorted(shas.items())))
@@ -244,13 +289,14 @@ def prepare(p, shard: str | None = None, merge_only: bool = False, progress: boo
     if shard and not merge_only: return dict(ingest=ing)
     man = merge(p)
     return dict(version=man['version'], dir=str(version_dir(p)), ingest=ing, images=man['counts']['images'],
-                per_split=man['counts']['images_per_split'], failures=man['failures']['total'],
+                per_split=man['counts']['images_per_split'], groups=man['grouping']['groups'],
+                merged_groups=man['grouping']['merged_groups'], warnings=man['warnings'], failures=man['failures']['total'],
                 failures_by_reason=man['failures']['by_reason'], seconds=round(time.perf_counter() - t0, 1))
 
 def dry_run(p) -> dict:
     """Read the annotation files alone and check them against the files on disk and the declared image sizes;
     write nothing, decode nothing. Counts of rows, patients, studies, images and boxes, and every problem."""
-    images, boxes, fails = read_source(p)
+    images, boxes, fails = read_source(p, pseudonym_key(p, create=False))
     root = source_root(p)
     for r in images.itertuples():
         if not (root / r.path).is_file(): fails.append(failure('read', 'missing_file', r.image_id, r.path))
@@ -323,8 +369,8 @@ def show_steps(p, V: Version, image_id: str, axs=None):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     r = V.images.set_index('image_id').loc[image_id]
-    _, src_boxes, _ = read_source(p)
-    g = ingest(source_root(p) / r.path, p.prepare.margin)
+    src_images, src_boxes, _ = read_source(p)                   # the source path: images.csv may hold hashed ones
+    g = ingest(source_root(p) / src_images.set_index('image_id').path[image_id], p.prepare.margin, p.prepare.for_processing)
     png = cv2.imread(str(V.dir / r.png), cv2.IMREAD_UNCHANGED)
     axs = axs if axs is not None else plt.subplots(1, 3, figsize=(11, 4.5))[1]
     def boxes(ax, bb, color):

@@ -45,6 +45,7 @@ class Predictor:
         man = json.loads(man_f.read_text())
         self.classes, self.clahe = man['classes'], dict(man['clahe'])
         self.margin = int(man.get('params', {}).get('prepare', {}).get('margin', 4))
+        self.for_processing = man.get('params', {}).get('prepare', {}).get('for_processing', 'skip')
         tj = json.loads((self.rd / 'train.json').read_text()) if (self.rd / 'train.json').exists() else {}
         self.imgsz = int(tj.get('args', {}).get('imgsz', 640))
         mj = self.rd / 'eval' / 'metrics.json'
@@ -59,7 +60,7 @@ class Predictor:
 
     def preprocess(self, path: str | Path):
         "`ingest` + `render` with the version's settings: (ingested, network image uint8, geometry)."
-        g = ingest(path, self.margin)
+        g = ingest(path, self.margin, self.for_processing)
         img, geo = render(g, **self.clahe)
         return g, (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img, geo
 

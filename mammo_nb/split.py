@@ -8,16 +8,42 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['SPLIT_REVISION', 'group_keys', 'label_counts', 'iterative_stratification', 'LeakageError', 'assert_no_leakage',
-           'split_targets', 'split_fractions', 'assign_splits']
+__all__ = ['SPLIT_REVISION', 'group_keys', 'grouping_summary', 'label_counts', 'iterative_stratification', 'LeakageError',
+           'assert_no_leakage', 'split_targets', 'split_fractions', 'assign_splits']
 
 # %% ../nbs/05_split.ipynb #c8f43c11
-def group_keys(images: pd.DataFrame) -> pd.Series:
-    "The splitting unit of each image: `patient:<pseudonym>` when known, else `study:<study_id>`."
-    pat = images['patient'] if 'patient' in images else pd.Series(None, index=images.index)
-    return pd.Series(np.where(pat.notna() & (pat.astype(str) != ''), 'patient:' + pat.astype(str),
-                              'study:' + images.study_id.astype(str)), index=images.index, name='group')
+def _components(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    "Connected component (an int) of each row, rows linked when they share a value of `a` or of `b` (None: no link)."
+    parent = {}
+    def find(x):
+        while parent.setdefault(x, x) != x: parent[x] = parent[parent[x]]; x = parent[x]
+        return x
+    for u, v in zip(a, b):
+        if v is not None: parent[find(('a', u))] = find(('b', v))
+    roots = [find(('a', u)) for u in a]
+    return pd.factorize(pd.Series([str(r) for r in roots]))[0]
 
+def group_keys(images: pd.DataFrame) -> pd.Series:
+    """The splitting unit of each image: images sharing a patient pseudonym or a study are one group (transitively);
+    named `patient:<smallest pseudonym in it>`, or `study:<smallest study_id>` when none of its images has one."""
+    pat = images['patient'] if 'patient' in images else pd.Series(None, index=images.index)
+    known = pat.notna() & (pat.astype(str) != '')
+    study = images.study_id.astype(str).to_numpy()
+    comp = _components(study, np.where(known, pat.astype(str), None))
+    df = pd.DataFrame(dict(c=comp, p=np.where(known, pat.astype(str), None), s=study))
+    first_p, first_s = df.dropna(subset=['p']).groupby('c').p.min(), df.groupby('c').s.min()
+    name = {c: f'patient:{first_p[c]}' if c in first_p.index else f'study:{first_s[c]}' for c in first_s.index}
+    return pd.Series([name[c] for c in comp], index=images.index, name='group')
+
+def grouping_summary(images: pd.DataFrame) -> dict:
+    """How the groups came about: groups, groups that merged several patient pseudonyms (a study carrying two IDs),
+    and studies with an image whose patient is unknown."""
+    g = group_keys(images)
+    pat = images['patient'] if 'patient' in images else pd.Series(None, index=images.index)
+    known = pat.notna() & (pat.astype(str) != '')
+    per = pd.DataFrame(dict(g=g.values, p=pat.where(known).values)).groupby('g').p.nunique()
+    return dict(groups=int(g.nunique()), merged_groups=int((per > 1).sum()),
+                studies_without_patient=int(images.study_id[~known.values].nunique()))
 def label_counts(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], groups: pd.Series) -> pd.DataFrame:
     """Per group: number of images with each class, of images without any box (`_negative`) and, where the dataset
     gives pathology (RSNA's image-level cancer label, CBIS-DDSM, mini-MIAS), of malignant images (`_malignant`)."""
@@ -64,14 +90,15 @@ def iterative_stratification(Y: pd.DataFrame, fractions: dict[str, float], seed:
 
 # %% ../nbs/05_split.ipynb #76017be3
 class LeakageError(AssertionError):
-    "A group (patient or study) has images in more than one split."
+    "A group (patient or study) has images in more than one split: never a data problem (groups are components), a bug."
 
 def assert_no_leakage(images: pd.DataFrame, split: pd.Series, groups: pd.Series | None = None) -> None:
     "Raise `LeakageError` if any patient/study group, or any study, spans two splits."
     groups = group_keys(images) if groups is None else groups
     for name, key in (('group', groups), ('study', images.study_id)):
         n = pd.DataFrame({'k': key.values, 's': split.values}).groupby('k').s.nunique()
-        if (n > 1).any(): raise LeakageError(f'{(n > 1).sum()} {name}(s) in more than one split, e.g. {n[n > 1].index[0]}')
+        if (n > 1).any(): raise LeakageError(f'internal error (a bug in mammo_nb, please report it): {(n > 1).sum()} '
+                                             f'{name}(s) in more than one split, e.g. {n[n > 1].index[0]}')
 
 def _official_test(images: pd.DataFrame, official: bool) -> bool:
     src = images.get('source_split', pd.Series('', index=images.index)).fillna('')
