@@ -120,8 +120,12 @@ def build_cls_dataset(V: Version, c) -> Path:
         for sp in SPLITS:
             n_ab = int((ab.split == sp).sum()) if len(ab) else 0
             want = int(round(c.normal_ratio * n_ab))
-            # No-Finding images only: an image-level-only finding or an ignored class has no box to keep away from
+            # No-Finding images first, then positive images every finding of which is boxed: an image-level-only
+            # finding or an ignored class has no box to keep a "normal" patch away from (CBIS-DDSM has no normals)
             cand = use[(use.split == sp) & (use.role == 'negative')]
+            pos = use[(use.split == sp) & (use.role == 'positive')]
+            boxed = pos[[set(l) <= set(by_img.get(i, no_box).cls) for i, l in zip(pos.image_id, pos['labels'])]]
+            cand = pd.concat([cand, boxed])
             per = max(1, math.ceil(want / max(len(cand), 1)))
             got = 0
             for r in cand.itertuples():

@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 if len(f): print(f.to_string(index=False, max_rows=50))
                 return 1 if len(f) else 0
             r = prepare(p, shard=a.shard, merge_only=a.merge, progress=not a.quiet)
+            warns = r.pop('warnings', [])
             for k, v in r.items(): print(f'{k}: {v}')
+            for w in warns: print(f'WARNING: {w}')
         elif a.cmd in ('train', 'evaluate'):
             ov = {'train': {k: v for k, v in dict(model=getattr(a, 'model', None), epochs=getattr(a, 'epochs', None),
                                                    device=a.device).items() if v is not None}}

@@ -233,7 +233,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     origs, src_paths = [], source_paths(p) if e.n_original else {}
     for n, it in enumerate(gal[gal.outcome == 'TP'].head(e.n_original).itertuples()):
         r = im.loc[it.image_id]
-        g0 = ingest(source_root(p) / src_paths[r.image_id], p.prepare.margin, p.prepare.for_processing)
+        g0 = ingest(source_root(p) / src_paths[it.image_id], p.prepare.margin, p.prepare.for_processing)
         m0 = to_original_grid(maps[(it.image_id, it.cls, 'TP', it.box)][1], r.crop, g0.image.shape)
         gb = to_original(np.array([it.gt_box]), r.crop, r.scale)[0]
         pb = to_original(np.array([it.box]), r.crop, r.scale)[0]

@@ -266,7 +266,7 @@ def _counts(ok: pd.DataFrame, det: pd.DataFrame, classes: list[str]) -> dict:
 def split_warnings(ok: pd.DataFrame, targets: dict) -> list[str]:
     "One line per split that should hold images but came out empty (too few groups for the fractions asked)."
     n, g = ok.split.value_counts(), group_keys(ok).nunique()
-    return [f"split '{sp}' is empty: {g} group(s) in all cannot fill {', '.join(targets)} (shares {targets}); "
+    return [f"split '{sp}' is empty: {g} group(s) in all cannot fill {', '.join(targets)} (shares {({k: round(v, 4) for k, v in targets.items()})}); "
             f"add patients or change split.val_frac / test_frac" for sp in targets if n.get(sp, 0) == 0]
 
 def manifest(p, ok, det, fdf, shas, n_listed, warnings=()) -> dict:

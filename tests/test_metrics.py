@@ -75,9 +75,9 @@ def test_a_csv_scored_from_outside_gives_the_runs_metrics(run):
     p, V, rd = run
     m = json.loads((rd / 'eval' / 'metrics.json').read_text())
     e = p.evaluate
-    s = score_predictions(rd / 'eval' / 'predictions-test.csv', V.dir, 'test', e.score_classes, e.hit_iou,
-                          e.pooled_nms_iou, e.max_det, tuple(e.froc_fps), e.bootstrap, e.seed, e.ci,
-                          threshold=m['operating_point']['threshold'])
+    s = score_predictions(rd / 'eval' / 'predictions-test.csv', V.dir, 'test', score_classes=e.score_classes,
+                          hit_iou=e.hit_iou, pooled_nms_iou=e.pooled_nms_iou, max_det=e.max_det, rates=tuple(e.froc_fps),
+                          n_boot=e.bootstrap, seed=e.seed, ci=e.ci, threshold=m['operating_point']['threshold'])
     a, b = s['splits']['test'], m['splits']['test']
     assert a['per_class'] == {c: {k: v for k, v in d.items() if 'ultralytics' not in k} for c, d in b['per_class'].items()}
     assert (a['all_lesions'], a['image'], a['breast']) == (b['all_lesions'], b['image'], b['breast'])

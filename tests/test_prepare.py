@@ -112,7 +112,9 @@ def test_no_header_phi_in_any_output(built, tiny_set):
 
 def test_shards_merge_to_the_same_version(built, tmp_path):
     f, d, _ = built
-    f2 = recipe(tmp_path, load_params(f).source.root, tmp_path / 'v')
+    f2 = recipe(tmp_path, load_params(f).source.root, tmp_path / 'v')     # same key file: same pseudonyms
+    from mammo_nb.prepare import key_path
+    (tmp_path / 'pseudonym.key').write_text(key_path(load_params(f)).read_text())
     d2 = vdir(f2)
     mammo('prepare', f2, '--shard', '0/3', '--quiet')
     r = mammo('prepare', f2, '--merge', check=False)

@@ -206,7 +206,7 @@ def test_same_seed_and_threads_give_identical_weights(trained):
     out = {}
     for name, threads in (('repro-a', 2), ('repro-b', 2), ('repro-1', 1)):
         g = recipe(Path(f).parent, p.source.root, p.prepare.out, name=name,
-                   train={**TRAIN, 'epochs': 2, 'run_name': name, 'threads': threads, 'evaluate': False})
+                   train={**TRAIN, 'epochs': 1, 'run_name': name, 'threads': threads, 'evaluate': False})
         mammo('train', g)
         rd = version_dir(p) / 'runs' / name
         assert json.loads((rd / 'train.json').read_text())['cpu']['threads'] == threads
