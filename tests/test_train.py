@@ -214,4 +214,4 @@ def test_same_seed_and_threads_give_identical_weights(trained):
     a, b, one = out['repro-a'], out['repro-b'], out['repro-1']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     diff = max(float((a[k] - one[k]).abs().max()) for k in a)
-    assert diff < 1e-2, diff          # thread count: same training up to float reassociation
+    assert diff < 1e-3, diff          # 1 vs 2 threads, 1 epoch: 6.1e-5 measured (weights up to 15): float reassociation only
