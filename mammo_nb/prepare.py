@@ -231,7 +231,8 @@ def merge(p) -> dict:
     ok['role'] = ok.image_id.map(role)
     s = p.split
     ok['split'] = assign_splits(ok, det, p.prepare.classes, s.val_frac, s.test_frac, s.seed, s.official).values
-    warnings = split_warnings(ok, split_targets(ok, s.val_frac, s.test_frac, s.official))
+    targets = split_targets(ok, s.val_frac, s.test_frac, s.official)
+    warnings = split_warnings(ok, targets)
     if p.strict and warnings: raise PrepareError(f'{warnings[0]} (strict)')
     det = det.merge(ok[['image_id', 'split']], on='image_id')
     shas = {ok.png[k]: recs[iid]['sha256'] for k, iid in enumerate(ok.image_id)}
@@ -250,7 +251,7 @@ def merge(p) -> dict:
     _write(out, 'images.csv', ok[IMAGE_OUT].to_csv(index=False), shas)
     _write(out, 'boxes.csv', det.drop(columns=['labels']).to_csv(index=False, float_format='%.3f'), shas)
     _write(out, 'failures.csv', fdf.to_csv(index=False), shas)
-    man = manifest(p, ok, det, fdf, shas, n_listed=len(images), warnings=warnings)
+    man = manifest(p, ok, det, fdf, shas, n_listed=len(images), targets=targets, warnings=warnings, key=key)
     (out / 'manifest.json').write_text(_json(man))
     return man
 
@@ -269,14 +270,14 @@ def split_warnings(ok: pd.DataFrame, targets: dict) -> list[str]:
     return [f"split '{sp}' is empty: {g} group(s) in all cannot fill {', '.join(targets)} (shares {({k: round(v, 4) for k, v in targets.items()})}); "
             f"add patients or change split.val_frac / test_frac" for sp in targets if n.get(sp, 0) == 0]
 
-def manifest(p, ok, det, fdf, shas, n_listed, warnings=()) -> dict:
+def manifest(p, ok, det, fdf, shas, n_listed, targets, warnings, key) -> dict:
     "The version's manifest (no timestamps, so a rebuild from the same params is byte-identical)."
     return dict(version=version_dir(p).name, name=p.name, data_params=data_params(p), params=p,
                 code=dict(package='mammo_nb', version=mammo_nb.__version__, git_commit=_git_commit()),
                 source=dict(layout=p.source.layout, root=str(source_root(p)), images_listed=n_listed),
                 classes=list(p.prepare.classes), clahe=dict(p.clahe), split=dict(p.split),
-                split_fractions=split_fractions(ok, ok.split, split_targets(ok, p.split.val_frac, p.split.test_frac, p.split.official)),
-                grouping=grouping_summary(ok), warnings=list(warnings), pseudonym_key_fingerprint=key_fingerprint(pseudonym_key(p)),
+                split_fractions=split_fractions(ok, ok.split, targets),
+                grouping=grouping_summary(ok), warnings=list(warnings), pseudonym_key_fingerprint=key_fingerprint(key),
                 negative_sampling_seed=p.prepare.negative_seed, counts=_counts(ok, det, p.prepare.classes),
                 failures=dict(total=int(len(fdf)), by_reason=fdf.reason.value_counts().sort_index().to_dict(), file='failures.csv'),
                 files=dict(sorted(shas.items())))
