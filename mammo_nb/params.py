@@ -123,6 +123,9 @@ SCHEMA = {
         'warmup_epochs': Field(float, 3.0, 'learning-rate warm-up epochs', min=0),
         'patience': Field(int, 100, 'stop after this many epochs without val improvement', min=1),
         'close_mosaic': Field(int, 10, 'turn mosaic augmentation off for the last N epochs', min=0),
+        'val_every': Field(int, 1, 'validate every N-th epoch (and the last, and when early stopping may fire); '
+                           'only validated epochs can become best.pt', min=1),
+        'plots': Field(bool, True, "ultralytics' training plots (labels, batches, results.png, last-epoch curves)"),
         'amp': Field(bool, None, 'mixed precision; None: on for CUDA, off on CPU'),
         'negative_ratio': Field(float, 1.0, 'No-Finding images drawn afresh each epoch, as a multiple of the finding '
                                 'images (None: all of them every epoch)', min=0),

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 os.environ.setdefault('YOLO_OFFLINE', '1')
 from ultralytics.data.build import InfiniteDataLoader, seed_worker
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import RANK
+from ultralytics.utils import LOCAL_RANK, RANK
 from ultralytics.utils.loss import v8DetectionLoss
-from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
+from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
 import mammo_nb
 from .prepare import PrepareError, load_version, version_dir, Version, _git_commit
@@ -157,6 +157,20 @@ class MammoTrainer(DetectionTrainer):
         super()._close_dataloader_mosaic()
         self.sampler.epoch = self.epoch          # the loader is reset next: its first draw is this epoch
 
+    def validate(self):
+        "Validate every `val_every`-th epoch, the last, and when early stopping may fire; skipped epochs log NaN."
+        k, last = int(self.mammo.get('val_every') or 1), self.epoch + 1 >= self.epochs
+        if k > 1 and (self.epoch + 1) % k and not (last or self.stopper.possible_stop or self.stop):
+            return {m: float('nan') for m in self.metrics}, None     # fitness None: no best.pt, no early-stop count
+        return super().validate()
+
+    def final_eval(self):
+        "Strip the optimizer from `last.pt`/`best.pt` as ultralytics does, without re-validating `best.pt`."
+        with torch_distributed_zero_first(LOCAL_RANK):
+            if RANK in {-1, 0}:
+                ckpt = strip_optimizer(self.last) if self.last.exists() else {}
+                if self.best.exists(): strip_optimizer(self.best, updates={'train_results': ckpt.get('train_results')})
+
 # %% ../nbs/07_train.ipynb #98e75202
 class TrainError(RuntimeError):
     "A run cannot start or finish; the message says why and what to do."
@@ -206,7 +220,7 @@ def check_classes(model: str, classes: list[str], what: str = "'train.model'"):
                          f"use weights trained on this class list, or set train.reset_head: true to fine-tune a new head")
 
 # %% ../nbs/07_train.ipynb #a2842386
-_NOT_LEARNING = ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'resume', 'evaluate', 'run_name')
+_NOT_LEARNING = ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'resume', 'evaluate', 'run_name', 'plots')
 
 def models(p) -> list[str]:
     "The recipe's model(s) as a list."
@@ -235,7 +249,7 @@ def write_run_data(p, V: Version, rd: Path) -> Path:
                         negative_seed=V.manifest['negative_sampling_seed'], focal_gamma=p.train.focal_gamma,
                         class_weight_power=p.train.class_weight_power,
                         class_weights=class_weights(counts, V.manifest['classes'], p.train.class_weight_power),
-                        threads=p.train.threads, cpu_workers=p.train.cpu_workers))
+                        threads=p.train.threads, cpu_workers=p.train.cpu_workers, val_every=p.train.val_every))
     rd.mkdir(parents=True, exist_ok=True)
     f = rd / 'data.yaml'
     f.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -249,7 +263,7 @@ def yolo_args(p, model: str, data: Path, device: str) -> dict:
     a = dict(data=str(data), imgsz=t.imgsz, epochs=t.epochs, batch=t.batch, device=device, seed=t.seed,
              workers=t.workers, cache=t.cache, optimizer=t.optimizer, lr0=t.lr0, warmup_epochs=t.warmup_epochs, patience=t.patience,
              close_mosaic=t.close_mosaic, amp=(device != 'cpu') if t.amp is None else t.amp, deterministic=True,
-             project=str(data.parent.parent.resolve()), name=data.parent.name, exist_ok=True, plots=True, verbose=False)
+             project=str(data.parent.parent.resolve()), name=data.parent.name, exist_ok=True, plots=t.plots, verbose=False)
     for k, v in (t.hyp or {}).items():
         if k not in DEFAULT_CFG_DICT: raise ParamsError(f"'train.hyp.{k}' is not an ultralytics train argument")
         if k in a: raise ParamsError(f"'train.hyp.{k}': set it as 'train.{k}' instead")
