@@ -73,3 +73,11 @@ def tiny_run(tiny_set, tmp_path_factory):
         (d / 'train.out').write_text(mammo('train', f).stdout)
     d = shared(tmp_path_factory, 'tiny-run', build)
     return d / 'recipe.yaml', (d / 'train.out').read_text()
+
+
+# The longest files first (seconds on one core: pipeline ~230, train ~200, slurm ~100, selftrain ~90, classify ~70),
+# so that no pytest-xdist worker starts one of them while the other has nothing left to do.
+_FIRST = ('test_pipeline', 'test_train', 'test_slurm', 'test_selftrain', 'test_classify')
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda it: _FIRST.index(it.path.stem) if it.path.stem in _FIRST else len(_FIRST))   # stable
