@@ -56,7 +56,7 @@ def label_counts(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], 
     return per_img.groupby(level=0).sum()
 
 # %% ../nbs/05_split.ipynb #000cc740
-SPLIT_REVISION = 2   # 2: split sizes counted in images (1: in label instances); part of every version's name
+SPLIT_REVISION = 3   # 3: groups ordered by source path, not pseudonym; 2: sizes in images (1: in label instances); part of every version's name
 
 def iterative_stratification(Y: pd.DataFrame, fractions: dict[str, float], seed: int = 0,
                              sizes: pd.Series | None = None) -> pd.Series:
@@ -128,6 +128,10 @@ def assign_splits(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str],
     "train/val/test for every image (indexed like `images`), whole groups at a time, leakage asserted."
     groups = group_keys(images)
     Y = label_counts(images, boxes, classes, groups)
+    # groups in an order the pseudonym key cannot change (their first source path), so that the seeded split is
+    # the same under any key: ordered by pseudonym, two fresh builds of one recipe split differently
+    first = pd.Series(images['path' if 'path' in images else 'image_id'].astype(str).values, index=groups.values)
+    Y = Y.loc[first.groupby(level=0).min().sort_values().index]
     src = images.get('source_split', pd.Series('', index=images.index)).fillna('')
     fixed = pd.Series(dtype=object)
     if _official_test(images, official): fixed = pd.Series('test', index=sorted(set(groups[src == 'test'])))

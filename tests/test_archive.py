@@ -125,6 +125,8 @@ def test_pseudonyms_are_keyed_and_paths_can_be_hashed(tiny_set, tmp_path):
     assert a.images.patient.notna().all() and not set(a.images.patient) & set(b.images.patient)
     assert list(h.images.patient) == list(a.images.patient)                    # same key, same pseudonyms
     assert a.manifest['pseudonym_key_fingerprint'] != b.manifest['pseudonym_key_fingerprint']
+    split = lambda V: V.images.set_index('image_id').split.sort_index()
+    assert split(a).equals(split(b))                                           # the split does not depend on the key
     assert (tmp_path / 'ka').read_text().strip() not in json.dumps(a.manifest)  # the key itself is nowhere
     raw = set(a.images.path)
     assert all('/' in x for x in raw) and not raw & set(h.images.path) and not any('/' in x for x in h.images.path)
