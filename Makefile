@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # The venv is rebuilt only when the dependency files change.
 $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
-	@# uv fetches and unpacks the ~6 GB of wheels in parallel: 45 s on a fresh clone here, against ~4 min for pip
+	@# uv fetches and unpacks the ~6 GB of wheels in parallel: 60-76 s on a fresh clone here, against ~4 min for pip
 	@# (which stays the fallback). --compile-bytecode as pip does: with PYTHONDONTWRITEBYTECODE set, as it is here, a
 	@# venv without .pyc files compiles every import afresh (a tiny training: 43 s instead of 27 s)
 	($(BIN)/pip install -q uv && $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -r requirements.txt) \

@@ -23,8 +23,7 @@ def sha(f): return hashlib.sha256(Path(f).read_bytes()).hexdigest()
 def run(tiny_set, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('selftrain')
     d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 'st', 'source': {'root': str(tiny_set)},
-         'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'selftrain': SELF, 'evaluate': {'bootstrap': 20},
-         'train': {'plots': False}}     # nobody looks at the rounds' training plots
+         'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'selftrain': SELF, 'evaluate': {'bootstrap': 20}}
     f = tmp / 'st.yaml'
     f.write_text(yaml.safe_dump(d))
     mammo('prepare', f, '--quiet')

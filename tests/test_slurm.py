@@ -97,7 +97,7 @@ def test_chain_on_real_slurm(slurm, tmp_path):
         f.write_text(yaml.safe_dump({'base': str(ROOT / 'params/tiny.yaml'),
                                      'slurm': {'partition': 'debug', 'gpu_partition': 'debug', 'gres': '', 'shards': 2,
                                                'cpus': 1, 'gpu_cpus': 1, 'time': '00:15:00', 'gpu_time': '00:15:00'},
-                                     'train': {'epochs': 1, 'plots': False}}))
+                                     'train': {'epochs': 1}}))
         t0 = time.time()
         r = mammo('slurm', f, '--submit', cwd=tmp_path)
     finally:

@@ -174,7 +174,7 @@ def test_clear_errors(trained, tiny_set, tmp_path):
 def test_model_comparison_table(trained, tiny_set, tmp_path):
     f, p, _ = trained
     g = recipe(tmp_path, tiny_set, Path(p.prepare.out), name='cmp',
-               train={**TRAIN, 'model': ['yolov8n.yaml', 'yolov8s.yaml'], 'plots': False})
+               train={**TRAIN, 'model': ['yolov8n.yaml', 'yolov8s.yaml']})
     assert run_dir(load_params(g), 'yolov8n.yaml') == run_dir(p, 'yolov8n.yaml')   # the session's run: found finished
     r = mammo('train', g)                                                             # only yolov8s trains
     cmp = version_dir(p) / 'runs' / 'comparison-test.csv'
@@ -209,7 +209,7 @@ def test_same_seed_and_threads_give_identical_weights(trained):
     out = {}
     for name, threads in (('repro-a', 2), ('repro-b', 2), ('repro-1', 1)):
         g = recipe(Path(f).parent, p.source.root, p.prepare.out, name=name,
-                   train={**TRAIN, 'epochs': 1, 'run_name': name, 'threads': threads, 'evaluate': False, 'plots': False})
+                   train={**TRAIN, 'epochs': 1, 'run_name': name, 'threads': threads, 'evaluate': False})
         mammo('train', g)
         rd = version_dir(p) / 'runs' / name
         assert json.loads((rd / 'train.json').read_text())['cpu']['threads'] == threads
