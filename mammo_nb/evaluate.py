@@ -15,11 +15,12 @@ from .metrics import (BOX, SCORING, Scored, bootstrap, choose_threshold, convent
                               unit_name, _clean)
 
 # %% auto #0
-__all__ = ['MultiLabelPredictor', 'predict', 'ultralytics_val', 'plot_froc', 'plot_roc', 'evaluate_run', 'compare_runs',
-           'show_predictions']
+__all__ = ['MultiLabelPredictor', 'MammoValidator', 'predict', 'ultralytics_val', 'plot_froc', 'plot_roc', 'evaluate_run',
+           'compare_runs', 'show_predictions']
 
 # %% ../nbs/08a_evaluate.ipynb #aa7f5823
-from ultralytics.models.yolo.detect import DetectionPredictor
+from contextlib import contextmanager
+from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidator
 from ultralytics.utils import nms, ops
 
 from .train import CPUThreads, threaded
@@ -32,6 +33,25 @@ class MultiLabelPredictor(CPUThreads, DetectionPredictor):
                                         end2end=getattr(self.model, 'end2end', False))
         if not isinstance(orig_imgs, list): orig_imgs = ops.convert_torch2numpy_batch(orig_imgs)[..., ::-1]
         return self.construct_results(preds, img, orig_imgs, **kwargs)
+
+class MammoValidator(CPUThreads, DetectionValidator):
+    """DetectionValidator that always counts its confusion matrix but draws its figures (PR/F1/P/R curves,
+    confusion-matrix plots, batch mosaics) only when `figures` (`evaluate.plots`). ultralytics ties both to
+    `args.plots`: with `plots=False` the matrix would come back all zeros. The figures cost ~3.4 s per split."""
+    figures: bool = True
+    @contextmanager
+    def _drawing(self):
+        plots = self.args.plots; self.args.plots = plots and self.figures
+        try: yield
+        finally: self.args.plots = plots
+    def plot_val_samples(self, *a, **kw):
+        if self.figures: super().plot_val_samples(*a, **kw)
+    def plot_predictions(self, *a, **kw):
+        if self.figures: super().plot_predictions(*a, **kw)
+    def finalize_metrics(self):
+        with self._drawing(): super().finalize_metrics()
+    def get_stats(self):
+        with self._drawing(): return super().get_stats()
 
 # %% ../nbs/08a_evaluate.ipynb #df54a90b
 def predict(weights, V, split: str, imgsz: int, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
@@ -55,11 +75,11 @@ def predict(weights, V, split: str, imgsz: int, conf: float = 0.001, iou: float 
     return pd.DataFrame(rows, columns=['image_id', 'cls', 'class_id', 'score'] + BOX)
 
 def ultralytics_val(weights, data_yaml, split, out: Path, imgsz, p, device='cpu') -> dict:
-    "ultralytics' validator on `split`: per-class AP50 and AP50-95, confusion matrix; its plots go to `out`."
+    "ultralytics' validator on `split`: per-class AP50 and AP50-95, confusion matrix; its figures (`evaluate.plots`) go to `out`."
     from ultralytics import YOLO
-    from ultralytics.models.yolo.detect import DetectionValidator
     e = p.evaluate
-    m = YOLO(str(weights)).val(validator=threaded(DetectionValidator, p.train.threads), data=str(data_yaml), split=split, imgsz=imgsz, batch=e.batch, conf=e.conf, iou=e.iou,
+    validator = type('MammoValidator', (threaded(MammoValidator, p.train.threads),), dict(figures=e.plots))
+    m = YOLO(str(weights)).val(validator=validator, data=str(data_yaml), split=split, imgsz=imgsz, batch=e.batch, conf=e.conf, iou=e.iou,
                                max_det=e.max_det, device=device, plots=True, project=str(out.parent.resolve()),
                                name=out.name, exist_ok=True, verbose=False)
     per = {m.names[int(c)]: dict(ap50=float(m.box.ap50[i]), ap50_95=float(m.box.ap[i]))

@@ -152,6 +152,7 @@ SCHEMA = {
         'ci': Field(float, 0.95, 'confidence level of the intervals', min=0.5, max=0.999),
         'seed': Field(int, 0, 'bootstrap seed'),
         'batch': Field(int, 16, 'images per inference batch', min=1),
+        'plots': Field(bool, True, "ultralytics' validator figures (PR/F1/P/R curves, confusion-matrix plots) in eval/<split>/"),
     },
     'explain': {
         'split': Field(str, 'test', 'split whose lesions and marks are explained', ('train', 'val', 'test')),

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import BIN, ROOT, TRAIN, mammo, tiny_recipe
+from mammo_nb.evaluate import ultralytics_val
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
 from mammo_nb.train import MammoTrainer, MammoDetectionLoss, FocalBCE, check_version, run_dir, write_run_data, yolo_args
@@ -31,8 +32,9 @@ def test_train_then_evaluate_end_to_end(trained):
     assert rd.parent == version_dir(p) / 'runs'
     for name in ('args.yaml', 'results.csv', 'weights/best.pt', 'weights/last.pt', 'train.json', 'negatives.jsonl',
                  'data.yaml', 'eval/metrics.json', 'eval/predictions-val.csv', 'eval/predictions-test.csv',
-                 'eval/test/froc_roc.png', 'eval/test/BoxPR_curve.png', 'eval/test/confusion_matrix.png'):
+                 'eval/test/froc_roc.png'):
         assert (rd / name).is_file(), name
+    assert not (rd / 'eval/test/BoxPR_curve.png').exists()               # tiny.yaml: evaluate.plots false
     tj = json.loads((rd / 'train.json').read_text())
     assert tj['status'] == 'done' and tj['epochs_done'] == 3 and tj['version'] == version_dir(p).name
     assert len((rd / 'results.csv').read_text().splitlines()) == 1 + 3
@@ -200,6 +202,18 @@ def _weights(rd: Path) -> dict:
     ck = torch.load(rd / 'weights' / 'last.pt', map_location='cpu', weights_only=False)
     m = ck.get('ema') or ck['model']
     return {k: v.float() for k, v in m.state_dict().items() if v.is_floating_point()}
+
+
+def test_validator_counts_the_confusion_matrix_without_drawing(trained, tmp_path):
+    """`evaluate.plots: false` (tiny.yaml) skips ultralytics' figures, not its confusion matrix: the counts in
+    metrics.json equal those of a validation that draws (ultralytics ties both to `args.plots`)."""
+    f, p, _ = trained
+    rd = run_dir(p, 'yolov8n.yaml')
+    cm = json.loads((rd / 'eval' / 'metrics.json').read_text())['splits']['test']['ultralytics']['confusion_matrix']
+    drawn = load_params(f, {'evaluate': {'plots': True}})
+    ul = ultralytics_val(rd / 'weights/best.pt', rd / 'data.yaml', 'test', tmp_path / 'test', p.train.imgsz, drawn)
+    assert ul['confusion_matrix'] == cm and sum(map(sum, cm)) > 0
+    assert {'BoxPR_curve.png', 'confusion_matrix_normalized.png'} <= {x.name for x in (tmp_path / 'test').iterdir()}
 
 
 def test_same_seed_and_threads_give_identical_weights(trained):
