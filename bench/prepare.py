@@ -5,12 +5,17 @@
 DIR defaults to the `full`-preset synthetic set (4084 x 3328, 20 images; written first if missing). In one run,
 on the same files:
 
-1. the real `ingest_images` over all files with 1 and then 2 worker processes: wall time, speed-up, peak RSS per
+1. the real `ingest_images` over all files with 1 and then 2 worker processes, with JPEG 2000 decoded at the
+   level the version needs (today's default) and with `prepare.full_decode`: wall time, speed-up, peak RSS per
    worker;
 2. per file, one thread: decode alone (pydicom read + the chosen decoder) / the whole prepare step for one image
    (`mammo_nb.prepare.process_image`: decode, VOI LUT, breast mask, crop, resize, CLAHE, PNG) / the naive pipeline
    (pydicom `apply_voi_lut` -> float -> scikit-image `equalize_adapthist` at full resolution -> PNG; on the first
    N files of each transfer syntax, it takes seconds per image).
+
+3. JPEG 2000 files only, at output long sides 640, 1024 and 2048: the full decode alone, the prepare step with the
+   full decode (`prepare.full_decode: true`) and with the reduced decode, the level chosen, and the projected wall
+   time of a 20,000-image VinDr-size ingest (every file JPEG 2000) on 2 cores and on a 16-task Slurm array.
 
 Ratios are printed per transfer syntax (uncompressed, JPEG 2000, JPEG-LS). Not a test: numbers vary by machine.
 """
@@ -60,20 +65,21 @@ def main():
     clahe = dict(clip_limit=2.0, tile_grid=8, long_side=a.long_side, bit_depth=8)
     print('Whole shard through ingest_images (process pool), same files (run first, so the parent process is still small when it forks):')
     res = {}
-    for w in (1, 2):
-        p = load_params(ROOT / 'params' / 'demo.yaml', {'source': {'root': str(root)},
-                        'prepare': {'out': str(tmp / f'v{w}'), 'workers': w}, 'clahe': {'long_side': a.long_side}})
-        res[w] = ingest_images(p, progress=False)
-        print(f"  {w} worker(s): {res[w]['seconds']:.1f} s, {res[w]['images_per_s']:.2f} img/s, "
-              f"peak RSS per worker {res[w]['peak_rss_mb_per_worker']:.0f} MB")
-    print(f"  speed-up 1 -> 2 workers: {res[1]['seconds'] / res[2]['seconds']:.2f}x (cores here: {os.cpu_count()})")
+    for full in (True, False):
+        for w in (1, 2):
+            p = load_params(ROOT / 'params' / 'demo.yaml', {'source': {'root': str(root)},
+                            'prepare': {'out': str(tmp / f'v{w}{full}'), 'workers': w, 'full_decode': full}, 'clahe': {'long_side': a.long_side}})
+            res[full, w] = r = ingest_images(p, progress=False)
+            print(f"  {'full decode' if full else 'reduced J2K'} {w} worker(s): {r['seconds']:.1f} s, {r['images_per_s']:.2f} img/s, "
+                  f"peak RSS per worker {r['peak_rss_mb_per_worker']:.0f} MB")
+        print(f"  speed-up 1 -> 2 workers: {res[full, 1]['seconds'] / res[full, 2]['seconds']:.2f}x (cores here: {os.cpu_count()})")
 
     rows = []
     seen = {}
     for k, p in enumerate(files):
         ts = pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID.name
         dec = timed(lambda: decode(pydicom.dcmread(p)))
-        job = dict(image_id=p.stem, src=str(p), png=f'{p.stem}.png', dst=str(tmp / f'{p.stem}.png'), margin=4, clahe=clahe)
+        job = dict(image_id=p.stem, src=str(p), png=f'{p.stem}.png', dst=str(tmp / f'{p.stem}.png'), margin=4, clahe=clahe, key='00' * 32)
         rec = {}
         prep = timed(lambda: rec.update(process_image(job)))
         assert rec['ok'], rec
@@ -93,7 +99,41 @@ def main():
     print('\nPer image, one thread (median ms):')
     print(tab.round(2).to_string())
 
+    j2k_levels(files, tmp, a.long_side, res)
     shutil.rmtree(tmp)
+
+
+def j2k_levels(files, tmp, long_side, pool, n_images=20_000, array_tasks=16):
+    "JPEG 2000 only: full decode alone vs the prepare step with the full and with the reduced decode, per long side."
+    j2k = [p for p in files if '2000' in pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID.name]
+    rows = []
+    for ls in (640, 1024, 2048):
+        clahe = dict(clip_limit=2.0, tile_grid=8, long_side=ls, bit_depth=8)
+        for p in j2k:
+            job = dict(image_id=p.stem, src=str(p), png=f'{p.stem}.png', dst=str(tmp / f'{p.stem}.png'), margin=4, clahe=clahe, key='00' * 32)
+            dec = timed(lambda: decode(pydicom.dcmread(p)))
+            full = timed(lambda: process_image(job))
+            rec = {}
+            red = timed(lambda: rec.update(process_image(dict(job, need=ls))))
+            assert rec['ok'], rec
+            rows.append(dict(long_side=ls, level=rec['decode_reduce'], decode_s=dec, full_s=full, reduced_s=red))
+    df = pd.DataFrame(rows)
+    g = df.groupby('long_side')
+    tab = pd.DataFrame({'files': g.size(), 'level': g['level'].agg(lambda x: '/'.join(map(str, sorted(set(x))))),
+                        'full decode ms': g.decode_s.median() * 1e3, 'prepare full ms': g.full_s.median() * 1e3,
+                        'prepare reduced ms': g.reduced_s.median() * 1e3})
+    tab['full / reduced'] = tab['prepare full ms'] / tab['prepare reduced ms']
+    tab['reduced img/s/core'] = 1e3 / tab['prepare reduced ms']
+    print(f'\nJPEG 2000 files only, one thread (median ms), by output long side:')
+    print(tab.round(2).to_string())
+    s1, s2 = pool[False, 1]['seconds'], pool[False, 2]['seconds']
+    scale = s1 / s2
+    print(f'\nProjected {n_images:,}-image VinDr-size ingest (all JPEG 2000, 4084 x 3328), from the per-core rates above'
+          f' and the measured 1 -> 2 worker scaling ({scale:.2f}x; a Slurm array task is one core each):')
+    for ls, r in tab.iterrows():
+        full_h, red_h = n_images * r['prepare full ms'] / 1e3 / 3600, n_images * r['prepare reduced ms'] / 1e3 / 3600
+        print(f"  long side {ls:4d}: {red_h:5.2f} core-hours reduced vs {full_h:5.2f} full; this 2-core machine "
+              f"{red_h / scale:5.2f} h vs {full_h / scale:5.2f} h; {array_tasks}-task array {red_h / array_tasks * 60:5.1f} min vs {full_h / array_tasks * 60:5.1f} min")
 
 
 if __name__ == '__main__':

@@ -38,10 +38,11 @@ def resize_crop(ing: Ingested, long_side: int) -> tuple[np.ndarray, np.ndarray, 
     "The breast crop of `ing` at output size (`uint16`), its mask on the same grid and the geometry record."
     x0, y0, x1, y1 = ing.crop
     size = output_size(ing.crop, long_side)
-    src = ing.image[y0:y1, x0:x1]
+    dx0, dy0, dx1, dy1 = ing.decoded_crop                             # the same box on the decoded grid (== crop at full size)
+    src = ing.image[dy0:dy1, dx0:dx1]
     interp = cv2.INTER_AREA if size[0] < src.shape[1] else cv2.INTER_LINEAR
     img = cv2.resize(src, size, interpolation=interp)
-    m = mask_crop(ing.mask, ing.image.shape, ing.crop, size)
+    m = mask_crop(ing.mask, ing.shape, ing.crop, size)
     img[m == 0] = 0
     geo = dict(size=list(size), scale=[size[0] / (x1 - x0), size[1] / (y1 - y0)])
     return img, m, geo

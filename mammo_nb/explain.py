@@ -140,11 +140,13 @@ def to_original_grid(m: np.ndarray, crop, shape) -> np.ndarray:
     out[y0:y1, x0:x1] = cv2.resize(m.astype(np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
     return out
 
-def overlay(ax, img: np.ndarray, m: np.ndarray | None, boxes=(), alpha: float = 0.45, title: str = ''):
-    "Grey image with a map (jet, `alpha`) and boxes: (xyxy, colour, label) triples."
+def overlay(ax, img: np.ndarray, m: np.ndarray | None, boxes=(), alpha: float = 0.45, title: str = '', extent=None):
+    """Grey image with a map (jet, `alpha`, on the image's grid) and boxes: (xyxy, colour, label) triples. `extent`
+    (rows, cols): the image spans that many pixels, so an image decoded at reduced size keeps original coordinates."""
     from matplotlib.patches import Rectangle
-    ax.imshow(img, cmap='gray')
-    if m is not None: ax.imshow(np.ma.masked_less_equal(m, 0.02), cmap='jet', alpha=alpha, vmin=0, vmax=1)   # no tint where the map is ~0
+    ext = None if extent is None else (0, extent[1], extent[0], 0)
+    ax.imshow(img, cmap='gray', extent=ext)
+    if m is not None: ax.imshow(np.ma.masked_less_equal(m, 0.02), cmap='jet', alpha=alpha, vmin=0, vmax=1, extent=ext)   # no tint where the map is ~0
     for (x0, y0, x1, y1), col, lab in boxes:
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=col, lw=1.3))
         if lab: ax.text(x0, y0 - 3, lab, color=col, fontsize=6)
@@ -170,7 +172,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     import matplotlib.pyplot as plt
     from tqdm import tqdm
     from mammo_nb.train import check_device, check_version, cpu_threads, TrainError
-    from mammo_nb.prepare import source_root, source_paths
+    from mammo_nb.prepare import decode_need, source_root, source_paths
     from mammo_nb.ingest import ingest
     from mammo_nb.clahe import to_original
     e, rd = p.explain, Path(rd)
@@ -233,13 +235,13 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     origs, src_paths = [], source_paths(p) if e.n_original else {}
     for n, it in enumerate(gal[gal.outcome == 'TP'].head(e.n_original).itertuples()):
         r = im.loc[it.image_id]
-        g0 = ingest(source_root(p) / src_paths[it.image_id], p.prepare.margin, p.prepare.for_processing)
-        m0 = to_original_grid(maps[(it.image_id, it.cls, 'TP', it.box)][1], r.crop, g0.image.shape)
+        g0 = ingest(source_root(p) / src_paths[it.image_id], p.prepare.margin, p.prepare.for_processing, need=decode_need(p))
+        m0 = to_original_grid(maps[(it.image_id, it.cls, 'TP', it.box)][1], g0.decoded_crop, g0.image.shape)    # on the decoded grid
         gb = to_original(np.array([it.gt_box]), r.crop, r.scale)[0]
         pb = to_original(np.array([it.box]), r.crop, r.scale)[0]
         fig, ax = plt.subplots(figsize=(4, 5))
         overlay(ax, g0.image, m0, [(gb, 'lime', it.cls), (pb, 'orange', f'{it.cls} {it.score:.2f}')], e.alpha,
-                f'original {g0.image.shape[1]}x{g0.image.shape[0]}, {it.cls}')
+                f'original {g0.shape[1]}x{g0.shape[0]}, {it.cls}', extent=g0.shape)
         f = out / f'original-{n}.png'; fig.savefig(f, dpi=90); plt.close(fig); origs.append(f.name)
     res = dict(run=rd.name, split=e.split, threshold=thr, methods=list(e.methods), layers=list(e.layers),
                outcomes=O.outcome.value_counts().to_dict(), lesions_scored=int(les.shape[0]),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import hashlib, hmac, os, secrets
+import hashlib, hmac, io, math, os, secrets, struct
 
 import cv2
 import numpy as np
@@ -16,9 +16,9 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless
 
 # %% auto #0
-__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask',
-           'crop_box', 'full_mask', 'mask_crop', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'read_dicom',
-           'read_raster', 'for_processing', 'ingest']
+__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'j2k_header', 'reduce_level', 'stored_bits', 'decode', 'voi_lut',
+           'voi', 'breast_mask', 'crop_box', 'full_mask', 'mask_crop', 'to_decoded', 'from_decoded', 'Ingested',
+           'pseudonym', 'key_fingerprint', 'load_key', 'read_dicom', 'read_raster', 'for_processing', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -36,6 +36,44 @@ def _decode_jpegls(ds) -> np.ndarray:
 def _decode_j2k(ds, threads: int) -> np.ndarray:
     import imagecodecs
     return imagecodecs.jpeg2k_decode(_frame(ds), numthreads=threads)
+
+def j2k_header(frame: bytes) -> dict | None:
+    """Image size, offset, precision, sign and wavelet levels from a JPEG 2000 codestream's main header (SIZ and
+    COD markers; a JP2 wrapper is skipped to its `jp2c` box). None when the header cannot be read."""
+    i = frame.find(b'\xff\x4f\xff\x51', 0, 4096) if frame[:2] != b'\xff\x4f' else 0
+    if i < 0 or len(frame) < i + 46: return None
+    s = j = i + 2                                                # marker segments: FFxx, length (2 bytes), data
+    X1, Y1, X0, Y0 = struct.unpack('>4I', frame[s + 6:s + 22])
+    ssiz, comps, levels = frame[s + 40], struct.unpack('>H', frame[s + 38:s + 40])[0], None
+    while j + 4 <= len(frame) and frame[j] == 0xFF and frame[j + 1] not in (0x90, 0x93):     # up to the first tile (SOT)
+        seg = struct.unpack('>H', frame[j + 2:j + 4])[0]
+        if frame[j + 1] == 0x52 and j + 9 < len(frame): levels = frame[j + 9]                      # COD: SPcod[0]
+        j += 2 + seg
+    return dict(width=X1 - X0, height=Y1 - Y0, x0=X0, y0=Y0, precision=(ssiz & 0x7F) + 1, signed=bool(ssiz & 0x80),
+                components=comps, levels=levels)
+
+def _pillow_size(n: int, r: int) -> int: return int((n + ((1 << r) >> 1)) / (1 << r))   # Pillow 13's reduced size
+
+def reduce_level(h: dict, need: int, work_side: int = 512) -> int:
+    """The coarsest resolution level `r` (the image at 1/2^r of its size: JPEG 2000 rounds up) whose long side still
+    holds `need` and the breast mask's `work_side` pixels. 0 for images that Pillow cannot reduce exactly: a signed
+    or >16-bit codestream, an image offset, a level past the stream's wavelet levels, or a size where Pillow's
+    rounding (to nearest) differs from the codestream's (up), which it cannot decode."""
+    if h is None or h['signed'] or h['precision'] > 16 or h['x0'] or h['y0'] or h['components'] != 1: return 0
+    W, H, r = h['width'], h['height'], 0
+    while (r + 1 <= (h['levels'] or 0) and math.ceil(max(W, H) / (1 << r + 1)) >= max(need, work_side)):
+        r += 1
+    while r and any(_pillow_size(n, r) != math.ceil(n / (1 << r)) for n in (W, H)): r -= 1
+    return r
+
+def _decode_j2k_reduced(frame: bytes, r: int) -> np.ndarray:
+    "Pillow's OpenJPEG decoder stopped `r` levels early; Pillow scales samples to 8/16 bits, which is undone."
+    from PIL import Image
+    h = j2k_header(frame)
+    with Image.open(io.BytesIO(frame)) as im:
+        im.reduce = r; im.load()
+        a = np.asarray(im)
+    return a >> (8 * a.dtype.itemsize - h['precision'])
 
 def _decode_plugin(ds, plugin: str | None) -> np.ndarray:
     if plugin: ds.pixel_array_options(decoding_plugin=plugin)
@@ -56,13 +94,14 @@ def stored_bits(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     if not signed: return v
     return np.where(v >= 1 << (bits - 1), v.astype(np.int32) - (1 << bits), v).astype(np.int16)
 
-def decode(ds: pydicom.Dataset, threads: int = 1) -> tuple[np.ndarray, str]:
+def decode(ds: pydicom.Dataset, threads: int = 1, reduce: int = 0) -> tuple[np.ndarray, str]:
     """Stored pixel values of a single-frame, single-sample image (16-bit, only the `BitsStored` bits) and the decoder
-    used (`threads` for JPEG 2000)."""
-    arr, decoder = _decode(ds, threads)
+    used (`threads` for JPEG 2000). `reduce` > 0: a JPEG 2000 image decoded `reduce` wavelet levels early (see
+    `reduce_level`; other syntaxes ignore it), so the array is 1/2^reduce of the image's size."""
+    arr, decoder = _decode(ds, threads, reduce)
     return stored_bits(arr, ds), decoder
 
-def _decode(ds: pydicom.Dataset, threads: int = 1) -> tuple[np.ndarray, str]:
+def _decode(ds: pydicom.Dataset, threads: int = 1, reduce: int = 0) -> tuple[np.ndarray, str]:
     if 'PixelData' not in ds: raise IngestError('no_pixel_data')
     if int(ds.get('SamplesPerPixel', 1)) != 1 or int(ds.get('NumberOfFrames', 1) or 1) != 1:
         raise IngestError('unsupported_layout', f"{ds.get('SamplesPerPixel')} samples, {ds.get('NumberOfFrames', 1)} frames")
@@ -75,6 +114,7 @@ def _decode(ds: pydicom.Dataset, threads: int = 1) -> tuple[np.ndarray, str]:
             return buf.reshape(ds.Rows, ds.Columns), 'numpy'
         if ts in (JPEGLSLossless, JPEGLSNearLossless): return _decode_jpegls(ds), 'imagecodecs'
         if ts in (JPEG2000Lossless, JPEG2000):
+            if reduce: return _decode_j2k_reduced(_frame(ds), reduce), f'pillow-reduce{reduce}'
             try: return _decode_j2k(ds, threads), 'imagecodecs'
             except (ImportError, RuntimeError, ValueError):
                 try: return _decode_plugin(ds, 'gdcm'), 'gdcm'
@@ -102,8 +142,9 @@ def _window(ds) -> tuple[float, float] | None:
     except (TypeError, ValueError, IndexError): return None
     return (c, w) if np.isfinite(c) and np.isfinite(w) and w >= 1 else None
 
-def voi_lut(ds: pydicom.Dataset, arr: np.ndarray) -> tuple[np.ndarray, dict]:
-    "A `uint16` table from stored pattern to display value (rescale, VOI, MONOCHROME1 inversion) and what was applied."
+def voi_lut(ds: pydicom.Dataset, arr: np.ndarray, stride: int = 4) -> tuple[np.ndarray, dict]:
+    """A `uint16` table from stored pattern to display value (rescale, VOI, MONOCHROME1 inversion) and what was
+    applied. Without a header window, the window comes from every `stride`-th pixel of `arr` in both directions."""
     x = _domain(ds)
     info = dict(voi_source='', window_center=None, window_width=None)
     seq = ds.get('VOILUTSequence')
@@ -121,16 +162,16 @@ def voi_lut(ds: pydicom.Dataset, arr: np.ndarray) -> tuple[np.ndarray, dict]:
         else: y = np.clip((x - (c - 0.5)) / max(w - 1, 1e-9) + 0.5, 0, 1)      # width 1: a step at the centre
         info.update(voi_source='window', window_center=c, window_width=w)
     else:
-        sample = x[arr[::4, ::4].view(np.uint16)]
+        sample = x[arr[::stride, ::stride].view(np.uint16)]
         lo, hi = _percentile_window(sample, ds.PhotometricInterpretation)
         y = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
         info.update(voi_source='percentile', window_center=(lo + hi) / 2, window_width=hi - lo)
     if ds.PhotometricInterpretation == 'MONOCHROME1': y = 1 - y
     return np.round(np.clip(y, 0, 1) * 65535).astype(np.uint16), info
 
-def voi(arr: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, dict]:
+def voi(arr: np.ndarray, ds: pydicom.Dataset, stride: int = 4) -> tuple[np.ndarray, dict]:
     "Apply rescale + VOI + MONOCHROME1 inversion to stored values `arr`: a `uint16` display image (breast bright)."
-    lut, info = voi_lut(ds, arr)
+    lut, info = voi_lut(ds, arr, stride)
     return lut[arr.view(np.uint16)], info
 
 def _percentile_window(s: np.ndarray, photometric: str) -> tuple[float, float]:
@@ -149,9 +190,11 @@ def _percentile_window(s: np.ndarray, photometric: str) -> tuple[float, float]:
     return float(np.median(air)) if air.size else float(np.percentile(body, 0.5)), float(np.percentile(body, 99.5))
 
 # %% ../nbs/02_ingest.ipynb #db8bf673
-def breast_mask(img: np.ndarray, work_side: int = 512) -> np.ndarray:
-    "`uint8` mask of the breast (largest bright component) of display image `img`, at ~`work_side` px on the long side."
-    H, W = img.shape
+def breast_mask(img: np.ndarray, work_side: int = 512, shape: tuple | None = None) -> np.ndarray:
+    """`uint8` mask of the breast (largest bright component) of display image `img`, at ~`work_side` px on the long
+    side of `shape` (the original image's (rows, cols); default `img.shape`), so that an image decoded at a reduced
+    size gets its mask on the same grid as the full decode."""
+    H, W = shape or img.shape
     s = min(1.0, work_side / max(H, W))
     small = cv2.resize(img, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA)
     small = small.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 1.0)
@@ -195,18 +238,51 @@ def mask_crop(mask: np.ndarray, shape: tuple, crop: tuple, size: tuple) -> np.nd
     return cv2.warpAffine(mask, M, size, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
 
 # %% ../nbs/02_ingest.ipynb #8922a7fe
+def _delta(r: int) -> float:
+    "Original pixels from a decoded pixel's centre at level `r` back to its LL sample's (on original sample 2^r j)."
+    return (1 << r) / 2 - 0.5
+
+def to_decoded(box, r: int, dshape: tuple) -> tuple:
+    "Box (x0, y0, x1, y1) in original pixels -> the smallest box of whole pixels of the level-`r` image covering it."
+    if not r: return tuple(int(v) for v in box)
+    f, d, (h, w) = 1 << r, _delta(r), dshape[:2]
+    return (max(0, math.floor((box[0] + d) / f)), max(0, math.floor((box[1] + d) / f)),
+            min(w, math.ceil((box[2] + d) / f)), min(h, math.ceil((box[3] + d) / f)))
+
+def from_decoded(dbox, r: int, shape: tuple) -> tuple:
+    """Box of whole level-`r` pixels -> original pixels (rounded; an edge on the decoded image's border is the
+    original image's border, `shape` (rows, cols))."""
+    f, d, (H, W) = 1 << r, _delta(r), shape[:2]
+    h, w = math.ceil(H / f), math.ceil(W / f)
+    x0, y0, x1, y1 = (math.floor(v * f - d + 0.5) for v in dbox)
+    return (max(0, x0), max(0, y0), W if dbox[2] >= w else min(W, x1), H if dbox[3] >= h else min(H, y1))
+
 @dataclass
 class Ingested:
-    "A display image (`uint16`, breast bright, full size), its breast mask (work resolution), the crop and the record."
+    """A display image (`uint16`, breast bright), its breast mask (work resolution), the crop and the record. `image`
+    is the decoded image: the original size, or 1/2^`reduce` of it for JPEG 2000 decoded at a coarser level. Every
+    coordinate (`crop`, boxes) is in original pixels of `shape` (rows, cols); `dcrop` is the crop on `image`'s grid
+    when it was decoded at reduced size (`decoded_crop` either way)."""
     image: np.ndarray
     mask: np.ndarray
     crop: tuple
     record: dict
+    shape: tuple = None
+    reduce: int = 0
+    dcrop: tuple = None
+
+    def __post_init__(self):
+        if self.shape is None: self.shape = tuple(self.image.shape[:2])
+
+    @property
+    def decoded_crop(self) -> tuple:
+        "The crop box on `image`'s grid: `crop` itself at full resolution."
+        return tuple(self.crop) if not self.reduce or self.dcrop is None else tuple(self.dcrop)
 
     @property
     def cropped(self) -> np.ndarray:
-        "The breast crop at full resolution, pixels outside the breast set to 0."
-        x0, y0, x1, y1 = self.crop
+        "The breast crop at the decoded resolution, pixels outside the breast set to 0."
+        x0, y0, x1, y1 = self.decoded_crop
         m = full_mask(self.mask, self.image.shape)[y0:y1, x0:x1]
         return np.where(m, self.image[y0:y1, x0:x1], 0).astype(self.image.dtype)
 
@@ -281,25 +357,57 @@ def for_processing(ds: pydicom.Dataset) -> bool:
     "A For-Processing image (raw detector data, `PresentationIntentType` FOR PROCESSING), not what radiologists read."
     return str(ds.get('PresentationIntentType', '') or '').strip().upper() == 'FOR PROCESSING'
 
-def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip', key: bytes | None = None) -> Ingested:
+def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray, dict, int]:
+    "Decode at level `r` (falling back to the full decode if the reduced one fails), VOI, and the record."
+    try: arr, decoder = decode(ds, reduce=r)
+    except IngestError:
+        if not r: raise
+        (arr, decoder), r = decode(ds), 0
+    if min(arr.shape[:2]) < MIN_SIDE >> r: raise IngestError('too_small', f'{arr.shape[0]}x{arr.shape[1]} px')
+    img, vinfo = voi(arr, ds, stride=max(1, 4 >> r))
+    rec = {k.lower(): _plain(ds.get(k)) for k in HEADER_FIELDS}
+    rec.update(transfer_syntax=ds.file_meta.TransferSyntaxUID.name, decoder=decoder, **vinfo)
+    return img, rec, r
+
+def _j2k_plan(ds: pydicom.Dataset, need: int | None) -> tuple[int, tuple | None]:
+    "The JPEG 2000 level to decode first for a crop of `need` px, and the image's (rows, cols) from its codestream."
+    if not need or 'PixelData' not in ds or ds.file_meta.TransferSyntaxUID not in (JPEG2000Lossless, JPEG2000): return 0, None
+    try: h = j2k_header(_frame(ds))
+    except Exception: return 0, None
+    r = reduce_level(h, need)
+    return r, (h['height'], h['width']) if r else None
+
+def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip', key: bytes | None = None,
+           need: int | None = None) -> Ingested:
     """Read one image file: decode, VOI, MONOCHROME1 inversion, breast mask and crop. DICOM unless the name ends
     in one of `RASTER`. Raises `IngestError` with a reason: also for images under `MIN_SIDE` px (`too_small`),
     constant after VOI (`blank_image`) and, unless `for_processing_images='keep'`, For-Processing images. The
-    record's `patient` is the header's PatientID as a pseudonym under `key` (None without a key)."""
+    record's `patient` is the header's PatientID as a pseudonym under `key` (None without a key).
+
+    `need`: the long side (pixels) the breast crop must keep. JPEG 2000 is then decoded at the coarsest wavelet level
+    whose crop still holds it (one level finer again if the breast turns out too small in its image); the record's
+    `decode_reduce` says which. None: every image at full resolution."""
+    ds, r, shape = None, 0, None
     if Path(path).suffix.lower() in RASTER: img, rec = read_raster(path)
     else:
         ds = read_dicom(path)
         if for_processing_images != 'keep' and for_processing(ds):
             raise IngestError('for_processing', 'PresentationIntentType FOR PROCESSING (raw detector data); prepare.for_processing: keep to use it')
-        arr, decoder = decode(ds)
-        if min(arr.shape[:2]) < MIN_SIDE: raise IngestError('too_small', f'{arr.shape[0]}x{arr.shape[1]} px')
-        img, vinfo = voi(arr, ds)
-        rec = {k.lower(): _plain(ds.get(k)) for k in HEADER_FIELDS}
-        rec.update(transfer_syntax=ds.file_meta.TransferSyntaxUID.name, decoder=decoder,
-                   patient=pseudonym(ds.get('PatientID'), key), **vinfo)
-    if min(img.shape[:2]) < MIN_SIDE: raise IngestError('too_small', f'{img.shape[0]}x{img.shape[1]} px')
-    if int(img.min()) == int(img.max()): raise IngestError('blank_image', f'every pixel {int(img.min())} after VOI')
-    mask = breast_mask(img)
-    crop = crop_box(mask, img.shape, margin)
-    rec['crop'] = list(crop)
-    return Ingested(img, mask, crop, rec)
+        r, shape = _j2k_plan(ds, need)
+        img, rec, r = _display(ds, key, r)
+        rec['patient'] = pseudonym(ds.get('PatientID'), key)
+    while True:
+        full = shape if r else img.shape[:2]
+        if r and tuple(img.shape[:2]) != tuple(math.ceil(n / (1 << r)) for n in full):      # not the size the header said
+            img, rec, r = _display(ds, key, 0); rec['patient'] = pseudonym(ds.get('PatientID'), key); continue
+        if min(full) < MIN_SIDE: raise IngestError('too_small', f'{full[0]}x{full[1]} px')
+        if int(img.min()) == int(img.max()): raise IngestError('blank_image', f'every pixel {int(img.min())} after VOI')
+        mask = breast_mask(img, shape=full)
+        crop = crop_box(mask, full, margin)
+        dcrop = to_decoded(crop, r, img.shape)
+        if not r or max(dcrop[2] - dcrop[0], dcrop[3] - dcrop[1]) >= need: break
+        img, rec, r = _display(ds, key, r - 1); rec['patient'] = pseudonym(ds.get('PatientID'), key)   # a small breast: one level finer
+    if r: crop = from_decoded(dcrop, r, full)
+    rec.update(crop=list(crop), decode_reduce=r)
+    return Ingested(img, mask, crop, rec, tuple(full), r, dcrop)
+

@@ -89,6 +89,9 @@ SCHEMA = {
                        "MRNs or names)", ('relative', 'hashed')),
         'for_processing': Field(str, 'skip', "For-Processing images (PresentationIntentType FOR PROCESSING: raw detector "
                                 "data): skip them (failure reason `for_processing`) or keep them", ('skip', 'keep')),
+        'full_decode': Field(bool, False, 'decode every JPEG 2000 image at full resolution (default: at the coarsest wavelet '
+                             'level whose breast crop keeps clahe.long_side x decode_safety pixels)'),
+        'decode_safety': Field(float, 1.0, 'the decoded breast crop keeps at least this times clahe.long_side on its long side', min=0.5),
     },
     'clahe': {
         'clip_limit': Field(float, 2.0, 'CLAHE clip limit (OpenCV)', min=0),

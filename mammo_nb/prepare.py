@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_prepare.ipynb #b8cf0f3a
 from __future__ import annotations
-import ast, hashlib, json, multiprocessing as mp, os, resource, secrets, subprocess, sys, time
+import ast, hashlib, json, math, multiprocessing as mp, os, resource, secrets, subprocess, sys, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,8 @@ from .params import SYNTH_REVISION
 from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'source_root', 'key_path',
-           'source_paths', 'pseudonym_key', 'read_source', 'process_image', 'load_records', 'parse_shard',
+__all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root',
+           'key_path', 'source_paths', 'pseudonym_key', 'read_source', 'process_image', 'load_records', 'parse_shard',
            'ingest_images', 'check_key', 'merge', 'split_warnings', 'manifest', 'prepare', 'dry_run', 'Version',
            'file_sha256', 'load_version', 'plot_counts', 'plot_box_sizes', 'show_steps']
 
@@ -48,6 +48,11 @@ def version_name(p) -> str:
     return f'{p.name}-{h[:8]}'
 
 def version_dir(p) -> Path: return Path(p.prepare.out) / version_name(p)
+
+def decode_need(p) -> int | None:
+    """The long side (px) a decoded breast crop must keep for the recipe's output: `clahe.long_side` times
+    `prepare.decode_safety`; None (every image at full resolution) with `prepare.full_decode`."""
+    return None if p.prepare.full_decode else math.ceil(p.clahe.long_side * p.prepare.decode_safety)
 
 def source_root(p) -> Path:
     "The dataset root: `source.root`, else the synthetic set in `synth.out`."
@@ -85,16 +90,16 @@ def process_image(job: dict) -> dict:
     "Ingest one DICOM and write its CLAHE PNG; a record (`ok`) or a failure (`reason`), plus `_perf`."
     t0 = time.perf_counter()
     try:
-        g = ingest(job['src'], job['margin'], job.get('for_processing', 'skip'), bytes.fromhex(job['key']))
+        g = ingest(job['src'], job['margin'], job.get('for_processing', 'skip'), bytes.fromhex(job['key']), job.get('need'))
         img, geo = render(g, **job['clahe'])
         sha = write_png(job['dst'], img)
         rec = {**{k: v for k, v in g.record.items() if k != 'columns'}, **geo, 'image_id': job['image_id'], 'ok': True,
-               'png': job['png'], 'sha256': sha, 'rows': g.image.shape[0], 'cols': g.image.shape[1]}
+               'png': job['png'], 'sha256': sha, 'rows': g.shape[0], 'cols': g.shape[1]}
         if job.get('masks'):
             rec['mask_boxes'], rec['mask_failures'], seen = {}, [], {}
             for row, cand in job['masks']:
                 try:
-                    if tuple(cand) not in seen: seen[tuple(cand)] = mask_boxes(job['root'], cand, g.image.shape)[0]
+                    if tuple(cand) not in seen: seen[tuple(cand)] = mask_boxes(job['root'], cand, g.shape)[0]
                     rec['mask_boxes'][row] = seen[tuple(cand)]
                 except IngestError as e: rec['mask_failures'].append(dict(row=row, reason=e.reason, detail=e.detail))
     except IngestError as e: rec = dict(image_id=job['image_id'], ok=False, reason=e.reason, detail=e.detail)
@@ -140,7 +145,7 @@ def ingest_images(p, shard: str | None = None, progress: bool = True) -> dict:
     todo = [r for r in mine.itertuples() if not (r.image_id in done and (not done[r.image_id]['ok'] or (out / done[r.image_id]['png']).exists()))]
     jobs = [dict(image_id=r.image_id, src=str(root / r.path), png=f'images/{r.study_id}/{r.image_id}.png',
                  dst=str(out / f'images/{r.study_id}/{r.image_id}.png'), margin=p.prepare.margin, clahe=dict(p.clahe),
-                 for_processing=p.prepare.for_processing, key=key.hex(),
+                 for_processing=p.prepare.for_processing, key=key.hex(), need=decode_need(p),
                  root=str(root), masks=masks.get(r.image_id, []))
             for r in todo]
     t0, perf, fails = time.perf_counter(), [], 0
@@ -191,7 +196,7 @@ def _strict_check(p, fails: list[dict]):
 
 IMAGE_OUT = ['image_id', 'study_id', 'patient', 'split', 'role', 'labels', 'pathology', 'laterality', 'view', 'birads', 'density',
              'path', 'png', 'rows', 'cols', 'crop', 'scale', 'size', 'transfer_syntax', 'decoder', 'photometricinterpretation',
-             'bitsstored', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
+             'bitsstored', 'decode_reduce', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
 
 def check_key(out: Path, key: bytes):
     """A version's pseudonyms all come from one key: the first ingest records the key's fingerprint in `_work/`, and a
@@ -279,6 +284,8 @@ def manifest(p, ok, det, fdf, shas, n_listed, targets, warnings, key) -> dict:
                 split_fractions=split_fractions(ok, ok.split, targets),
                 grouping=grouping_summary(ok), warnings=list(warnings), pseudonym_key_fingerprint=key_fingerprint(key),
                 negative_sampling_seed=p.prepare.negative_seed, counts=_counts(ok, det, p.prepare.classes),
+                decode=dict(full_decode=p.prepare.full_decode, decode_safety=p.prepare.decode_safety, need_px=decode_need(p),
+                            images_per_reduce_level={int(k): int(v) for k, v in ok.decode_reduce.value_counts().sort_index().items()}),
                 failures=dict(total=int(len(fdf)), by_reason=fdf.reason.value_counts().sort_index().to_dict(), file='failures.csv'),
                 files=dict(sorted(shas.items())))
 
@@ -371,18 +378,18 @@ def show_steps(p, V: Version, image_id: str, axs=None):
     from matplotlib.patches import Rectangle
     r = V.images.set_index('image_id').loc[image_id]
     src_images, src_boxes, _ = read_source(p)                   # the source path: images.csv may hold hashed ones
-    g = ingest(source_root(p) / src_images.set_index('image_id').path[image_id], p.prepare.margin, p.prepare.for_processing)
+    g = ingest(source_root(p) / src_images.set_index('image_id').path[image_id], p.prepare.margin, p.prepare.for_processing, need=decode_need(p))
     png = cv2.imread(str(V.dir / r.png), cv2.IMREAD_UNCHANGED)
     axs = axs if axs is not None else plt.subplots(1, 3, figsize=(11, 4.5))[1]
     def boxes(ax, bb, color):
         for x0, y0, x1, y1, lab in bb: ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.2)); ax.text(x0, y0 - 3, lab, color=color, fontsize=7)
     sb = src_boxes[(src_boxes.image_id == image_id) & src_boxes.x0.notna()]     # CBIS-DDSM mask boxes: shown in the dataset panel
-    axs[0].imshow(g.image, cmap='gray'); boxes(axs[0], [(b.x0, b.y0, b.x1, b.y1, '+'.join(b.labels)) for b in sb.itertuples()], '#ff3b30')
+    axs[0].imshow(g.image, cmap='gray', extent=(0, g.shape[1], g.shape[0], 0)); boxes(axs[0], [(b.x0, b.y0, b.x1, b.y1, '+'.join(b.labels)) for b in sb.itertuples()], '#ff3b30')
     x0, y0, x1, y1 = g.crop
     axs[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec='#34c759', lw=1, ls='--'))
     axs[1].imshow(g.cropped, cmap='gray')
     db = V.boxes[V.boxes.image_id == image_id]
     axs[2].imshow(png, cmap='gray'); boxes(axs[2], [(b.x0, b.y0, b.x1, b.y1, b.cls) for b in db.itertuples()], '#ffcc00')
-    for ax, t in zip(axs, [f'header VOI ({r.voi_source}), crop box dashed', 'breast crop', f'CLAHE {png.shape[1]}x{png.shape[0]}']):
+    for ax, t in zip(axs, [f'header VOI ({r.voi_source}{f", decoded at 1/{2 ** g.reduce}" if g.reduce else ""}), crop box dashed', 'breast crop', f'CLAHE {png.shape[1]}x{png.shape[0]}']):
         ax.set_title(t, fontsize=9); ax.set_axis_off()
     return axs

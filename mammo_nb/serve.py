@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_serve.ipynb #ba6bc7d2
 from __future__ import annotations
-import base64, io, json, os, tempfile, threading, time
+import base64, io, json, math, os, tempfile, threading, time
 from pathlib import Path
 
 import cv2
@@ -46,6 +46,8 @@ class Predictor:
         self.classes, self.clahe = man['classes'], dict(man['clahe'])
         self.margin = int(man.get('params', {}).get('prepare', {}).get('margin', 4))
         self.for_processing = man.get('params', {}).get('prepare', {}).get('for_processing', 'skip')
+        pp = man.get('params', {}).get('prepare', {})               # versions from before reduced decoding: full decode
+        self.need = None if pp.get('full_decode', True) else math.ceil(self.clahe['long_side'] * pp.get('decode_safety', 1.0))
         tj = json.loads((self.rd / 'train.json').read_text()) if (self.rd / 'train.json').exists() else {}
         self.imgsz = int(tj.get('args', {}).get('imgsz', 640))
         mj = self.rd / 'eval' / 'metrics.json'
@@ -60,7 +62,7 @@ class Predictor:
 
     def preprocess(self, path: str | Path):
         "`ingest` + `render` with the version's settings: (ingested, network image uint8, geometry)."
-        g = ingest(path, self.margin, self.for_processing)
+        g = ingest(path, self.margin, self.for_processing, need=self.need)
         img, geo = render(g, **self.clahe)
         return g, (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img, geo
 
@@ -84,7 +86,7 @@ class Predictor:
         t2 = time.perf_counter()
         xyxy = r.boxes.xyxy.cpu().numpy().reshape(-1, 4)
         orig = to_original(xyxy, g.crop, geo['scale'])
-        H, W = g.image.shape
+        H, W = g.shape
         boxes = [dict(cls=self.classes[c], class_id=int(c), score=round(float(s), 5),
                       box=[round(float(np.clip(v, 0, lim)), 1) for v, lim in zip(b, (W, H, W, H))], above_threshold=bool(s >= self.threshold))
                  for b, c, s in zip(orig, r.boxes.cls.int().tolist(), r.boxes.conf.tolist())]
@@ -99,9 +101,10 @@ class Predictor:
     def draw(self, g, boxes: list[dict], m: np.ndarray | None = None, long_side: int = 1024) -> bytes:
         "PNG of the breast crop (display image) with the boxes above threshold and, optionally, a map on the crop grid."
         x0, y0, x1, y1 = g.crop
-        im = (g.cropped >> 8).astype(np.uint8)
+        im = (g.cropped >> 8).astype(np.uint8)                    # at the decoded resolution (reduced for JPEG 2000)
         s = min(1.0, long_side / max(im.shape))
         im = cv2.resize(im, (max(1, round(im.shape[1] * s)), max(1, round(im.shape[0] * s))), interpolation=cv2.INTER_AREA)
+        sx, sy = im.shape[1] / (x1 - x0), im.shape[0] / (y1 - y0)  # original pixels -> drawing
         rgb = cv2.cvtColor(im, cv2.COLOR_GRAY2BGR)
         if m is not None:
             heat = cv2.applyColorMap((np.clip(cv2.resize(m, (im.shape[1], im.shape[0])), 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
@@ -109,7 +112,7 @@ class Predictor:
             rgb = (rgb * (1 - a) + heat * a).astype(np.uint8)
         for b in boxes:
             if not b['above_threshold']: continue
-            bx = np.round((np.array(b['box']) - [x0, y0, x0, y0]) * s).astype(int).tolist()
+            bx = np.round((np.array(b['box']) - [x0, y0, x0, y0]) * [sx, sy, sx, sy]).astype(int).tolist()
             cv2.rectangle(rgb, tuple(bx[:2]), tuple(bx[2:]), (0, 165, 255), 2)
             cv2.putText(rgb, f"{b['cls'][:14]} {b['score']:.2f}", (bx[0], max(10, bx[1] - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 165, 255), 1, cv2.LINE_AA)
         return cv2.imencode('.png', rgb)[1].tobytes()

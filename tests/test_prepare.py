@@ -205,3 +205,38 @@ def test_report_notebook_runs_with_papermill(built, tmp_path):
     outs = [o for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
     assert sum('image/png' in o.get('data', {}) for o in outs) >= 4
     assert any(d.name in json.dumps(o) for o in outs)
+
+
+def test_jpeg2000_decoded_at_the_level_the_version_needs(tmp_path):
+    """JPEG 2000 files are decoded one wavelet level down when the output needs no more (1024-px sources, long side
+    256: level 1 keeps 512 px, as the breast mask needs); `prepare.full_decode` decodes them whole. Same crops (to
+    the level's pixel), boxes inside their images, other syntaxes byte-identical, the level in images.csv and the
+    manifest, and a different version name."""
+    from mammo_nb.synth import synth_dataset
+    root = tmp_path / 'src'
+    synth_dataset(root, 'tiny', seed=1, workers=1, progress=False, n_patients=3, height=1024)
+    reduced, full = (recipe(tmp_path, root, tmp_path / 'v', prepare={'out': str(tmp_path / 'v'), 'workers': 1, 'full_decode': fd})
+                     for fd in (False, True))
+    for f in (reduced, full): mammo('prepare', f, '--quiet')
+    (R, F) = (load_version(vdir(f)) for f in (reduced, full))
+    assert R.dir.name != F.dir.name
+    r, f = (V.images.set_index('image_id').sort_index() for V in (R, F))
+    j2k = r.transfer_syntax.str.contains('2000')
+    assert j2k.any() and (~j2k).any()
+    assert (r.decode_reduce[j2k] == 1).all() and (r.decode_reduce[~j2k] == 0).all() and (f.decode_reduce == 0).all()
+    assert R.manifest['decode'] == dict(full_decode=False, decode_safety=1.0, need_px=256,
+                                        images_per_reduce_level={'0': int((~j2k).sum()), '1': int(j2k.sum())})
+    assert F.manifest['decode']['need_px'] is None
+    assert (r[['rows', 'cols']] == f[['rows', 'cols']]).all().all()             # original sizes either way
+    dcrop = np.abs(np.stack(r.crop) - np.stack(f.crop))
+    assert dcrop[~j2k.to_numpy()].max() == 0 and dcrop.max() <= 8, dcrop.max()  # one level: 2 px per decoded pixel
+    same = {i: R.manifest['files'][r.png[i]] == F.manifest['files'][f.png[i]] for i in r.index}
+    assert all(same[i] for i in r.index[~j2k]) and not any(same[i] for i in r.index[j2k])
+    for V in (R, F):                                                           # every box inside its image
+        b = V.boxes.merge(V.images[['image_id', 'size']], on='image_id')
+        w, h = np.stack(b['size']).T
+        assert len(b) and ((b.x0 >= 0) & (b.y0 >= 0) & (b.x1 <= w) & (b.y1 <= h)).all()
+    k = ['image_id', 'cls']
+    rb, fb = (V.boxes.sort_values(k + ['x0']).reset_index(drop=True) for V in (R, F))
+    assert (rb[k] == fb[k]).all().all()
+    assert np.abs(rb[['x0', 'y0', 'x1', 'y1']].to_numpy() - fb[['x0', 'y0', 'x1', 'y1']].to_numpy()).max() < 2   # output px
