@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_adapters.ipynb #af566744
 from __future__ import annotations
-import hashlib, os, re
+import hashlib, io, os, re
 from pathlib import Path
 
 import cv2
@@ -15,8 +15,9 @@ from .annotations import BOX_COLUMNS, IMAGE_COLUMNS, NO_FINDING, failure, read_v
 from .ingest import IngestError, decode, pseudonym, read_dicom
 
 # %% auto #0
-__all__ = ['CLASS_MAPS', 'CBIS_FOLDER', 'MIAS_SIZE', 'LAYOUTS', 'class_map', 'layers', 'study_key', 'cbis_index', 'read_cbis',
-           'mask_boxes', 'expand_masks', 'read_rsna', 'read_mias', 'read_csv_layout', 'read_layout']
+__all__ = ['CLASS_MAPS', 'CBIS_FOLDER', 'MIAS_SIZE', 'INBREAST_FILE', 'INBREAST_CALC_SIDE', 'LAYOUTS', 'class_map', 'layers',
+           'study_key', 'cbis_index', 'read_cbis', 'mask_boxes', 'expand_masks', 'read_rsna', 'read_mias',
+           'read_csv_layout', 'read_inbreast', 'read_layout']
 
 # %% ../nbs/04a_adapters.ipynb #e84f9b8a
 CLASS_MAPS = {
@@ -24,6 +25,9 @@ CLASS_MAPS = {
     'rsna': {'cancer': ['Cancer']},
     'mias': {'CIRC': ['Mass'], 'MISC': ['Mass'], 'SPIC': ['Mass', 'Spiculation'], 'CALC': ['Suspicious Calcification'],
              'ARCH': ['Architectural Distortion'], 'ASYM': ['Asymmetry'], 'NORM': [NO_FINDING]},
+    'inbreast': {'Mass': ['Mass'], 'Cluster': ['Suspicious Calcification'], 'Calcification': ['Calcification'],
+                 'Calcifications': ['Calcification'], 'Spiculated Region': ['Spiculation'], 'Espiculated Region': ['Spiculation'],
+                 'Asymmetry': ['Asymmetry'], 'Assymetry': ['Asymmetry'], 'Distortion': ['Architectural Distortion']},
     'csv': {},
 }
 
@@ -252,9 +256,91 @@ def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None 
                               pathology=patho if patho in ('benign', 'malignant') else '', mask=None))
     return _finish(imgs, boxes, fails, {Path(name).name: len(df)})
 
+# %% ../nbs/04a_adapters.ipynb #8712c36d
+INBREAST_FILE = re.compile(r'^(\d+)_([0-9A-Za-z]+)_MG_([LR])_([A-Z]+)_ANON\.dcm$', re.I)
+INBREAST_CALC_SIDE = 12     # px (0.84 mm at INbreast's 0.07 mm): the box of a single-point calcification ROI
+
+def _inbreast_rois(xml: Path) -> list[tuple[str, np.ndarray]]:
+    "(ROI name, points (n, 2) in pixels) of every ROI in an INbreast OsiriX plist file."
+    import plistlib
+    with open(xml, 'rb') as f: d = plistlib.load(f)
+    out = []
+    for im in d.get('Images', []):
+        for roi in im.get('ROIs', []):
+            pts = [tuple(float(v) for v in s.strip().strip('()').split(',')) for s in roi.get('Point_px', [])]
+            if pts: out.append((str(roi.get('Name', '')).strip(), np.array(pts, float).reshape(-1, 2)))
+    return out
+
+def _inbreast_boxes(rois, cmap, side: float = INBREAST_CALC_SIDE) -> tuple[list[tuple[list[str], list[float]]], list[str]]:
+    """(labels, xyxy) per box, and the ROI names not in `cmap`. Contours become their bounding boxes. A single-point
+    ROI (one calcification) becomes a `side`-px box, unless it lies inside a Cluster ROI's box: then the cluster
+    stands for it (INbreast marks each calcification of a cluster as well as the cluster)."""
+    boxes, unknown, clusters = [], [], []
+    lc = {k.lower(): v for k, v in cmap.items()}                   # the files spell names in more than one case
+    for name, p in rois:
+        if name.lower() not in lc: unknown.append(name); continue
+        if name.lower() == 'cluster': clusters.append([*p.min(0), *p.max(0)])
+    for name, p in rois:
+        labels = lc.get(name.lower())
+        if labels is None or labels == [NO_FINDING]: continue
+        x0, y0, x1, y1 = [*p.min(0), *p.max(0)]
+        if len(p) == 1 or (x1 - x0 < side and y1 - y0 < side):
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            if name.lower() != 'cluster' and any(c[0] <= cx <= c[2] and c[1] <= cy <= c[3] for c in clusters): continue
+            x0, y0, x1, y1 = cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
+        boxes.append((list(labels), [x0, y0, x1, y1]))
+    return boxes, unknown
+
+def _birads_pathology(b: str) -> str:
+    "INbreast has no biopsy column: BI-RADS 4-6 -> malignant, 2-3 -> benign, 1 / unknown -> '' (a surrogate, see above)."
+    m = re.match(r'\s*(\d)', b or '')
+    return '' if not m else 'malignant' if int(m.group(1)) >= 4 else 'benign' if int(m.group(1)) >= 2 else ''
+
+def read_inbreast(root: str | Path, cmap: dict | None = None, csv: str | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    "The images and boxes tables of an INbreast copy at `root` (`INbreast.csv`, `AllDICOMs/`, `AllXML/`), and the rows that failed."
+    root, cmap, name = Path(root), class_map('inbreast', cmap), csv or 'INbreast.csv'
+    text = (root / name).read_text(errors='replace')
+    df = pd.read_csv(io.StringIO(text), sep=';', dtype=str).fillna('')
+    df.columns = [re.sub(r'[^a-z]+', '', c.lower()) for c in df.columns]       # 'Bi-Rads' -> 'birads', 'File Name' -> 'filename'
+    if 'filename' not in df: raise FileNotFoundError(None, None, f'{name} column File Name')
+    dcms = {}
+    for f in sorted((root / 'AllDICOMs').glob('*.dcm')):
+        m = INBREAST_FILE.match(f.name)
+        if m: dcms[m.group(1)] = (f'AllDICOMs/{f.name}', m.group(2), m.group(3).upper(), m.group(4).upper())
+    imgs, boxes, fails = {}, [], []
+    for i, r in enumerate(df.to_dict('records')):
+        row = f'{name}:{i + 2}'
+        if not any(str(v).strip() for v in r.values()): continue              # the file's empty last row
+        fid = r.get('filename', '').strip().split('.')[0]
+        if not fid.isdigit(): fails.append(failure('read', 'bad_row', '', name, row, 'File Name')); continue
+        if fid not in dcms: fails.append(failure('read', 'missing_file', fid, f'AllDICOMs/{fid}_*.dcm', row, 'no DICOM for this file id')); continue
+        path, pat, lat, view = dcms[fid]
+        birads = r.get('birads', '').strip()
+        im = dict(image_id=fid, study_id=study_key(f"{pat}/{r.get('acquisitiondate', '').strip()}", key), patient=pseudonym(pat, key),
+                  path=path, laterality=r.get('laterality', '').strip().upper()[:1] or lat, view=r.get('view', '').strip().upper() or view,
+                  source_split='', height=np.nan, width=np.nan, labels=set(), birads=birads, density=r.get('acr', '').strip(),
+                  pathology=_birads_pathology(birads))
+        imgs[fid] = im
+        xml = root / 'AllXML' / f'{fid}.xml'
+        rois = []
+        if xml.is_file():
+            try: rois = _inbreast_rois(xml)
+            except Exception as e: fails.append(failure('read', 'bad_xml', fid, f'AllXML/{fid}.xml', row, type(e).__name__))
+        bb, unknown = _inbreast_boxes(rois, cmap)
+        for u in sorted(set(unknown)): fails.append(failure('read', 'unknown_class', fid, f'AllXML/{fid}.xml', row, u))
+        for labels, (x0, y0, x1, y1) in bb:
+            im['labels'].update(l for l in labels if l != 'Spiculation')
+            for labs, layer in layers(labels):
+                boxes.append(dict(image_id=fid, labels=labs, x0=x0, y0=y0, x1=x1, y1=y1, layer=layer, row=row,
+                                  pathology=im['pathology'] if layer == 'finding' else '', mask=None))
+        if not bb and not rois and re.match(r'\s*1\b', birads): im['labels'].add(NO_FINDING)      # a negative only at BI-RADS 1
+    return _finish(imgs, boxes, fails, {name: len(df)})
+
+
 # %% ../nbs/04a_adapters.ipynb #cde60e3a
 LAYOUTS = {'vindr': lambda root, cmap, csv, key: read_vindr(root), 'cbis': lambda root, cmap, csv, key: read_cbis(root, cmap, key),
-           'rsna': read_rsna, 'mias': lambda root, cmap, csv, key: read_mias(root, cmap, key), 'csv': read_csv_layout}
+           'rsna': read_rsna, 'mias': lambda root, cmap, csv, key: read_mias(root, cmap, key), 'csv': read_csv_layout,
+           'inbreast': read_inbreast}
 
 def read_layout(layout: str, root: str | Path, cmap: dict | None = None, csv: str | None = None, *, key: bytes):
     """Images table, boxes table and failures of the dataset at `root` in `layout` (annotation files only); ids that

@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--out', help='output folder (required without --params)')
     s.add_argument('--params', help="a recipe: generate its `synth` section's set (overrides included) instead")
     s.add_argument('--seed', type=int, default=0, help='generator seed (default: 0)')
-    s.add_argument('--layout', choices=['vindr', 'cbis', 'rsna', 'mias', 'csv'], default='vindr',
+    s.add_argument('--layout', choices=['vindr', 'cbis', 'rsna', 'mias', 'csv', 'inbreast'], default='vindr',
                    help="write it as this dataset's download looks (default: vindr)")
     s.add_argument('--workers', type=int, default=1, help='processes (default: 1)')
     s.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument('params', help='recipe, e.g. params/demo.yaml')
     e.add_argument('--run', action='append', help="run folder (repeatable; default: the recipe's runs)")
     e.add_argument('--device', help="overrides train.device")
+    e.add_argument('--on', metavar='OTHER', help='external validation: score the runs on the version of recipe OTHER')
+    e.add_argument('--split', default='test', choices=['train', 'val', 'test', 'all'],
+                   help="with --on: the split of OTHER's version to score (all: every image, for a version never trained on)")
+    e.add_argument('--class-map', metavar='RUN=OTHER[,...]', help="with --on: class names that differ, e.g. 'Calc=Suspicious Calcification'")
+    e.add_argument('--allow-overlap', action='store_true', help='with --on: score even if the versions share images or patients (counted)')
     st = sub.add_parser('selftrain', help='teacher + pseudo-label rounds on a share of hidden labels, scored per round')
     st.add_argument('params', help='recipe with a selftrain section, e.g. params/demo-selftrain.yaml')
     st.add_argument('--rounds', type=int, help='overrides selftrain.rounds')
@@ -113,6 +118,22 @@ def main(argv: list[str] | None = None) -> int:
                                                    device=a.device).items() if v is not None}}
             if getattr(a, 'no_eval', False): ov['train']['evaluate'] = False
             p = load_params(a.params, ov)
+            if a.cmd == 'evaluate' and a.on:
+                from mammo_nb.evaluate import evaluate_external, internal_vs_external
+                from mammo_nb.train import run_dirs
+                cmap = dict(kv.split('=', 1) for kv in a.class_map.split(',')) if a.class_map else None
+                q = load_params(a.on, ov)
+                for rd in run_dirs(p, a.run):
+                    x = evaluate_external(p, rd, q, a.split, cmap, a.allow_overlap)
+                    al = x['class_alignment']
+                    print(f"== {rd.name} on {x['scored_on']} ({x['split']}) ==")
+                    print(f"scored classes: {al['scored']}")
+                    if al['not_scorable']: print(f"not scorable (absent from {x['scored_on']}): {al['not_scorable']}")
+                    if x['overlap']['images'] or x['overlap']['patients']:
+                        print(f"overlap (allowed): {x['overlap']['images']} images, {x['overlap']['patients']} patients")
+                    print(internal_vs_external(rd).to_string())
+                    print(f"file: {rd / 'eval' / 'external' / x['scored_on'] / 'metrics.json'}")
+                return 0
             res = stage_train(p) if a.cmd == 'train' else stage_evaluate(p, a.run)
             for name, v in res.items():
                 print(f"== {name} ==")

@@ -13,10 +13,12 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from .metrics import (BOX, SCORING, Scored, bootstrap, choose_threshold, conventions, fmt_ci, nest, sens_spec,
                               unit_name, _clean)
+from .split import group_keys
 
 # %% auto #0
 __all__ = ['MultiLabelPredictor', 'MammoValidator', 'predict', 'ultralytics_val', 'plot_froc', 'plot_roc', 'evaluate_run',
-           'compare_runs', 'show_predictions']
+           'compare_runs', 'class_alignment', 'version_overlap', 'evaluate_external', 'internal_vs_external',
+           'show_predictions']
 
 # %% ../nbs/08a_evaluate.ipynb #aa7f5823
 from contextlib import contextmanager
@@ -186,6 +188,96 @@ def compare_runs(run_dirs: list[Path], split: str = 'test', out: Path | None = N
     df = pd.DataFrame(cols)
     if out is not None: df.to_csv(out)
     return df
+
+# %% ../nbs/08a_evaluate.ipynb #01a6784a
+def class_alignment(run_classes: list[str], target_classes: list[str], class_map: dict | None = None) -> tuple[dict, list[str]]:
+    """{run class: target class} for the run's classes that can be scored on the target version (same name, or the
+    name `class_map` gives it), and the run's classes that cannot (absent from the target: not scorable, never 0)."""
+    m = {c: (class_map or {}).get(c, c) for c in run_classes}
+    ok = {x: y for x, y in m.items() if y in target_classes}
+    return ok, [x for x in run_classes if x not in ok]
+
+def version_overlap(Vx, Vy) -> dict:
+    """What two dataset versions share: images (same source-file fingerprint) and patients (same pseudonym, which
+    only means the same patient when both were made with the same pseudonym key)."""
+    fx, fy = (set(V.images.get('source_fingerprint', pd.Series(dtype=str)).dropna()) for V in (Vx, Vy))
+    same_key = Vx.manifest.get('pseudonym_key_fingerprint') == Vy.manifest.get('pseudonym_key_fingerprint')
+    px, py = (set(group_keys(V.images)) for V in (Vx, Vy))
+    return dict(images=len(fx & fy), patients=len(px & py) if same_key else 0, same_pseudonym_key=same_key,
+                files_compared=bool(fx and fy))
+
+def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | None = None, allow_overlap: bool = False,
+                      progress: bool = True) -> dict:
+    """Score run `rd`, trained on recipe `p`'s version, on recipe `q`'s version: its `split` ('all': every image, for a
+    version never trained on), with `q`'s own preprocessing, the run's input size and the operating point chosen on
+    `p`'s val. Classes are aligned by name (`class_map`: run class -> target class). Refuses versions that share
+    images or patients unless `allow_overlap` (then counted). Writes `<run>/eval/external/<version>/metrics.json`."""
+    import matplotlib.pyplot as plt
+    from mammo_nb.train import check_version, check_device, TrainError
+    rd = Path(rd)
+    Vx, Vy = check_version(p), check_version(q)
+    if Vx.dir.resolve() == Vy.dir.resolve(): raise TrainError(f"'{Vy.manifest['version']}' is the run's own version: use `mammo evaluate` without --on")
+    internal = evaluate_run(p, rd, progress, Vx)                   # the internal figures and the operating point (reused when done)
+    ov = version_overlap(Vx, Vy)
+    if (ov['images'] or ov['patients']) and not allow_overlap:
+        raise TrainError(f"versions {Vx.manifest['version']} and {Vy.manifest['version']} share {ov['images']} image(s) and "
+                         f"{ov['patients']} patient(s): not an external validation (--allow-overlap scores it anyway and records the overlap)")
+    amap, not_scorable = class_alignment(Vx.manifest['classes'], Vy.manifest['classes'], class_map)
+    if not amap: raise TrainError(f"no class of the run ({Vx.manifest['classes']}) is a class of {Vy.manifest['version']} "
+                                  f"({Vy.manifest['classes']}): give a class map")
+    ims = Vy.images if split == 'all' else Vy.images[Vy.images.split == split]
+    if ims.empty: raise TrainError(f"version {Vy.manifest['version']} has no '{split}' images (--split all scores every image)")
+    e, weights = p.evaluate, rd / 'weights' / 'best.pt'
+    tj = json.loads((rd / 'train.json').read_text()) if (rd / 'train.json').exists() else {}
+    imgsz = tj.get('args', {}).get('imgsz', p.train.imgsz)
+    pred = predict(weights, Vy, split, imgsz, e.conf, e.iou, e.max_det, e.batch, check_device(p.train.device), progress,
+                   ims=ims, threads=p.train.threads)
+    pred = pred[pred.cls.isin(amap)].assign(cls=lambda d: d.cls.map(amap))
+    classes = list(dict.fromkeys(amap.values()))
+    gt = Vy.boxes[Vy.boxes.image_id.isin(ims.image_id) & Vy.boxes.cls.isin(classes)]
+    score = [amap[c] for c in (e.score_classes or Vx.manifest['classes']) if c in amap]
+    S = Scored(ims, gt, pred, classes, score, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
+    S.threshold = internal['operating_point']['threshold']
+    B = bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress)
+    out_dir = rd / 'eval' / 'external' / Vy.manifest['version']; out_dir.mkdir(parents=True, exist_ok=True)
+    pred.to_csv(out_dir / f'predictions-{split}.csv', index=False)
+    conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)))
+    out = _clean(dict(run=rd.name, trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split,
+                      manifest_sha256=hashlib.sha256((Vy.dir / 'manifest.json').read_bytes()).hexdigest(),
+                      weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), imgsz=imgsz,
+                      class_alignment=dict(scored=amap, not_scorable=not_scorable,
+                                           target_classes_not_predicted=[c for c in Vy.manifest['classes'] if c not in classes]),
+                      overlap=dict(ov, allowed=allow_overlap),
+                      operating_point=dict(threshold=S.threshold, chosen_on=f"val of {Vx.manifest['version']} (the training version)"),
+                      preprocessing=f"the target version's own (crop, CLAHE {dict(Vy.manifest['clahe'])}); input size {imgsz} (the run's)",
+                      splits={split: nest(B, S)}, conventions=conv, bootstrap=conv['bootstrap'], evaluate=dict(e)))
+    (out_dir / 'metrics.json').write_text(json.dumps(out, indent=1))
+    fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    plot_froc(S, axs[0], f"FROC, {Vy.manifest['version']} {split}"); plot_roc(S, axs[1], f'ROC, external {split}')
+    fig.tight_layout(); fig.savefig(out_dir / 'froc_roc.png', dpi=110); plt.close(fig)
+    return out
+
+def internal_vs_external(rd: Path, internal_split: str = 'test') -> pd.DataFrame:
+    """Per class of the run: lesions, AP50 and sensitivity at 1 FP per image (with intervals) on its own
+    `internal_split` beside every external evaluation of it ('not scorable' where the target lacks the class)."""
+    rd = Path(rd)
+    m = json.loads((rd / 'eval' / 'metrics.json').read_text())
+    base = m['splits'][internal_split]['per_class']
+    cols = {f"internal: {m['version']} {internal_split}": (base, [])}
+    for f in sorted((rd / 'eval' / 'external').glob('*/metrics.json')):
+        x = json.loads(f.read_text())
+        per = x['splits'][x['split']]['per_class']
+        cols[f"external: {x['scored_on']} {x['split']}"] = ({c: per[y] for c, y in x['class_alignment']['scored'].items()},
+                                                           x['class_alignment']['not_scorable'])
+    rows = {}
+    for name, (per, ns) in cols.items():
+        for c in base:
+            d = per.get(c) or {}
+            for what, v in (('lesions', d.get('n_gt', 0)), ('AP50', fmt_ci(d.get('ap50')) if d.get('n_gt') else '-'),
+                            ('sens@1FP', fmt_ci((d.get('froc') or {}).get('1')) if d.get('n_gt') else '-')):
+                rows.setdefault((c, what), {})[name] = 'not scorable' if c in ns else v
+    return pd.DataFrame(rows).T
+
 
 # %% ../nbs/08a_evaluate.ipynb #8f13475a
 def show_predictions(V, pred: pd.DataFrame, image_ids, thr: float = 0.25, ncols: int = 4, size: float = 3.2):

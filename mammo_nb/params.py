@@ -66,7 +66,7 @@ SCHEMA = {
     },
     'source': {
         'layout': Field(str, 'vindr', 'dataset layout read by `prepare` (without `root`: the layout the synthetic '
-                        'set is written in)', ('vindr', 'cbis', 'rsna', 'mias', 'csv')),
+                        'set is written in)', ('vindr', 'cbis', 'rsna', 'mias', 'csv', 'inbreast')),
         'root': Field(str, None, 'dataset root; None -> the synthetic set in `synth.out`'),
         'csv': Field(str, None, 'csv layout: the annotation CSV (relative to `root`; None: `annotations.csv`)'),
         'class_map': Field(dict, None, "the dataset's own class names -> our labels, merged over the layout's "

@@ -25,9 +25,10 @@ from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, 
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root',
-           'key_path', 'source_paths', 'pseudonym_key', 'read_source', 'process_image', 'load_records', 'parse_shard',
-           'ingest_images', 'check_key', 'merge', 'split_warnings', 'manifest', 'prepare', 'dry_run', 'Version',
-           'file_sha256', 'load_version', 'plot_counts', 'plot_box_sizes', 'show_steps']
+           'key_path', 'source_paths', 'pseudonym_key', 'read_source', 'source_fingerprint', 'process_image',
+           'load_records', 'parse_shard', 'ingest_images', 'check_key', 'merge', 'split_warnings', 'manifest',
+           'prepare', 'dry_run', 'Version', 'file_sha256', 'load_version', 'plot_counts', 'plot_box_sizes',
+           'show_steps']
 
 # %% ../nbs/06_prepare.ipynb #df7a7dd7
 class PrepareError(RuntimeError):
@@ -86,6 +87,15 @@ def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     except FileNotFoundError as e: raise PrepareError(f"'{root}' is not a {p.source.layout} dataset: {e.filename} missing") from None
 
 # %% ../nbs/06_prepare.ipynb #411d542f
+def source_fingerprint(path: str | Path, chunk: int = 1 << 16) -> str:
+    """SHA-256 (16 hex digits) of a file's size and its first and last 64 KiB: the same source file in two dataset
+    versions (`version_overlap`) without reading hundreds of GB twice; the tail is pixel data, so two different
+    mammograms do not share it."""
+    with open(path, 'rb') as f:
+        f.seek(0, 2); n = f.tell(); f.seek(0)
+        head = f.read(chunk); f.seek(max(0, n - chunk)); tail = f.read(chunk)
+    return hashlib.sha256(str(n).encode() + b'|' + head + b'|' + tail).hexdigest()[:16]
+
 def process_image(job: dict) -> dict:
     "Ingest one DICOM and write its CLAHE PNG; a record (`ok`) or a failure (`reason`), plus `_perf`."
     t0 = time.perf_counter()
@@ -94,7 +104,8 @@ def process_image(job: dict) -> dict:
         img, geo = render(g, **job['clahe'])
         sha = write_png(job['dst'], img)
         rec = {**{k: v for k, v in g.record.items() if k != 'columns'}, **geo, 'image_id': job['image_id'], 'ok': True,
-               'png': job['png'], 'sha256': sha, 'rows': g.shape[0], 'cols': g.shape[1]}
+               'png': job['png'], 'sha256': sha, 'rows': g.shape[0], 'cols': g.shape[1],
+               'source_fingerprint': source_fingerprint(job['src'])}
         if job.get('masks'):
             rec['mask_boxes'], rec['mask_failures'], seen = {}, [], {}
             for row, cand in job['masks']:
@@ -196,7 +207,7 @@ def _strict_check(p, fails: list[dict]):
 
 IMAGE_OUT = ['image_id', 'study_id', 'patient', 'split', 'role', 'labels', 'pathology', 'laterality', 'view', 'birads', 'density',
              'path', 'png', 'rows', 'cols', 'crop', 'scale', 'size', 'transfer_syntax', 'decoder', 'photometricinterpretation',
-             'bitsstored', 'decode_reduce', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
+             'bitsstored', 'decode_reduce', 'source_fingerprint', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
 
 def check_key(out: Path, key: bytes):
     """A version's pseudonyms all come from one key: the first ingest records the key's fingerprint in `_work/`, and a
@@ -347,7 +358,7 @@ def load_version(p_or_dir) -> Version:
     d = Path(p_or_dir) if isinstance(p_or_dir, (str, Path)) else version_dir(p_or_dir)
     if not (d / 'manifest.json').exists(): raise PrepareError(f"no dataset version at '{d}' (run `mammo prepare`)")
     lit = lambda s: ast.literal_eval(s) if isinstance(s, str) else s
-    im = pd.read_csv(d / 'images.csv', dtype={'image_id': str, 'study_id': str})
+    im = pd.read_csv(d / 'images.csv', dtype={'image_id': str, 'study_id': str, 'source_fingerprint': str})
     for c in ('labels', 'crop', 'scale', 'size', 'pixelspacing'): im[c] = im[c].map(lit)
     return Version(d, json.loads((d / 'manifest.json').read_text()), im,
                    pd.read_csv(d / 'boxes.csv', dtype={'image_id': str}), pd.read_csv(d / 'failures.csv', dtype=str).fillna(''))

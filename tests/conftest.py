@@ -81,3 +81,32 @@ _FIRST = ('test_pipeline', 'test_train', 'test_slurm', 'test_selftrain', 'test_c
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: _FIRST.index(it.path.stem) if it.path.stem in _FIRST else len(_FIRST))   # stable
+
+
+# The layouts' recipes: tiny.yaml in another layout; INbreast with params/inbreast.yaml's classes (isolated
+# calcifications image-level), so that a VinDr-trained run has classes it cannot be scored on there.
+LAYOUT_PREPARE = {'inbreast': {'classes': ['Mass', 'Suspicious Calcification', 'Architectural Distortion', 'Asymmetry', 'Spiculation'],
+                               'priority': ['Mass', 'Suspicious Calcification', 'Architectural Distortion', 'Asymmetry', 'Spiculation'],
+                               'ignore': ['Calcification']}}
+
+
+def layout_recipe(tmp: Path, layout: str, root: Path | None = None, name: str = 'r') -> Path:
+    "A tiny recipe in `layout`: the synthetic set in `tmp/raw` (or `root`), versions in `tmp/versions`."
+    import yaml
+    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': layout, 'source': {'layout': layout, **({'root': str(root)} if root else {})},
+         'synth': {'out': str(tmp / 'raw')}, 'prepare': {'out': str(tmp / 'versions'), 'workers': 2, **LAYOUT_PREPARE.get(layout, {})}}
+    f = Path(tmp) / f'{name}.yaml'
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+def layout_version(tmp_path_factory, layout: str):
+    """The synthetic set in `layout`, `mammo prepare --dry-run`'s and `mammo prepare`'s output, and its version, built
+    once per session through the CLI: (folder, recipe, dry-run stdout, prepare stdout)."""
+    def build(d):
+        f = layout_recipe(d, layout)
+        mammo('synth', '--params', f)
+        (d / 'dry.out').write_text(mammo('prepare', f, '--dry-run').stdout)
+        (d / 'prepare.out').write_text(mammo('prepare', f, '--quiet').stdout)
+    d = shared(tmp_path_factory, f'layout-{layout}', build)
+    return d, d / 'r.yaml', (d / 'dry.out').read_text(), (d / 'prepare.out').read_text()

@@ -9,24 +9,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import mammo
+from conftest import layout_recipe as recipe, layout_version, mammo
 from mammo_nb.annotations import pick_class
 from mammo_nb.clahe import to_output
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, version_dir
 from mammo_nb.synth_layouts import read_truth
 
-LAYOUTS = ('cbis', 'rsna', 'mias', 'csv')
-TINY = Path(__file__).resolve().parents[1] / 'params' / 'tiny.yaml'
-
-
-def recipe(tmp: Path, layout: str, root: Path | None = None, name: str = 'r') -> Path:
-    "A tiny recipe in `layout`: the synthetic set in `tmp/raw` (or `root`), versions in `tmp/versions`."
-    d = {'base': str(TINY), 'name': layout, 'source': {'layout': layout, **({'root': str(root)} if root else {})},
-         'synth': {'out': str(tmp / 'raw')}, 'prepare': {'out': str(tmp / 'versions'), 'workers': 2}}
-    f = tmp / f'{name}.yaml'
-    f.write_text(yaml.safe_dump(d))
-    return f
+LAYOUTS = ('cbis', 'rsna', 'mias', 'csv', 'inbreast')
 
 
 def parse(out: str) -> dict:
@@ -36,12 +26,9 @@ def parse(out: str) -> dict:
 
 @pytest.fixture(scope='module', params=LAYOUTS)
 def built(request, tmp_path_factory):
+    "The layout's synthetic set, its dry run and its version: built once per session (test_external reuses them)."
     layout = request.param
-    tmp = tmp_path_factory.mktemp(layout)
-    f = recipe(tmp, layout)
-    mammo('synth', '--params', f)
-    dry = mammo('prepare', f, '--dry-run')
-    r = mammo('prepare', f, '--quiet')
+    tmp, f, dry, r = layout_version(tmp_path_factory, layout)
     return layout, tmp, f, dry, r, load_version(version_dir(load_params(f))), read_truth(tmp / 'raw')
 
 
@@ -53,7 +40,7 @@ def _image_ids(V, truth: pd.DataFrame) -> pd.Series:
 
 def test_dry_run_counts(built):
     layout, tmp, f, dry, r, V, truth = built
-    d = parse(dry.stdout)
+    d = parse(dry)
     n_images = _image_ids(V, truth).nunique()
     assert int(d['images']) == n_images == V.manifest['counts']['images']
     assert int(d['patients']) == truth.patient_key.nunique()
@@ -77,6 +64,8 @@ def test_boxes_on_lesions(built):
     for r_ in t.itertuples():
         tb = to_output([r_.txmin, r_.tymin, r_.txmax, r_.tymax], geo.crop[r_.image_id], geo.scale[r_.image_id])[0]
         cls = pick_class([c for c in r_.categories if c != 'Spiculation'] or ['Spiculation'], classes, classes)
+        if cls is None:                                   # an ignored class (INbreast's isolated calcifications): image-level
+            assert set(r_.categories) <= set(geo.labels[r_.image_id]), r_; continue
         b = V.boxes[(V.boxes.image_id == r_.image_id) & (V.boxes.cls == cls)]
         inside = (b.x0 <= tb[0] + 1.5) & (b.y0 <= tb[1] + 1.5) & (b.x1 >= tb[2] - 1.5) & (b.y1 >= tb[3] - 1.5)
         ix = (np.clip(np.minimum(b.x1, tb[2]) - np.maximum(b.x0, tb[0]), 0, None)
@@ -133,7 +122,9 @@ def test_missing_files_listed_and_survived(built, tmp_path):
     g = recipe(tmp_path, layout, root, 'missing')
     d = mammo('prepare', g, '--dry-run', check=False)
     assert d.returncode == 1, d.stdout + d.stderr
-    assert 'missing_files: 1' in d.stdout and rel in d.stdout, d.stdout
+    # INbreast finds its files by file id: a missing one is named by the pattern it was looked for under
+    named = f"AllDICOMs/{Path(rel).name.split('_')[0]}_*.dcm" if layout == 'inbreast' else rel
+    assert 'missing_files: 1' in d.stdout and named in d.stdout, d.stdout
     p = mammo('prepare', g, '--quiet')
     assert 'failures: 1' in p.stdout, p.stdout
     W = load_version(version_dir(load_params(g)))
