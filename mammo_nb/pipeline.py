@@ -160,8 +160,14 @@ def _git_commit() -> str | None:
 def _headlines(p) -> dict:
     "Headline metrics of the recipe's trained runs (those with a metrics.json)."
     from mammo_nb.train import run_dirs
-    return {rd.name: _headline(json.loads((rd / 'eval' / 'metrics.json').read_text()), ('test',), 1)
-            for rd in run_dirs(p) if (rd / 'eval' / 'metrics.json').exists()}
+    out = {}
+    for rd in run_dirs(p):
+        if not (rd / 'eval' / 'metrics.json').exists(): continue
+        out[rd.name] = _headline(json.loads((rd / 'eval' / 'metrics.json').read_text()), ('test',), 1)
+        for f in sorted((rd / 'eval' / 'external').glob('*/metrics.json')):     # external validations, beside it
+            x = json.loads(f.read_text())
+            out[rd.name].update({f"external {x['scored_on']} {k}": v for k, v in _headline(x, None, 1).items() if 'ultralytics' not in k})
+    return out
 
 def run_chain(params_path: str, stages: list[str] | None = None, from_stage: str | None = None, out: str = 'reports',
               force: bool = False, progress: bool = True) -> dict:
