@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, mammo
+from conftest import ROOT, TRAIN, mammo
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, version_dir
 
@@ -17,19 +17,21 @@ CLS = {'task': 'patch', 'patch_size': 48, 'patch_stride': 24, 'imgsz': 32, 'epoc
        'freeze_epochs': 2, 'unfreeze_steps': 2, 'unfreeze_every': 2, 'normal_ratio': 1.0, 'normal_margin': 4}
 
 
-def recipe(tmp, raw, name, **cls):
-    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 'cl', 'source': {'root': str(raw)},
-         'prepare': {'out': str(tmp / 'versions'), 'workers': 1}, 'classify': {**CLS, **cls}, 'evaluate': {'bootstrap': 20}}
+def recipe(tmp, raw, name, out, **cls):
+    "A classify recipe on the session's tiny version (in `out`) and its detector (the TRAIN settings of tiny_run)."
+    d = {'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 't', 'source': {'root': str(raw)},
+         'prepare': {'out': str(out), 'workers': 1}, 'train': TRAIN, 'classify': {**CLS, **cls}}
     f = tmp / f'{name}.yaml'
     f.write_text(yaml.safe_dump(d))
     return f
 
 
 @pytest.fixture(scope='module')
-def patches(tiny_set, tmp_path_factory):
+def patches(tiny_run, tiny_set, tmp_path_factory):
+    "Patch classification on the session's tiny version, which tiny_run prepared and trained a detector on."
     tmp = tmp_path_factory.mktemp('classify')
-    f = recipe(tmp, tiny_set, 'patch')
-    mammo('prepare', f, '--quiet')
+    f = recipe(tmp, tiny_set, 'patch', Path(load_params(tiny_run[0]).prepare.out))
+    assert version_dir(load_params(f)) == version_dir(load_params(tiny_run[0]))      # the same data params
     r = mammo('classify', f)
     p = load_params(f)
     m = json.loads(next((version_dir(p) / 'classify').glob('patch-*/runs/*/metrics.json')).read_text())
@@ -85,8 +87,8 @@ def test_warmup_and_unfreezing_applied(patches):
 def test_whole_images_next_to_the_detector(patches):
     """Whole-image task: breast-level figures, and the detector's max-box score on the same images."""
     tmp, raw, f, p, r, m = patches
-    mammo('train', f)                                              # a (2-epoch) detector on the same version
-    g = recipe(tmp, raw, 'image', task='image', epochs=2, warmup_balanced=1, freeze_epochs=1, unfreeze_steps=1, unfreeze_every=1)
+    # the detector on the same version: the session's tiny run (tiny_run trained it with these train settings)
+    g = recipe(tmp, raw, 'image', Path(p.prepare.out), task='image', epochs=2, warmup_balanced=1, freeze_epochs=1, unfreeze_steps=1, unfreeze_every=1)
     out = mammo('classify', g)
     q = load_params(g)
     mi = json.loads(next((version_dir(q) / 'classify').glob('image-*/runs/*/metrics.json')).read_text())
