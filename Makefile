@@ -6,19 +6,24 @@ BIN := $(VENV)/bin
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# PYTHONDONTWRITEBYTECODE is set on these machines: without .pyc files every process compiles every import afresh (a
+# tiny training 43 s instead of 27 s). An empty value lets Python write them as it imports (and reuse them).
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: install demo test check-nbs nbtest pytest bench bench-train clean
 
 # The venv is rebuilt only when the dependency files change.
 $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
-	@# uv fetches and unpacks the ~6 GB of wheels in parallel: 60-76 s on a fresh clone here, against ~4 min for pip
-	@# (which stays the fallback). --compile-bytecode as pip does: with PYTHONDONTWRITEBYTECODE set, as it is here, a
-	@# venv without .pyc files compiles every import afresh (a tiny training: 43 s instead of 27 s)
-	($(BIN)/pip install -q uv && $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -r requirements.txt) \
+	@# uv fetches and unpacks the ~6 GB of wheels in parallel (~4 min for pip, which stays the fallback). No
+	@# --compile-bytecode: compiling all of site-packages took 60 s here; the import check below compiles what the
+	@# project imports (~30 s), and later processes write the rest as they import it
+	($(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -r requirements.txt) \
 	  || $(BIN)/pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb, pydicom, nbdev; print('installed: torch', torch.__version__, '| mammo_nb', mammo_nb.__version__)"
+	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb.cli, mammo_nb.train, mammo_nb.evaluate, mammo_nb.explain, \
+	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, pydicom, nbdev, papermill, pycocotools.coco, matplotlib.pyplot; \
+	  print('installed: torch', torch.__version__, '| mammo_nb', mammo_nb.__version__)"
 	touch $@
 
 install: $(VENV)/.installed
