@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             if a.cmd == 'evaluate' and a.on:
                 from mammo_nb.evaluate import evaluate_external, internal_vs_external
                 from mammo_nb.train import run_dirs
-                cmap = dict(kv.split('=', 1) for kv in a.class_map.split(',')) if a.class_map else None
+                pairs = [kv for kv in (a.class_map or '').split(',') if kv.strip()]
+                bad = [kv for kv in pairs if '=' not in kv]
+                if bad: raise ParamsError(f"--class-map takes RUN=OTHER pairs separated by commas, got {bad[0]!r}")
+                cmap = dict((k.strip(), v.strip()) for k, v in (kv.split('=', 1) for kv in pairs)) or None
                 q = load_params(a.on, ov)
                 for rd in run_dirs(p, a.run):
                     x = evaluate_external(p, rd, q, a.split, cmap, a.allow_overlap)

@@ -54,6 +54,8 @@ def test_overlap_refused_then_allowed_and_counted(tiny_run, tiny_set, tmp_path):
     run = run_dir(p, 'yolov8n.yaml')
     g = tiny_recipe(Path(f).parent, tiny_set, p.prepare.out, name='resized', clahe={'long_side': 192})
     mammo('prepare', g, '--quiet')
+    r = mammo('evaluate', f, '--run', str(run), '--on', g, '--class-map', 'Mass', check=False)
+    assert r.returncode == 2 and '--class-map takes RUN=OTHER' in r.stderr and 'Traceback' not in r.stderr
     r = mammo('evaluate', f, '--run', str(run), '--on', g, check=False)
     assert r.returncode == 2 and 'share' in r.stderr and '--allow-overlap' in r.stderr and 'Traceback' not in r.stderr
     mammo('evaluate', f, '--run', str(run), '--on', g, '--allow-overlap')
