@@ -27,7 +27,8 @@ from .train import TrainError, check_device, check_version, cpu_threads, threade
 # %% auto #0
 __all__ = ['KIND', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset', 'PhaseSampler',
            'WeightedCE', 'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'cls_predict',
-           'classify', 'detector_same_images', 'metrics_table', 'show_examples']
+           'item_scores', 'item_figures', 'classify', 'detector_same_images', 'metrics_table', 'show_examples',
+           'classify_external']
 
 # %% ../nbs/14_classify.ipynb #7537226f
 KIND = {'Mass': 'mass', 'Suspicious Calcification': 'calc'}
@@ -306,6 +307,26 @@ def cls_predict(weights: Path, d: Path, items: pd.DataFrame, imgsz: int, device:
         out += [r.probs.data.cpu().numpy() for r in res]
     return np.stack(out) if out else np.zeros((0, len(y.names)))
 
+def item_scores(p, run: Path, d: Path, it: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "The classifier `run` on items `it` of dataset `d`: positive-class score, binary label and top class per item."
+    P = cls_predict(run / 'weights' / 'best.pt', d, it, p.classify.imgsz, check_device(p.train.device), threads=p.train.threads)
+    y = (~it.label.eq('normal')) if p.classify.labels == 'binary' else it.label.str.startswith('malignant')
+    return P[:, _positive(classes)].sum(1), y.astype(int).to_numpy(), np.array(classes)[P.argmax(1)]
+
+def item_figures(p, it: pd.DataFrame, classes: list[str], s, y, top, thr: float | None) -> dict:
+    """Binary figures at `thr` (0.5 when None) with patient-bootstrap intervals, per-class precision/recall and the
+    confusion matrix of the top class, and for whole images the breast level (the max over a breast's images)."""
+    ev, thr_ = p.evaluate, 0.5 if thr is None or not np.isfinite(thr) else thr
+    cm = confusion_matrix(it.label, top, labels=classes)
+    per = {k: dict(precision=float(cm[i, i] / cm[:, i].sum()) if cm[:, i].sum() else None,
+                   recall=float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None, n=int(cm[i].sum())) for i, k in enumerate(classes)}
+    res = dict(items=binary_metrics(y, s, it.group, thr_, ev.bootstrap, ev.seed, ev.ci), per_class=per,
+               confusion=dict(labels=classes, matrix=cm.tolist()))
+    if p.classify.task == 'image':
+        b = it.assign(s=s, y=y).groupby(['study_id', 'laterality']).agg(s=('s', 'max'), y=('y', 'max'), group=('group', 'first')).reset_index()
+        res['breast'] = binary_metrics(b.y, b.s, b.group, thr_, ev.bootstrap, ev.seed, ev.ci)
+    return res
+
 def classify(p) -> dict:
     "Build the recipe's classification dataset, train a YOLOv8-cls model on it and score val/test; returns metrics (also `metrics.json`)."
     from ultralytics import YOLO
@@ -328,29 +349,17 @@ def classify(p) -> dict:
                             verbose=False, warmup_epochs=0, patience=c.epochs, **aug)
     names = YOLO(str(run / 'weights' / 'best.pt')).names
     classes = [names[i] for i in sorted(names)]
-    pos = _positive(classes)
-    out = dict(dataset=str(d), run=str(run), classes=classes, positive=[classes[i] for i in pos], task=c.task, labels=c.labels,
+    out = dict(dataset=str(d), run=str(run), classes=classes, positive=[classes[i] for i in _positive(classes)], task=c.task, labels=c.labels,
                rule=f'threshold: Youden J on val, applied unchanged to test; intervals: {p.evaluate.ci:.0%} bootstrap of the split groups '
                     f'(patients, else studies), {p.evaluate.bootstrap} resamples, undefined replicates dropped per figure', splits={})
     thr = None
     for sp in ('val', 'test'):
         it = items[items.split == sp].reset_index(drop=True)
         if it.empty: continue
-        P = cls_predict(run / 'weights' / 'best.pt', d, it, c.imgsz, device, threads=p.train.threads)
-        s = P[:, pos].sum(1)
-        y = (~it.label.eq('normal')).astype(int).to_numpy() if c.labels == 'binary' else it.label.str.startswith('malignant').astype(int).to_numpy()
+        s, y, top = item_scores(p, run, d, it, classes)
         if sp == 'val': thr = choose_threshold(y, s)
-        thr_ = 0.5 if thr is None or not np.isfinite(thr) else thr
-        top = np.array(classes)[P.argmax(1)]
-        cm = confusion_matrix(it.label, top, labels=classes)
-        per = {k: dict(precision=float(cm[i, i] / cm[:, i].sum()) if cm[:, i].sum() else None,
-                       recall=float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None, n=int(cm[i].sum())) for i, k in enumerate(classes)}
-        res = dict(items=binary_metrics(y, s, it.group, thr_, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci),
-                   per_class=per, confusion=dict(labels=classes, matrix=cm.tolist()))
-        if c.task == 'image':                                    # breast level: the max over a breast's images
-            b = it.assign(s=s, y=y).groupby(['study_id', 'laterality']).agg(s=('s', 'max'), y=('y', 'max'), group=('group', 'first')).reset_index()
-            res['breast'] = binary_metrics(b.y, b.s, b.group, thr_, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci)
-            res['detector'] = detector_same_images(p, V, it, y)
+        res = item_figures(p, it, classes, s, y, top, thr)
+        if c.task == 'image': res['detector'] = detector_same_images(p, V, it, y)
         pd.DataFrame(dict(file=it.file, image_id=it.image_id, label=it.label, score=s)).to_csv(run / f'scores-{sp}.csv', index=False)
         out['splits'][sp] = res
     out['schedule'] = [json.loads(l) for l in (run / 'schedule.jsonl').read_text().splitlines()] if (run / 'schedule.jsonl').exists() else []
@@ -395,3 +404,34 @@ def show_examples(d: str | Path, per_class: int = 6, size: float = 1.5):
             axs[i, j].imshow(cv2.imread(str(d / f), cv2.IMREAD_UNCHANGED), cmap='gray'); axs[i, j].set_title(lab, fontsize=7)
     fig.tight_layout()
     return fig
+
+def classify_external(p, q, split: str = 'test', allow_overlap: bool = False) -> dict:
+    """Score recipe `p`'s classifier (trained first if needed) on recipe `q`'s version: `q`'s patches or images built
+    with `p`'s classify settings, its `split` ('all': every item), the threshold chosen on `p`'s val, the same figures
+    and patient-bootstrap intervals. Versions sharing images or patients are refused unless `allow_overlap`.
+    Writes `<classifier run>/external/<version>/metrics.json`."""
+    from mammo_nb.evaluate import version_overlap
+    internal = classify(p)
+    Vx, Vy = check_version(p), check_version(q)
+    if Vx.dir.resolve() == Vy.dir.resolve(): raise TrainError(f"'{Vy.manifest['version']}' is the classifier's own version: use `mammo classify` without --on")
+    ov = version_overlap(Vx, Vy)
+    if (ov['images'] or ov['patients']) and not allow_overlap:
+        raise TrainError(f"versions {Vx.manifest['version']} and {Vy.manifest['version']} share {ov['images']} image(s) and "
+                         f"{ov['patients']} patient(s): not an external validation (--allow-overlap scores it anyway and records the overlap)")
+    run, classes = Path(internal['run']), internal['classes']
+    d = build_cls_dataset(Vy, p.classify)
+    items = pd.read_csv(d / 'items.csv', dtype={'image_id': str, 'study_id': str})
+    items['group'] = items.image_id.map(dict(zip(Vy.images.image_id, group_keys(Vy.images))))
+    it = (items if split == 'all' else items[items.split == split]).reset_index(drop=True)
+    if it.empty: raise TrainError(f"version {Vy.manifest['version']} has no '{split}' items (--split all scores every item)")
+    thr = internal['splits']['val']['items']['threshold']
+    s, y, top = item_scores(p, run, d, it, classes)
+    out_dir = run / 'external' / Vy.manifest['version']; out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(dict(file=it.file, image_id=it.image_id, label=it.label, score=s)).to_csv(out_dir / f'scores-{split}.csv', index=False)
+    out = dict(run=str(run), trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split, dataset=str(d),
+               classes=classes, without_items=[k for k in classes if k not in set(it.label)], overlap=dict(ov, allowed=allow_overlap),
+               threshold=dict(value=thr, chosen_on=f"val of {Vx.manifest['version']} (the training version)"),
+               splits={split: item_figures(p, it, classes, s, y, top, thr)}, internal_test=internal['splits'].get('test'))
+    (out_dir / 'metrics.json').write_text(json.dumps(out, indent=1, default=float))
+    return out
+

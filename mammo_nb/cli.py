@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument('--device', help="overrides train.device")
     cl = sub.add_parser('classify', help='classification track: patch / whole-image dataset, YOLOv8-cls, ROC/PR with CIs')
     cl.add_argument('params', help='recipe with a classify section, e.g. params/demo-classify.yaml')
+    cl.add_argument('--on', metavar='OTHER', help="external validation: score the classifier on the version of recipe OTHER")
+    cl.add_argument('--split', default='test', choices=['train', 'val', 'test', 'all'], help="with --on: OTHER's split to score")
+    cl.add_argument('--allow-overlap', action='store_true', help='with --on: score even if the versions share images or patients (counted)')
     x = sub.add_parser('explain', help='Grad-CAM / Grad-CAM++ / EigenCAM maps, galleries and the energy table of trained runs')
     x.add_argument('params', help='recipe, e.g. params/demo.yaml')
     x.add_argument('--run', action='append', help="run folder (repeatable; default: the recipe's runs)")
@@ -150,7 +153,17 @@ def main(argv: list[str] | None = None) -> int:
             print(rounds_table(S).to_string())
             print(f"best round: {S['best_round']} ({S['rule']})")
         elif a.cmd == 'classify':
-            from mammo_nb.classify import classify, metrics_table
+            from mammo_nb.classify import classify, classify_external, metrics_table
+            from mammo_nb.metrics import fmt_ci
+            if a.on:
+                x = classify_external(load_params(a.params), load_params(a.on), a.split, a.allow_overlap)
+                it, tt = x['splits'][a.split]['items'], (x['internal_test'] or {}).get('items', {})
+                print(f"classifier {x['run']} ({x['trained_on']}) on {x['scored_on']} ({a.split}); threshold {x['threshold']['value']:.4f} from {x['threshold']['chosen_on']}")
+                if x['without_items']: print(f"classes without items in {x['scored_on']}: {x['without_items']}")
+                for k in ('roc_auc', 'pr_auc', 'sensitivity', 'specificity'):
+                    print(f"{k}: internal test {fmt_ci(tt.get(k))} | external {fmt_ci(it.get(k))}")
+                print(f"file: {Path(x['run']) / 'external' / x['scored_on'] / 'metrics.json'}")
+                return 0
             m = classify(load_params(a.params))
             print(f"dataset {m['dataset']}\nrun {m['run']}\nclasses {m['classes']} (positive: {m['positive']})")
             print(metrics_table(m).to_string())

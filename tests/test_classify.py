@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, TRAIN, mammo
+from conftest import ROOT, TRAIN, layout_version, mammo
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, version_dir
 
@@ -126,3 +126,17 @@ def test_five_class_patches_on_cbis(tmp_path):
         r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
         assert it.label == f"{r.pathology}_{'mass' if r.cls == 'Mass' else 'calc'}"
     assert all(c.startswith('malignant') for c in m['positive'])
+
+
+def test_scored_on_another_version(patches, tmp_path_factory):
+    """`mammo classify --on`: the tiny patch classifier on the synthetic INbreast version (its patches built with the
+    classifier's settings), at the threshold chosen on the training version's val, with patient-bootstrap figures."""
+    tmp, raw, f, p, r, m = patches
+    _, g, _, _ = layout_version(tmp_path_factory, 'inbreast')
+    out = mammo('classify', f, '--on', g, '--split', 'all')
+    x = json.loads(next(Path(m['run']).glob('external/*/metrics.json')).read_text())
+    s = x['splits']['all']['items']
+    assert x['threshold']['value'] == m['splits']['val']['items']['threshold'] and x['trained_on'] != x['scored_on']
+    items = pd.read_csv(Path(x['dataset']) / 'items.csv')
+    assert s['n'] == len(items) and 0 < s['n_positive'] < s['n'] and s['unit'] == 'patient' and x['overlap']['images'] == 0
+    assert 'internal test' in out.stdout and 'external' in out.stdout
