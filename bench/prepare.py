@@ -99,11 +99,11 @@ def main():
     print('\nPer image, one thread (median ms):')
     print(tab.round(2).to_string())
 
-    j2k_levels(files, tmp, a.long_side, res)
+    j2k_levels(files, tmp, res)
     shutil.rmtree(tmp)
 
 
-def j2k_levels(files, tmp, long_side, pool, n_images=20_000, array_tasks=16):
+def j2k_levels(files, tmp, pool, n_images=20_000, array_tasks=16):
     "JPEG 2000 only: full decode alone vs the prepare step with the full and with the reduced decode, per long side."
     j2k = [p for p in files if '2000' in pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID.name]
     rows = []

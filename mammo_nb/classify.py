@@ -27,8 +27,8 @@ from .train import TrainError, check_device, check_version, cpu_threads, threade
 # %% auto #0
 __all__ = ['KIND', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset', 'PhaseSampler',
            'WeightedCE', 'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'cls_predict',
-           'item_scores', 'item_figures', 'classify', 'detector_same_images', 'metrics_table', 'show_examples',
-           'classify_external']
+           'load_items', 'item_scores', 'item_figures', 'classify', 'detector_same_images', 'metrics_table',
+           'show_examples', 'classify_external']
 
 # %% ../nbs/14_classify.ipynb #7537226f
 KIND = {'Mass': 'mass', 'Suspicious Calcification': 'calc'}
@@ -307,6 +307,12 @@ def cls_predict(weights: Path, d: Path, items: pd.DataFrame, imgsz: int, device:
         out += [r.probs.data.cpu().numpy() for r in res]
     return np.stack(out) if out else np.zeros((0, len(y.names)))
 
+def load_items(d: Path, V: Version) -> pd.DataFrame:
+    "The items of classification dataset `d` (built from version `V`), each with its split group: the bootstrap unit."
+    items = pd.read_csv(d / 'items.csv', dtype={'image_id': str, 'study_id': str})
+    items['group'] = items.image_id.map(dict(zip(V.images.image_id, group_keys(V.images))))
+    return items
+
 def item_scores(p, run: Path, d: Path, it: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "The classifier `run` on items `it` of dataset `d`: positive-class score, binary label and top class per item."
     P = cls_predict(run / 'weights' / 'best.pt', d, it, p.classify.imgsz, check_device(p.train.device), threads=p.train.threads)
@@ -335,8 +341,7 @@ def classify(p) -> dict:
     d = build_cls_dataset(V, c)
     (d / 'mammo_cls.json').write_text(json.dumps({k: c[k] for k in ('balance', 'warmup_balanced', 'freeze_epochs', 'unfreeze_steps',
                                                                    'unfreeze_every', 'unfreeze_lr_factor', 'seed')} | {'threads': p.train.threads}))
-    items = pd.read_csv(d / 'items.csv', dtype={'image_id': str, 'study_id': str})
-    items['group'] = items.image_id.map(dict(zip(V.images.image_id, group_keys(V.images))))   # the bootstrap unit
+    items = load_items(d, V)
     aug = {**AUGMENT, **(c.hyp or {})}
     learn = {k: c[k] for k in ('model', 'imgsz', 'epochs', 'batch', 'lr0', 'balance', 'warmup_balanced', 'freeze_epochs',
                                'unfreeze_steps', 'unfreeze_every', 'unfreeze_lr_factor', 'seed')}
@@ -410,18 +415,13 @@ def classify_external(p, q, split: str = 'test', allow_overlap: bool = False) ->
     with `p`'s classify settings, its `split` ('all': every item), the threshold chosen on `p`'s val, the same figures
     and patient-bootstrap intervals. Versions sharing images or patients are refused unless `allow_overlap`.
     Writes `<classifier run>/external/<version>/metrics.json`."""
-    from mammo_nb.evaluate import version_overlap
-    internal = classify(p)
+    from mammo_nb.evaluate import check_external
     Vx, Vy = check_version(p), check_version(q)
-    if Vx.dir.resolve() == Vy.dir.resolve(): raise TrainError(f"'{Vy.manifest['version']}' is the classifier's own version: use `mammo classify` without --on")
-    ov = version_overlap(Vx, Vy)
-    if (ov['images'] or ov['patients']) and not allow_overlap:
-        raise TrainError(f"versions {Vx.manifest['version']} and {Vy.manifest['version']} share {ov['images']} image(s) and "
-                         f"{ov['patients']} patient(s): not an external validation (--allow-overlap scores it anyway and records the overlap)")
+    ov = check_external(Vx, Vy, allow_overlap, 'mammo classify')
+    internal = classify(p)
     run, classes = Path(internal['run']), internal['classes']
     d = build_cls_dataset(Vy, p.classify)
-    items = pd.read_csv(d / 'items.csv', dtype={'image_id': str, 'study_id': str})
-    items['group'] = items.image_id.map(dict(zip(Vy.images.image_id, group_keys(Vy.images))))
+    items = load_items(d, Vy)
     it = (items if split == 'all' else items[items.split == split]).reset_index(drop=True)
     if it.empty: raise TrainError(f"version {Vy.manifest['version']} has no '{split}' items (--split all scores every item)")
     thr = internal['splits']['val']['items']['threshold']
@@ -429,7 +429,7 @@ def classify_external(p, q, split: str = 'test', allow_overlap: bool = False) ->
     out_dir = run / 'external' / Vy.manifest['version']; out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(dict(file=it.file, image_id=it.image_id, label=it.label, score=s)).to_csv(out_dir / f'scores-{split}.csv', index=False)
     out = dict(run=str(run), trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split, dataset=str(d),
-               classes=classes, without_items=[k for k in classes if k not in set(it.label)], overlap=dict(ov, allowed=allow_overlap),
+               classes=classes, without_items=[k for k in classes if k not in set(it.label)], overlap=ov,
                threshold=dict(value=thr, chosen_on=f"val of {Vx.manifest['version']} (the training version)"),
                splits={split: item_figures(p, it, classes, s, y, top, thr)}, internal_test=internal['splits'].get('test'))
     (out_dir / 'metrics.json').write_text(json.dumps(out, indent=1, default=float))

@@ -16,9 +16,9 @@ from .metrics import (BOX, SCORING, Scored, bootstrap, choose_threshold, convent
 from .split import group_keys
 
 # %% auto #0
-__all__ = ['MultiLabelPredictor', 'MammoValidator', 'predict', 'ultralytics_val', 'plot_froc', 'plot_roc', 'evaluate_run',
-           'compare_runs', 'class_alignment', 'version_overlap', 'evaluate_external', 'internal_vs_external',
-           'show_predictions']
+__all__ = ['MultiLabelPredictor', 'MammoValidator', 'predict', 'ultralytics_val', 'plot_froc', 'plot_roc', 'save_froc_roc',
+           'evaluate_run', 'compare_runs', 'class_alignment', 'check_external', 'version_overlap', 'evaluate_external',
+           'external_runs', 'internal_vs_external', 'show_predictions']
 
 # %% ../nbs/08a_evaluate.ipynb #aa7f5823
 from contextlib import contextmanager
@@ -124,10 +124,17 @@ def plot_roc(S: Scored, ax=None, title=''):
     if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=7, loc='lower right')
     return ax
 
+def save_froc_roc(S: Scored, f: Path, froc_title: str, roc_title: str) -> Path:
+    "FROC and ROC side by side, written to `f` (the figure each evaluation leaves next to its metrics)."
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    plot_froc(S, axs[0], froc_title); plot_roc(S, axs[1], roc_title)
+    fig.tight_layout(); fig.savefig(f, dpi=110); plt.close(fig)
+    return f
+
 # %% ../nbs/08a_evaluate.ipynb #dbda839b
 def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
     "Score run `rd` on `evaluate.splits` (val first, for the operating point); write `<run>/eval/metrics.json`."
-    import matplotlib.pyplot as plt
     from mammo_nb.train import check_version, check_device, check_classes, TrainError
     rd = Path(rd)
     weights = rd / 'weights' / 'best.pt'
@@ -166,9 +173,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         units.update(S.group)
         ul = ultralytics_val(weights, rd / 'data.yaml', split, ev / split, imgsz, p, device)
         out['splits'][split] = nest(B, S, ul)
-        fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
-        plot_froc(S, axs[0], f'FROC, {split}'); plot_roc(S, axs[1], f'ROC, {split}')
-        fig.tight_layout(); fig.savefig(ev / split / 'froc_roc.png', dpi=110); plt.close(fig)
+        save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}')
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units))
     out = _clean(dict(out, conventions=conv, bootstrap=conv['bootstrap']))
     (ev / 'metrics.json').write_text(json.dumps(out, indent=1))
@@ -197,6 +202,17 @@ def class_alignment(run_classes: list[str], target_classes: list[str], class_map
     ok = {x: y for x, y in m.items() if y in target_classes}
     return ok, [x for x in run_classes if x not in ok]
 
+def check_external(Vx, Vy, allow_overlap: bool, cmd: str) -> dict:
+    """The overlap of training version `Vx` and target `Vy` (`version_overlap`); raises `TrainError` when `Vy` is `Vx`
+    or, unless `allow_overlap`, when they share images or patients: that would not be an external validation."""
+    from mammo_nb.train import TrainError
+    if Vx.dir.resolve() == Vy.dir.resolve(): raise TrainError(f"'{Vy.manifest['version']}' is the model's own version: use `{cmd}` without --on")
+    ov = version_overlap(Vx, Vy)
+    if (ov['images'] or ov['patients']) and not allow_overlap:
+        raise TrainError(f"versions {Vx.manifest['version']} and {Vy.manifest['version']} share {ov['images']} image(s) and "
+                         f"{ov['patients']} patient(s): not an external validation (--allow-overlap scores it anyway and records the overlap)")
+    return dict(ov, allowed=allow_overlap)
+
 def version_overlap(Vx, Vy) -> dict:
     """What two dataset versions share: images (same source-file fingerprint) and patients (same pseudonym, which
     only means the same patient when both were made with the same pseudonym key)."""
@@ -212,16 +228,11 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
     version never trained on), with `q`'s own preprocessing, the run's input size and the operating point chosen on
     `p`'s val. Classes are aligned by name (`class_map`: run class -> target class). Refuses versions that share
     images or patients unless `allow_overlap` (then counted). Writes `<run>/eval/external/<version>/metrics.json`."""
-    import matplotlib.pyplot as plt
     from mammo_nb.train import check_version, check_device, TrainError
     rd = Path(rd)
     Vx, Vy = check_version(p), check_version(q)
-    if Vx.dir.resolve() == Vy.dir.resolve(): raise TrainError(f"'{Vy.manifest['version']}' is the run's own version: use `mammo evaluate` without --on")
+    ov = check_external(Vx, Vy, allow_overlap, 'mammo evaluate')
     internal = evaluate_run(p, rd, progress, Vx)                   # the internal figures and the operating point (reused when done)
-    ov = version_overlap(Vx, Vy)
-    if (ov['images'] or ov['patients']) and not allow_overlap:
-        raise TrainError(f"versions {Vx.manifest['version']} and {Vy.manifest['version']} share {ov['images']} image(s) and "
-                         f"{ov['patients']} patient(s): not an external validation (--allow-overlap scores it anyway and records the overlap)")
     amap, not_scorable = class_alignment(Vx.manifest['classes'], Vy.manifest['classes'], class_map)
     if not amap: raise TrainError(f"no class of the run ({Vx.manifest['classes']}) is a class of {Vy.manifest['version']} "
                                   f"({Vy.manifest['classes']}): give a class map")
@@ -247,15 +258,23 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
                       weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), imgsz=imgsz,
                       class_alignment=dict(scored=amap, not_scorable=not_scorable,
                                            target_classes_not_predicted=[c for c in Vy.manifest['classes'] if c not in classes]),
-                      overlap=dict(ov, allowed=allow_overlap),
+                      overlap=ov,
                       operating_point=dict(threshold=S.threshold, chosen_on=f"val of {Vx.manifest['version']} (the training version)"),
                       preprocessing=f"the target version's own (crop, CLAHE {dict(Vy.manifest['clahe'])}); input size {imgsz} (the run's)",
                       splits={split: nest(B, S)}, conventions=conv, bootstrap=conv['bootstrap'], evaluate=dict(e)))
     (out_dir / 'metrics.json').write_text(json.dumps(out, indent=1))
-    fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
-    plot_froc(S, axs[0], f"FROC, {Vy.manifest['version']} {split}"); plot_roc(S, axs[1], f'ROC, external {split}')
-    fig.tight_layout(); fig.savefig(out_dir / 'froc_roc.png', dpi=110); plt.close(fig)
+    save_froc_roc(S, out_dir / 'froc_roc.png', f"FROC, {Vy.manifest['version']} {split}", f'ROC, external {split}')
     return out
+
+def external_runs(rd: Path) -> pd.DataFrame:
+    "One row per external evaluation of run `rd`: the version scored, its split and images, the classes not scorable, the overlap."
+    rows = []
+    for f in sorted((Path(rd) / 'eval' / 'external').glob('*/metrics.json')):
+        x = json.loads(f.read_text())
+        rows.append(dict(version=x['scored_on'], split=x['split'], images=x['splits'][x['split']]['n_images'],
+                         not_scorable=', '.join(x['class_alignment']['not_scorable']) or '-',
+                         overlap=f"{x['overlap']['images']} images, {x['overlap']['patients']} patients"))
+    return pd.DataFrame(rows, columns=['version', 'split', 'images', 'not_scorable', 'overlap'])
 
 def internal_vs_external(rd: Path, internal_split: str = 'test') -> pd.DataFrame:
     """Per class of the run: lesions, AP50 and sensitivity at 1 FP per image (with intervals) on its own

@@ -358,7 +358,7 @@ def for_processing(ds: pydicom.Dataset) -> bool:
     return str(ds.get('PresentationIntentType', '') or '').strip().upper() == 'FOR PROCESSING'
 
 def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray, dict, int]:
-    "Decode at level `r` (falling back to the full decode if the reduced one fails), VOI, and the record."
+    "Decode at level `r` (falling back to the full decode if the reduced one fails), VOI, and the record (patient pseudonymised under `key`)."
     try: arr, decoder = decode(ds, reduce=r)
     except IngestError:
         if not r: raise
@@ -366,7 +366,7 @@ def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray
     if min(arr.shape[:2]) < MIN_SIDE >> r: raise IngestError('too_small', f'{arr.shape[0]}x{arr.shape[1]} px')
     img, vinfo = voi(arr, ds, stride=max(1, 4 >> r))
     rec = {k.lower(): _plain(ds.get(k)) for k in HEADER_FIELDS}
-    rec.update(transfer_syntax=ds.file_meta.TransferSyntaxUID.name, decoder=decoder, **vinfo)
+    rec.update(transfer_syntax=ds.file_meta.TransferSyntaxUID.name, decoder=decoder, patient=pseudonym(ds.get('PatientID'), key), **vinfo)
     return img, rec, r
 
 def _j2k_plan(ds: pydicom.Dataset, need: int | None) -> tuple[int, tuple | None]:
@@ -395,18 +395,17 @@ def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip
             raise IngestError('for_processing', 'PresentationIntentType FOR PROCESSING (raw detector data); prepare.for_processing: keep to use it')
         r, shape = _j2k_plan(ds, need)
         img, rec, r = _display(ds, key, r)
-        rec['patient'] = pseudonym(ds.get('PatientID'), key)
     while True:
         full = shape if r else img.shape[:2]
         if r and tuple(img.shape[:2]) != tuple(math.ceil(n / (1 << r)) for n in full):      # not the size the header said
-            img, rec, r = _display(ds, key, 0); rec['patient'] = pseudonym(ds.get('PatientID'), key); continue
+            img, rec, r = _display(ds, key, 0); continue
         if min(full) < MIN_SIDE: raise IngestError('too_small', f'{full[0]}x{full[1]} px')
         if int(img.min()) == int(img.max()): raise IngestError('blank_image', f'every pixel {int(img.min())} after VOI')
         mask = breast_mask(img, shape=full)
         crop = crop_box(mask, full, margin)
         dcrop = to_decoded(crop, r, img.shape)
         if not r or max(dcrop[2] - dcrop[0], dcrop[3] - dcrop[1]) >= need: break
-        img, rec, r = _display(ds, key, r - 1); rec['patient'] = pseudonym(ds.get('PatientID'), key)   # a small breast: one level finer
+        img, rec, r = _display(ds, key, r - 1)                  # a small breast: one level finer
     if r: crop = from_decoded(dcrop, r, full)
     rec.update(crop=list(crop), decode_reduce=r)
     return Ingested(img, mask, crop, rec, tuple(full), r, dcrop)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_serve.ipynb #ba6bc7d2
 from __future__ import annotations
-import base64, io, json, math, os, tempfile, threading, time
+import base64, io, json, os, tempfile, threading, time
 from pathlib import Path
 
 import cv2
@@ -46,8 +46,7 @@ class Predictor:
         self.classes, self.clahe = man['classes'], dict(man['clahe'])
         self.margin = int(man.get('params', {}).get('prepare', {}).get('margin', 4))
         self.for_processing = man.get('params', {}).get('prepare', {}).get('for_processing', 'skip')
-        pp = man.get('params', {}).get('prepare', {})               # versions from before reduced decoding: full decode
-        self.need = None if pp.get('full_decode', True) else math.ceil(self.clahe['long_side'] * pp.get('decode_safety', 1.0))
+        self.need = man.get('decode', {}).get('need_px')            # as the version was decoded (None: full; older versions too)
         tj = json.loads((self.rd / 'train.json').read_text()) if (self.rd / 'train.json').exists() else {}
         self.imgsz = int(tj.get('args', {}).get('imgsz', 640))
         mj = self.rd / 'eval' / 'metrics.json'
