@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	  || $(BIN)/pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb.cli, mammo_nb.train, mammo_nb.evaluate, mammo_nb.explain, \
-	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, pydicom, nbdev, papermill, pycocotools.coco, matplotlib.pyplot; \
+	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, mammo_nb.cv, ensemble_boxes, pydicom, nbdev, papermill, pycocotools.coco, matplotlib.pyplot; \
 	  print('installed: torch', torch.__version__, '| mammo_nb', mammo_nb.__version__)"
 	touch $@
 

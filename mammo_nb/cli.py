@@ -51,6 +51,12 @@ def parser() -> argparse.ArgumentParser:
                    help="with --on: the split of OTHER's version to score (all: every image, for a version never trained on)")
     e.add_argument('--class-map', metavar='RUN=OTHER[,...]', help="with --on: class names that differ, e.g. 'Calc=Suspicious Calcification'")
     e.add_argument('--allow-overlap', action='store_true', help='with --on: score even if the versions share images or patients (counted)')
+    cv = sub.add_parser('cv', help='patient-level K-fold cross-validation: fold versions and runs, pooled out-of-fold figures, fold ensemble on test')
+    cv.add_argument('params', help='recipe, e.g. params/mias-cv.yaml')
+    cv.add_argument('--folds', type=int, help='overrides split.folds (K)')
+    cv.add_argument('--fold', type=int, help='train and evaluate only fold k (a Slurm array task); pool later with --merge')
+    cv.add_argument('--merge', action='store_true', help='only pool the finished folds (figures, ensemble, cv.json)')
+    cv.add_argument('--device', help="overrides train.device")
     st = sub.add_parser('selftrain', help='teacher + pseudo-label rounds on a share of hidden labels, scored per round')
     st.add_argument('params', help='recipe with a selftrain section, e.g. params/demo-selftrain.yaml')
     st.add_argument('--rounds', type=int, help='overrides selftrain.rounds')
@@ -83,9 +89,9 @@ def parser() -> argparse.ArgumentParser:
 def _expected(e: Exception) -> bool:
     "Errors that are the user's to fix (bad recipe, missing version, no CUDA...): a message, not a traceback."
     tr = sys.modules.get('mammo_nb.train')        # imported lazily: `mammo synth` should not load torch
-    sl = sys.modules.get('mammo_nb.slurm')
+    sl, cv = sys.modules.get('mammo_nb.slurm'), sys.modules.get('mammo_nb.cv')
     return (isinstance(e, (ParamsError, FileExistsError, PrepareError, ChainError)) or (tr is not None and isinstance(e, tr.TrainError))
-            or (sl is not None and isinstance(e, sl.SlurmError)))
+            or (sl is not None and isinstance(e, sl.SlurmError)) or (cv is not None and isinstance(e, cv.CVError)))
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `mammo` command."
@@ -144,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, v in res.items():
                 print(f"== {name} ==")
                 for k, x in (v.items() if isinstance(v, dict) else [('file', v)]): print(f"{k}: {x}")
+        elif a.cmd == 'cv':
+            from mammo_nb.cv import cross_validate, cv_root, ensemble_table, fold_summary, fold_table
+            ov = {**({'split': {'folds': a.folds}} if a.folds else {}), **({'train': {'device': a.device}} if a.device else {})}
+            p = load_params(a.params, ov)
+            for model, r in cross_validate(p, a.fold, a.merge).items():
+                if not isinstance(r, dict): print(f"fold {a.fold} of {p.split.folds}, {model}: {r}"); continue
+                print(f"== {model}: {r['folds']} folds of {r['version']} ==")
+                print(fold_table(r).round(3).to_string()); print(fold_summary(r).to_string())
+                if r['ensemble']: print('test:'); print(ensemble_table(r).to_string())
+                print(f"operating point {r['operating_point']['threshold']:.4f} ({r['operating_point']['chosen_on']})")
+                print(f"file: {cv_root(p) / r['run'] / 'cv.json'}")
         elif a.cmd == 'selftrain':
             from mammo_nb.selftrain import rounds_table
             ov = {'selftrain': {'rounds': a.rounds}} if a.rounds is not None else {}

@@ -386,13 +386,14 @@ def to_version_pixels(pred: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
         out.loc[g.index, BOX] = to_output(g[BOX].to_numpy(float), geo.crop[iid], geo.scale[iid])
     return out
 
-def score_predictions(pred, version, split: str = 'test', pixels: str = 'png', score_classes: list[str] | None = None,
+def score_predictions(pred, version, split: str | list[str] = 'test', pixels: str = 'png', score_classes: list[str] | None = None,
                       hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int = 100, rates=FROC_FPS,
                       n_boot: int = 1000, seed: int = 0, ci: float = 0.95, threshold: float | None = None,
                       progress: bool = False) -> dict:
     """metrics.json-style figures of any detector's boxes `pred` (a DataFrame or CSV path) on `split` of `version`
     (a dataset version folder, or a loaded `Version`): per-class COCO AP, FROC, image/breast AUCs, patient-bootstrap
-    intervals and the conventions. Rows of images outside the split are ignored."""
+    intervals and the conventions. Rows of images outside the split are ignored. A list of splits is scored as one
+    (e.g. `['train', 'val']`: the out-of-fold predictions of `mammo cv`, every non-test image)."""
     if not hasattr(version, 'images'):
         from mammo_nb.prepare import load_version
         version = load_version(Path(version))
@@ -400,11 +401,12 @@ def score_predictions(pred, version, split: str = 'test', pixels: str = 'png', s
     missing = {'image_id', 'cls', 'score', *BOX} - set(pred.columns)
     if missing: raise ValueError(f'predictions lack column(s) {sorted(missing)}; need image_id, cls, score, x0, y0, x1, y1')
     pred['image_id'] = pred.image_id.astype(str)
-    im, bx = version.images[version.images.split == split], version.boxes[version.boxes.split == split]
+    splits = [split] if isinstance(split, str) else list(split)
+    im, bx = version.images[version.images.split.isin(splits)], version.boxes[version.boxes.split.isin(splits)]
     if pixels == 'original': pred = to_version_pixels(pred, im)
     elif pixels != 'png': raise ValueError(f"pixels must be 'png' or 'original', got {pixels!r}")
     S = Scored(im, bx, pred, version.manifest['classes'], score_classes, hit_iou, rates, pooled_nms_iou, max_det)
     S.threshold = threshold
     B = bootstrap(S.metrics, S.group, n_boot, seed, ci, progress)
     conv = conventions(hit_iou, pooled_nms_iou, max_det, n_boot, ci, seed, unit_name(S.group))
-    return _clean(dict(version=version.manifest.get('version'), scoring=SCORING, conventions=conv, splits={split: nest(B, S)}))
+    return _clean(dict(version=version.manifest.get('version'), scoring=SCORING, conventions=conv, splits={'+'.join(splits): nest(B, S)}))

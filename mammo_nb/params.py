@@ -104,6 +104,8 @@ SCHEMA = {
         'val_frac': Field(float, 0.15, "share of the images held out for validation (of the non-test images when the dataset's official test split is kept); whole groups at a time, so it is met to within a group", min=0, max=0.9),
         'test_frac': Field(float, 0.2, "share of the images for test when the dataset has no official test split (whole groups at a time)", min=0, max=0.9),
         'official': Field(bool, True, "keep the dataset's own test split when it has one"),
+        'folds': Field(int, 1, '`mammo cv`: the non-test patients dealt into this many folds by the same stratification '
+                       '(1: no cross-validation); does not change the version', min=1, max=20),
     },
     'train': {
         'model': Field((str, list), 'yolov8n.yaml', 'ultralytics model: a `.yaml` (from scratch) or a local `.pt`; '
@@ -156,6 +158,12 @@ SCHEMA = {
         'seed': Field(int, 0, 'bootstrap seed'),
         'batch': Field(int, 16, 'images per inference batch', min=1),
         'plots': Field(bool, True, "ultralytics' validator figures (PR/F1/P/R curves, confusion-matrix plots) in eval/<split>/"),
+    },
+    'cv': {
+        'wbf_iou': Field(float, None, "fold ensemble: Weighted Boxes Fusion IoU (None: 'evaluate.iou', so that boxes "
+                         'one model kept apart after its NMS are never fused)', min=0, max=1),
+        'wbf_conf_type': Field(str, 'avg', "fold ensemble: ensemble-boxes' score rule (avg: a box found by m of K models "
+                               'scores their summed score / K)', ('avg', 'max', 'box_and_model_avg', 'absent_model_aware_avg')),
     },
     'explain': {
         'split': Field(str, 'test', 'split whose lesions and marks are explained', ('train', 'val', 'test')),

@@ -14,8 +14,8 @@ from .prepare import prepare, version_dir, version_name
 
 # %% auto #0
 __all__ = ['STAGES', 'CHAIN', 'SECTIONS', 'OPTIONAL', 'stage_synth', 'stage_prepare', 'stage_train', 'stage_evaluate',
-           'stage_explain', 'stage_selftrain', 'ChainError', 'notebooks_dir', 'code_hash', 'fingerprint', 'render_html',
-           'external_refs', 'run_chain', 'write_index']
+           'stage_explain', 'stage_selftrain', 'stage_cv', 'ChainError', 'notebooks_dir', 'code_hash', 'fingerprint',
+           'render_html', 'external_refs', 'run_chain', 'write_index']
 
 # %% ../nbs/09_pipeline.ipynb #7897601c
 def _synth_overrides(s) -> dict:
@@ -91,15 +91,21 @@ def stage_selftrain(p, progress: bool = True) -> dict:
     from mammo_nb.selftrain import selftrain
     return selftrain(p, progress)
 
+def stage_cv(p, progress: bool = True) -> dict:
+    "Patient-level K-fold cross-validation of the recipe's model(s): every fold trained, pooled, fused; see `mammo_nb.cv`."
+    from mammo_nb.cv import cross_validate
+    return cross_validate(p, progress=progress)
+
 STAGES = {'synth': stage_synth, 'prepare': stage_prepare, 'train': stage_train, 'evaluate': stage_evaluate,
-          'selftrain': stage_selftrain, 'explain': stage_explain}
+          'cv': stage_cv, 'selftrain': stage_selftrain, 'explain': stage_explain}
 
 # %% ../nbs/09_pipeline.ipynb #e3ab4a37
-CHAIN = {'prepare': '10_prepare.ipynb', 'train': '20_train.ipynb', 'selftrain': '30_selftrain.ipynb', 'explain': '40_explain.ipynb',
+CHAIN = {'prepare': '10_prepare.ipynb', 'train': '20_train.ipynb', 'cv': '25_cv.ipynb', 'selftrain': '30_selftrain.ipynb', 'explain': '40_explain.ipynb',
          'classify': '50_classify.ipynb'}
 SECTIONS = {'prepare': ('name', 'seed', 'strict', 'synth', 'source', 'prepare', 'clahe', 'split'),
-            'train': ('train', 'evaluate'), 'selftrain': ('selftrain',), 'explain': ('explain',), 'classify': ('classify',)}
+            'train': ('train', 'evaluate'), 'cv': ('cv',), 'selftrain': ('selftrain',), 'explain': ('explain',), 'classify': ('classify',)}
 OPTIONAL = {'selftrain': lambda p: p.selftrain.rounds > 0,     # run by default only when the recipe asks for them
+            'cv': lambda p: p.split.folds > 1,
             'classify': lambda p: p.classify.enabled}
 _RUNTIME = {'workers', 'out', 'device'}         # settings that do not change a stage's results
 
@@ -159,7 +165,7 @@ def _git_commit() -> str | None:
 
 def _headlines(p) -> dict:
     "Headline metrics of the recipe's trained runs (those with a metrics.json)."
-    from mammo_nb.train import run_dirs
+    from mammo_nb.runs import run_dirs                # not mammo_nb.train: no torch import for a chain that skipped everything
     out = {}
     for rd in run_dirs(p):
         if not (rd / 'eval' / 'metrics.json').exists(): continue

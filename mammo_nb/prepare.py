@@ -39,7 +39,8 @@ SPLITS = ('train', 'val', 'test')
 def data_params(p) -> dict:
     "The parameters that change a dataset version's content (and so its name)."
     d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'}, prepare={k: v for k, v in p.prepare.items() if k not in ('out', 'workers', 'pseudonym_key')},
-             clahe=dict(p.clahe), split=dict(p.split, revision=SPLIT_REVISION), package=mammo_nb.__version__)
+             clahe=dict(p.clahe), package=mammo_nb.__version__,
+             split={**{k: v for k, v in p.split.items() if k != 'folds'}, 'revision': SPLIT_REVISION})   # folds: derived versions
     if p.source.root is None: d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers')}, 'revision': SYNTH_REVISION}
     return d
 
@@ -213,10 +214,16 @@ def check_key(out: Path, key: bytes):
     """A version's pseudonyms all come from one key: the first ingest records the key's fingerprint in `_work/`, and a
     later run with another key (a lost or replaced key file) stops instead of mixing pseudonyms."""
     f, fp = out / '_work' / 'key_fingerprint', key_fingerprint(key)
-    if f.exists() and f.read_text().strip() != fp:
-        raise PrepareError(f"'{out}' was built with another pseudonym key (fingerprint {f.read_text().strip()}, now {fp}): "
+    if not f.exists():               # made atomically: parallel shard tasks never read a half-written fingerprint
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f'.{f.name}.{os.getpid()}')
+        tmp.write_text(fp + '\n')
+        try: os.link(tmp, f)
+        except FileExistsError: pass                            # another task made it first: compare with theirs
+        finally: tmp.unlink()
+    if (old := f.read_text().strip()) != fp:
+        raise PrepareError(f"'{out}' was built with another pseudonym key (fingerprint {old}, now {fp}): "
                            f"restore that key file, or delete the version folder to rebuild it")
-    f.parent.mkdir(parents=True, exist_ok=True); f.write_text(fp + '\n')
 
 def merge(p) -> dict:
     "Build the dataset version from the ingest records: boxes, split, YOLO/COCO, lists, data.yaml, manifest."

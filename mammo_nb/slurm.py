@@ -50,6 +50,9 @@ def slurm_jobs(p, params_path: str) -> list[dict]:
                      cmd=f'mammo prepare {q} --shard "$SLURM_ARRAY_TASK_ID/{n}" --workers {p.slurm.cpus} --quiet'))
     jobs.append(dict(name='11_prepare_report', cmd=f'mammo run {q} --stages prepare'))
     jobs.append(dict(name='20_train', gpu=True, cmd=f'mammo run {q} --stages train'))
+    if p.split.folds > 1:                    # one GPU task per fold, then pooling + the report once all succeeded
+        jobs.append(dict(name='25_cv_folds', gpu=True, array=p.split.folds, cmd=f'mammo cv {q} --fold "$SLURM_ARRAY_TASK_ID"'))
+        jobs.append(dict(name='26_cv_report', cmd=f'mammo run {q} --stages cv'))
     if p.selftrain.rounds > 0: jobs.append(dict(name='30_selftrain', gpu=True, cmd=f'mammo run {q} --stages selftrain'))
     jobs.append(dict(name='40_explain', gpu=True, cmd=f'mammo run {q} --stages explain'))
     if p.classify.enabled: jobs.append(dict(name='50_classify', gpu=True, cmd=f'mammo run {q} --stages classify'))

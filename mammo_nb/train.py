@@ -23,11 +23,12 @@ from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zer
 
 import mammo_nb
 from .prepare import PrepareError, load_version, version_dir, Version, _git_commit
+from .runs import _NOT_LEARNING, models, run_name, run_dir, run_dirs
 
 # %% auto #0
 __all__ = ['NegativeSampler', 'class_weights', 'FocalBCE', 'MammoDetectionLoss', 'cpu_threads', 'CPUThreads', 'threaded',
-           'MammoTrainer', 'TrainError', 'check_version', 'check_device', 'weights_classes', 'check_classes', 'models',
-           'run_name', 'run_dir', 'run_dirs', 'write_run_data', 'yolo_args', 'train_run', 'train', 'negatives_summary']
+           'MammoTrainer', 'TrainError', 'check_version', 'check_device', 'weights_classes', 'check_classes',
+           'write_run_data', 'yolo_args', 'train_run', 'train', 'negatives_summary']
 
 # %% ../nbs/07_train.ipynb #73ef8958
 class NegativeSampler(torch.utils.data.Sampler):
@@ -220,26 +221,6 @@ def check_classes(model: str, classes: list[str], what: str = "'train.model'"):
                          f"use weights trained on this class list, or set train.reset_head: true to fine-tune a new head")
 
 # %% ../nbs/07_train.ipynb #a2842386
-_NOT_LEARNING = ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'resume', 'evaluate', 'run_name', 'plots')
-
-def models(p) -> list[str]:
-    "The recipe's model(s) as a list."
-    return list(p.train.model) if isinstance(p.train.model, list) else [p.train.model]
-
-def run_name(p, model: str) -> str:
-    "`train.run_name`, else `<model stem>-<8 hex of the learning params>`."
-    if p.train.run_name: return p.train.run_name if len(models(p)) == 1 else f'{p.train.run_name}-{Path(model).stem}'
-    t = {k: v for k, v in p.train.items() if k not in _NOT_LEARNING}
-    t['model'] = model
-    h = hashlib.sha256(json.dumps(t, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f'{Path(model).stem}-{h}'
-
-def run_dir(p, model: str) -> Path: return version_dir(p) / 'runs' / run_name(p, model)
-
-def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
-    "The run folders `runs`, else those of the recipe's model(s)."
-    return [Path(r) for r in runs] if runs else [run_dir(p, m) for m in models(p)]
-
 def write_run_data(p, V: Version, rd: Path) -> Path:
     "The run's `data.yaml`: the version's splits (relative paths), class names, and the `mammo:` imbalance settings."
     counts = {c: d.get('train', 0) for c, d in V.manifest['counts']['boxes_per_class'].items()}

@@ -24,6 +24,19 @@ def mammo(*args, cwd=None, check=True, timeout=600):
     return r
 
 
+def cli(*args) -> subprocess.CompletedProcess:
+    """`mammo ARGS` run in this process: for commands that stop at a clear error before doing any work, which would
+    otherwise spend most of their time starting Python and importing torch (~6 s each). The same `main` as the
+    `mammo` script: a traceback would propagate and fail the test."""
+    import contextlib, io
+    from mammo_nb.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: rc = main([str(a) for a in args])
+        except SystemExit as e: rc = e.code              # argparse errors exit 2 after printing usage
+    return subprocess.CompletedProcess(['mammo', *map(str, args)], rc, out.getvalue(), err.getvalue())
+
+
 def shared(tmp_path_factory, name, build) -> Path:
     """Folder `name`, filled by `build(folder)` once per test session, also under pytest-xdist: the first worker to
     get here builds it, the others wait on its lock and reuse it."""
@@ -75,9 +88,9 @@ def tiny_run(tiny_set, tmp_path_factory):
     return d / 'recipe.yaml', (d / 'train.out').read_text()
 
 
-# The longest files first (seconds on one core: pipeline ~230, train ~200, slurm ~100, selftrain ~90, classify ~70),
-# so that no pytest-xdist worker starts one of them while the other has nothing left to do.
-_FIRST = ('test_pipeline', 'test_train', 'test_slurm', 'test_selftrain', 'test_classify')
+# The longest files first (seconds on one core: pipeline ~200, train ~120, slurm ~100, cv ~75, selftrain ~65,
+# classify ~60), so that no pytest-xdist worker starts one of them while the other has nothing left to do.
+_FIRST = ('test_pipeline', 'test_train', 'test_slurm', 'test_cv', 'test_selftrain', 'test_classify')
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: _FIRST.index(it.path.stem) if it.path.stem in _FIRST else len(_FIRST))   # stable

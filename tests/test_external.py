@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import layout_version, mammo, tiny_recipe
+from conftest import cli, layout_version, mammo, tiny_recipe
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
 from mammo_nb.train import run_dir
@@ -54,9 +54,9 @@ def test_overlap_refused_then_allowed_and_counted(tiny_run, tiny_set, tmp_path):
     run = run_dir(p, 'yolov8n.yaml')
     g = tiny_recipe(Path(f).parent, tiny_set, p.prepare.out, name='resized', clahe={'long_side': 192})
     mammo('prepare', g, '--quiet')
-    r = mammo('evaluate', f, '--run', str(run), '--on', g, '--class-map', 'Mass', check=False)
+    r = cli('evaluate', f, '--run', str(run), '--on', g, '--class-map', 'Mass')
     assert r.returncode == 2 and '--class-map takes RUN=OTHER' in r.stderr and 'Traceback' not in r.stderr
-    r = mammo('evaluate', f, '--run', str(run), '--on', g, check=False)
+    r = cli('evaluate', f, '--run', str(run), '--on', g)
     assert r.returncode == 2 and 'share' in r.stderr and '--allow-overlap' in r.stderr and 'Traceback' not in r.stderr
     mammo('evaluate', f, '--run', str(run), '--on', g, '--allow-overlap')
     m = _external(run, g)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, mammo
+from conftest import ROOT, cli, mammo
 from mammo_nb.params import load_params
-from mammo_nb.pipeline import external_refs
+from mammo_nb.pipeline import external_refs, fingerprint
 from mammo_nb.prepare import version_name
 
 
@@ -59,13 +59,24 @@ def test_rerun_skips_unchanged_stages(chain):
     cwd, vdir, _ = chain
     r = mammo('run', ROOT / 'params/tiny.yaml', cwd=cwd)
     assert 'prepare: skipped' in r.stdout and 'train: skipped' in r.stdout and 'explain: skipped' in r.stdout
-    r = mammo('run', ROOT / 'params/tiny.yaml', '--stages', 'explain', '--force', cwd=cwd)
-    assert r.stdout.startswith('explain: ok')
-    # a changed training setting reruns train only
+    r = mammo('run', ROOT / 'params/tiny.yaml', '--stages', 'prepare', '--force', cwd=cwd)
+    assert r.stdout.startswith('prepare: ok') and 'train' not in r.stdout.split('index:')[0]
+    # a changed setting of the train stage (its evaluation's: the trained run is reused) reruns train, and changes the
+    # fingerprint of every stage after it (the failing-stage test below runs one: `--from train` reruns explain)
     f = cwd / 'more.yaml'
-    f.write_text(f"base: {ROOT / 'params/tiny.yaml'}\ntrain: {{epochs: 1}}\n")
-    r = mammo('run', f, cwd=cwd)
-    assert 'prepare: skipped' in r.stdout and 'train: ok' in r.stdout and 'explain: ok' in r.stdout   # downstream too
+    f.write_text(f"base: {ROOT / 'params/tiny.yaml'}\nevaluate: {{bootstrap: 20}}\n")
+    r = mammo('run', f, '--stages', 'prepare,train', cwd=cwd)
+    assert 'prepare: skipped' in r.stdout and 'train: ok' in r.stdout
+    assert _metrics(cwd)['conventions']['bootstrap']['n'] == 20
+    state = json.loads((vdir / 'stages.json').read_text())
+    assert fingerprint(load_params(f), 'explain') != state['explain']['fingerprint']
+    assert fingerprint(load_params(ROOT / 'params/tiny.yaml'), 'explain') == state['explain']['fingerprint']
+
+
+def _metrics(cwd: Path) -> dict:
+    "The chain's metrics.json (the tiny recipe trains one run)."
+    (f,) = cwd.glob('**/runs/*/eval/metrics.json')
+    return json.loads(f.read_text())
 
 
 def test_failing_stage_stops_with_a_rendered_error(chain):
@@ -88,5 +99,5 @@ def test_failing_stage_stops_with_a_rendered_error(chain):
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):
-    r = mammo('run', ROOT / 'params/tiny.yaml', '--stages', 'prepare,trian', cwd=tmp_path, check=False)
+    r = cli('run', ROOT / 'params/tiny.yaml', '--stages', 'prepare,trian')
     assert r.returncode == 2 and "unknown stage 'trian'" in r.stderr

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 import yaml
 
-from conftest import BIN, mammo
+from conftest import BIN, cli, mammo
 from mammo_nb.clahe import to_output
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, version_dir
@@ -117,14 +117,14 @@ def test_shards_merge_to_the_same_version(built, tmp_path):
     (tmp_path / 'pseudonym.key').write_text(key_path(load_params(f)).read_text())
     d2 = vdir(f2)
     mammo('prepare', f2, '--shard', '0/3', '--quiet')
-    r = mammo('prepare', f2, '--merge', check=False)
+    r = cli('prepare', f2, '--merge')
     assert r.returncode == 2 and 'not ingested yet' in r.stderr
     mammo('prepare', f2, '--shard', '1/3', '--quiet'); mammo('prepare', f2, '--shard', '2/3', '--quiet')
     mammo('prepare', f2, '--merge')
     assert len(list((d2 / '_work').glob('records-*of3.jsonl'))) == 3
     a, b = (json.loads((x / 'manifest.json').read_text()) for x in (d, d2))
     assert a['files'] == b['files'] and a['counts'] == b['counts']
-    assert mammo('prepare', f2, '--shard', '3/3', check=False).returncode == 2
+    assert cli('prepare', f2, '--shard', '3/3').returncode == 2
 
 
 def test_killed_run_resumes_to_identical_manifest(tmp_path):

@@ -5,7 +5,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from conftest import mammo
+from conftest import cli, mammo
 from mammo_nb.synth import BREAST_COLUMNS, FINDING_CLASSES, FINDING_COLUMNS, example_job, synth_dataset, synth_image
 
 VINDR_FINDING = ['study_id', 'series_id', 'image_id', 'laterality', 'view_position', 'height', 'width', 'breast_birads',
@@ -114,10 +114,10 @@ def test_full_preset_geometry():
 
 
 def test_cli_errors(tmp_path):
-    r = mammo('synth', '--preset', 'huge', '--out', tmp_path / 'x', check=False)
+    r = cli('synth', '--preset', 'huge', '--out', tmp_path / 'x')
     assert r.returncode == 2 and "invalid choice: 'huge'" in r.stderr
     bad = tmp_path / 'bad.yaml'
     bad.write_text('name: bad\nsynth: {preset: tiny, sed: 1, workers: two}\n')
-    r = mammo('run', bad, check=False)
+    r = cli('run', bad)
     assert r.returncode == 2
     assert str(bad) in r.stderr and "unknown key 'synth.sed'" in r.stderr and "'synth.workers' must be int" in r.stderr
