@@ -147,10 +147,11 @@ def fuse_boxes(preds: list[pd.DataFrame], images: pd.DataFrame, classes: list[st
     return pd.DataFrame(rows, columns=['image_id', 'cls', 'class_id', 'score'] + BOX)
 
 # %% ../nbs/15_cv.ipynb #28d63879
-def _scored(p, images, boxes, pred, classes, thr=None) -> tuple[Scored, dict]:
+def _scored(p, images, boxes, pred, classes, thr=None, oof: bool = False) -> tuple[Scored, dict]:
+    "Score `pred` like one run's split (the recipe's evaluate settings); `oof`: the operating point is chosen on it."
     e = p.evaluate
     S = Scored(images, boxes, pred, classes, e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
-    S.threshold = thr
+    S.threshold = choose_threshold(S.img_label, S.img_score, e.target_sensitivity) if oof else thr
     return S, nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci), S)
 
 def _fold_row(k: int, Vk: Version, rd: Path) -> dict:
@@ -183,9 +184,8 @@ def pool_folds(p, model: str, V: Version | None = None, progress: bool = True) -
     if (oof.image_id.map(fold_of) != oof.fold).any():
         raise AssertionError('internal error (a bug in mammo_nb, please report it): an OOF prediction from a model that trained on its image')
     nt = V.images[V.images.split != 'test']
-    S, pooled = _scored(p, nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], oof, classes)
-    thr = choose_threshold(S.img_label, S.img_score, e.target_sensitivity)
-    S, pooled = _scored(p, nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], oof, classes, thr)
+    S, pooled = _scored(p, nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], oof, classes, oof=True)
+    thr = S.threshold
     oof.to_csv(out / 'oof-predictions.csv', index=False)
     splits, ens = {'oof': pooled}, None
     te = V.images[V.images.split == 'test']

@@ -10,7 +10,7 @@ import torch, torchvision
 
 from conftest import BIN, ROOT, TRAIN, cli, mammo, tiny_recipe
 from mammo_nb.cv import cv_root, fuse_boxes
-from mammo_nb.metrics import BOX, Scored, _clean, bootstrap, box_iou, choose_threshold, nest, score_predictions
+from mammo_nb.metrics import BOX, Scored, _clean, bootstrap, box_iou, choose_threshold, fmt_ci, nest, score_predictions
 from mammo_nb.params import load_params
 from mammo_nb.prepare import file_sha256, load_version, version_dir
 from mammo_nb.split import group_keys
@@ -161,3 +161,7 @@ def test_report_notebook(cv, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = json.dumps(json.loads(nb.read_text()))
     assert 'image/png' in text and 'pooled OOF' in text and 'ensemble' in text and 'fold 1' in text
+    from mammo_nb.pipeline import _headlines
+    h = _headlines(p)[m['run']]                                  # the version index lists the pooled and ensemble figures
+    assert h['cv k2 oof AP50 Mass'] == fmt_ci(m['splits']['oof']['per_class']['Mass']['ap50'])
+    assert 'cv k2 test: ensemble all-lesion sens@1FP' in h

@@ -53,6 +53,12 @@ def test_chain_writes_reports_and_index(chain):
         h = (run / f).read_text()
         assert 'manifest sha256' in h and 'git commit' in h and rec['git_commit'] in h and 'package' in h
     assert 'from mammo_nb.pipeline import' not in train_html       # set-up cells are hidden
+    # the executed report notebooks hold their tables and figures (the prepare report: counts, figures, the version)
+    outs = lambda f: [o for c in json.loads((run / f).read_text())['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
+    prep = outs('10_prepare.ipynb')
+    assert sum('image/png' in o.get('data', {}) for o in prep) >= 4 and any(vdir.name in json.dumps(o) for o in prep)
+    tr = json.dumps(outs('20_train.ipynb'))
+    assert 'image/png' in tr and 'AP50_ultralytics' in tr and 'operating point' in tr
 
 
 def test_rerun_skips_unchanged_stages(chain):

@@ -193,20 +193,6 @@ def test_pool_after_opencv_threads_does_not_hang(tiny_set, tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == '24', r.stderr
 
 
-def test_report_notebook_runs_with_papermill(built, tmp_path):
-    "The pipeline report executes on a built version and shows counts, figures and the failures table."
-    import papermill as pm
-    f, d, _ = built
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / 'report.ipynb'
-    pm.execute_notebook(root / 'nbs/pipeline/10_prepare.ipynb', out, parameters=dict(params_path=str(f), root=str(root)),
-                        cwd=str(root), progress_bar=False, kernel_name='python3')
-    nb = json.loads(out.read_text())
-    outs = [o for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
-    assert sum('image/png' in o.get('data', {}) for o in outs) >= 4
-    assert any(d.name in json.dumps(o) for o in outs)
-
-
 def test_jpeg2000_decoded_at_the_level_the_version_needs(tmp_path):
     """JPEG 2000 files are decoded one wavelet level down when the output needs no more (1024-px sources, long side
     256: level 1 keeps 512 px, as the breast mask needs); `prepare.full_decode` decodes them whole. Same crops (to
