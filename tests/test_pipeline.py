@@ -65,18 +65,19 @@ def test_rerun_skips_unchanged_stages(chain):
     cwd, vdir, _ = chain
     r = mammo('run', ROOT / 'params/tiny.yaml', cwd=cwd)
     assert 'prepare: skipped' in r.stdout and 'train: skipped' in r.stdout and 'explain: skipped' in r.stdout
-    r = mammo('run', ROOT / 'params/tiny.yaml', '--stages', 'prepare', '--force', cwd=cwd)
-    assert r.stdout.startswith('prepare: ok') and 'train' not in r.stdout.split('index:')[0]
-    # a changed setting of the train stage (its evaluation's: the trained run is reused) reruns train, and changes the
-    # fingerprint of every stage after it (the failing-stage test below runs one: `--from train` reruns explain)
+    # a changed setting of the train stage (its evaluation's: the trained run is reused) changes the fingerprint of
+    # train and of every stage after it, not of prepare; --force reruns prepare all the same (the failing-stage test
+    # below reruns explain through --from)
     f = cwd / 'more.yaml'
     f.write_text(f"base: {ROOT / 'params/tiny.yaml'}\nevaluate: {{bootstrap: 20}}\n")
-    r = mammo('run', f, '--stages', 'prepare,train', cwd=cwd)
-    assert 'prepare: skipped' in r.stdout and 'train: ok' in r.stdout
-    assert _metrics(cwd)['conventions']['bootstrap']['n'] == 20
     state = json.loads((vdir / 'stages.json').read_text())
-    assert fingerprint(load_params(f), 'explain') != state['explain']['fingerprint']
-    assert fingerprint(load_params(ROOT / 'params/tiny.yaml'), 'explain') == state['explain']['fingerprint']
+    q = load_params(f)
+    assert fingerprint(q, 'prepare') == state['prepare']['fingerprint']
+    assert fingerprint(q, 'train') != state['train']['fingerprint'] and fingerprint(q, 'explain') != state['explain']['fingerprint']
+    r = mammo('run', f, '--stages', 'prepare,train', '--force', cwd=cwd)
+    assert 'prepare: ok' in r.stdout and 'train: ok' in r.stdout and 'explain' not in r.stdout.split('index:')[0]
+    assert _metrics(cwd)['conventions']['bootstrap']['n'] == 20
+    assert json.loads((vdir / 'stages.json').read_text())['train']['fingerprint'] == fingerprint(q, 'train')
 
 
 def _metrics(cwd: Path) -> dict:
