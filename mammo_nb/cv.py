@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_cv.ipynb #944b7d76
 from __future__ import annotations
-import copy, json, os, time, warnings
+import copy, json, os, warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,11 @@ import pandas as pd
 from .annotations import coco
 from .metrics import BOX, Scored, _clean, bootstrap, choose_threshold, conventions, fmt_ci, nest, unit_name
 from .prepare import IMAGE_OUT, Version, _counts, _json, _write, file_sha256, load_version, version_dir
-from .split import assert_no_leakage, group_keys, iterative_stratification, label_counts
+from .split import assert_no_leakage, group_keys, in_path_order, iterative_stratification, label_counts
 
 # %% auto #0
 __all__ = ['CVError', 'assign_folds', 'check_folds', 'cv_root', 'fold_version', 'fold_params', 'folds_table', 'fold_run',
-           'fuse_boxes', 'pool_folds', 'cross_validate', 'fold_table', 'fold_summary', 'ensemble_table',
+           'fuse_boxes', 'pool_folds', 'cross_validate', 'fold_counts', 'fold_table', 'fold_summary', 'ensemble_table',
            'plot_froc_bands']
 
 # %% ../nbs/15_cv.ipynb #da5340cb
@@ -31,9 +31,7 @@ def assign_folds(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], 
     rest = (images.split != 'test').to_numpy()
     g = groups[rest]
     if g.nunique() < k: raise CVError(f"{g.nunique()} non-test patient group(s) cannot make {k} folds: lower 'split.folds'")
-    Y = label_counts(images[rest], boxes[boxes.image_id.isin(images.image_id[rest])], classes, g)
-    first = pd.Series(images[rest]['path' if 'path' in images else 'image_id'].astype(str).values, index=g.values)
-    Y = Y.loc[first.groupby(level=0).min().sort_values().index]        # an order the pseudonym key cannot change
+    Y = in_path_order(label_counts(images[rest], boxes[boxes.image_id.isin(images.image_id[rest])], classes, g), images[rest], g)
     per = iterative_stratification(Y, {str(i): 1 / k for i in range(k)}, seed, g.value_counts())
     fold = pd.Series(-1, index=images.index, name='fold')
     fold[rest] = g.map(per).astype(int).to_numpy()
@@ -104,12 +102,13 @@ def folds_table(p, V: Version) -> pd.DataFrame:
     return pd.DataFrame(dict(image_id=V.images.image_id.values, group=group_keys(V.images).values,
                              split=V.images.split.values, fold=fold.values))
 
-def fold_run(p, model: str, k: int, V: Version | None = None, progress: bool = True) -> Path:
-    "Write fold `k`'s version, then train (resume, or find finished) and evaluate `model` on it; returns the run folder."
+def fold_run(p, model: str, k: int, V: Version | None = None, t: pd.DataFrame | None = None, progress: bool = True) -> Path:
+    """Write fold `k`'s version (from the folds table `t`, else dealt here), then train (resume, or find finished) and
+    evaluate `model` on it; returns the run folder."""
     from mammo_nb.train import check_version, run_name, train_run
     from mammo_nb.evaluate import evaluate_run
     V = V or check_version(p)
-    t = folds_table(p, V)
+    t = folds_table(p, V) if t is None else t
     root = cv_root(p); root.mkdir(parents=True, exist_ok=True)
     tmp = root / f'.folds.csv.{os.getpid()}'
     t.to_csv(tmp, index=False); os.replace(tmp, root / 'folds.csv')      # the same bytes from every array task
@@ -147,12 +146,12 @@ def fuse_boxes(preds: list[pd.DataFrame], images: pd.DataFrame, classes: list[st
     return pd.DataFrame(rows, columns=['image_id', 'cls', 'class_id', 'score'] + BOX)
 
 # %% ../nbs/15_cv.ipynb #28d63879
-def _scored(p, images, boxes, pred, classes, thr=None, oof: bool = False) -> tuple[Scored, dict]:
+def _scored(p, images, boxes, pred, classes, thr=None, oof: bool = False, progress: bool = False) -> tuple[Scored, dict]:
     "Score `pred` like one run's split (the recipe's evaluate settings); `oof`: the operating point is chosen on it."
     e = p.evaluate
     S = Scored(images, boxes, pred, classes, e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
     S.threshold = choose_threshold(S.img_label, S.img_score, e.target_sensitivity) if oof else thr
-    return S, nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci), S)
+    return S, nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress), S)
 
 def _fold_row(k: int, Vk: Version, rd: Path) -> dict:
     m, tj = (json.loads((rd / f).read_text()) for f in ('eval/metrics.json', 'train.json'))
@@ -161,22 +160,22 @@ def _fold_row(k: int, Vk: Version, rd: Path) -> dict:
                 lesions=s['all_lesions']['n_gt'], train_s=tj['wall_s'], epochs=tj['epochs_done'], val=s,
                 test=m['splits'].get('test'), threshold=m['operating_point']['threshold'])
 
-def pool_folds(p, model: str, V: Version | None = None, progress: bool = True) -> dict:
+def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None = None, progress: bool = True) -> dict:
     """The pooled out-of-fold figures, the per-fold table and the fold ensemble on test of `model`'s K fold runs
     (every fold trained and evaluated: `fold_run`); written to `<cv root>/<run name>/cv.json` and returned."""
     from mammo_nb.train import check_version, run_name, _done
     V = V or check_version(p)
     root, K, name, e = cv_root(p), p.split.folds, run_name(p, model), p.evaluate
-    t = folds_table(p, V)
+    t, msha = folds_table(p, V) if t is None else t, file_sha256(V.dir / 'manifest.json')
     rds = [root / f'fold{k}' / 'runs' / name for k in range(K)]
     todo = [k for k, rd in enumerate(rds) if not (_done(rd) and (rd / 'eval' / 'metrics.json').exists())]
     if todo: raise CVError(f"fold(s) {todo} of {K} not trained and evaluated yet: `mammo cv {p.name} --fold k` for each, or `mammo cv` for all")
     Vks = [load_version(root / f'fold{k}') for k in range(K)]
     for k, Vk in enumerate(Vks):        # each fold version is the fold of this parent (not a stale one)
-        if Vk.manifest['derived_from']['manifest_sha256'] != file_sha256(V.dir / 'manifest.json') or \
+        if Vk.manifest['derived_from']['manifest_sha256'] != msha or \
            set(Vk.images.image_id[Vk.images.split == 'val']) != set(t.image_id[t.fold == k]):
             raise CVError(f"fold {k} at {Vk.dir} was made from another version or other folds: run `mammo cv` again")
-    classes, out = V.manifest['classes'], cv_root(p) / name
+    classes, out = V.manifest['classes'], root / name
     out.mkdir(parents=True, exist_ok=True)
     oof = pd.concat([pd.read_csv(rd / 'eval' / 'predictions-val.csv', dtype={'image_id': str}).assign(fold=k)
                      for k, rd in enumerate(rds)], ignore_index=True)
@@ -184,7 +183,7 @@ def pool_folds(p, model: str, V: Version | None = None, progress: bool = True) -
     if (oof.image_id.map(fold_of) != oof.fold).any():
         raise AssertionError('internal error (a bug in mammo_nb, please report it): an OOF prediction from a model that trained on its image')
     nt = V.images[V.images.split != 'test']
-    S, pooled = _scored(p, nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], oof, classes, oof=True)
+    S, pooled = _scored(p, nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], oof, classes, oof=True, progress=progress)
     thr = S.threshold
     oof.to_csv(out / 'oof-predictions.csv', index=False)
     splits, ens = {'oof': pooled}, None
@@ -195,15 +194,15 @@ def pool_folds(p, model: str, V: Version | None = None, progress: bool = True) -
         iou = p.cv.wbf_iou if p.cv.wbf_iou is not None else e.iou
         fused = fuse_boxes(preds, te, classes, iou, p.cv.wbf_conf_type, e.max_det)
         fused.to_csv(out / 'ensemble-test-predictions.csv', index=False)
-        splits['test: ensemble'] = _scored(p, te, gt, fused, classes, thr)[1]
-        for k, P in enumerate(preds): splits[f'test: fold {k}'] = _scored(p, te, gt, P, classes, thr)[1]
+        splits['test: ensemble'] = _scored(p, te, gt, fused, classes, thr, progress=progress)[1]
+        for k, P in enumerate(preds): splits[f'test: fold {k}'] = _scored(p, te, gt, P, classes, thr, progress=progress)[1]
         ens = dict(method='Weighted Boxes Fusion (ensemble-boxes)', iou=iou, conf_type=p.cv.wbf_conf_type, skip_box_thr=0.0,
                    models=K, max_det=e.max_det, normalisation="coordinates / the PNG's width and height")
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)))
     conv['oof'] = ("fold k's model scores fold k's images only; the K folds' val predictions are concatenated and scored "
                    "as one split (scores of different models pooled as they are); the bootstrap resamples the pooled "
                    "set's patients, the unit the folds were made of")
-    res = _clean(dict(version=V.manifest['version'], manifest_sha256=file_sha256(V.dir / 'manifest.json'), model=model, run=name,
+    res = _clean(dict(version=V.manifest['version'], manifest_sha256=msha, model=model, run=name,
                       folds=K, seed=p.split.seed, fold_rows=[_fold_row(k, Vk, rd) for k, (Vk, rd) in enumerate(zip(Vks, rds))],
                       operating_point=dict(threshold=thr, chosen_on='pooled out-of-fold predictions',
                                            rule='Youden J' if e.target_sensitivity is None else f'sensitivity >= {e.target_sensitivity}'),
@@ -217,13 +216,23 @@ def cross_validate(p, fold: int | None = None, merge_only: bool = False, progres
     from mammo_nb.train import check_version, models
     V, out = check_version(p), {}
     if fold is not None and not 0 <= fold < p.split.folds: raise CVError(f"--fold {fold}: the recipe has folds 0..{p.split.folds - 1}")
+    t = folds_table(p, V)                                         # dealt once for every fold and model
     for model in models(p):
         if not merge_only:
-            for k in ([fold] if fold is not None else range(p.split.folds)): out[model] = fold_run(p, model, k, V, progress)
-        if fold is None: out[model] = pool_folds(p, model, V, progress)
+            for k in ([fold] if fold is not None else range(p.split.folds)): out[model] = fold_run(p, model, k, V, t, progress)
+        if fold is None: out[model] = pool_folds(p, model, V, t, progress)
     return out
 
 # %% ../nbs/15_cv.ipynb #8af2d78a
+def fold_counts(p, V: Version) -> pd.DataFrame:
+    "Images, patients and boxes per class of each fold and of test (from `folds.csv`): what each fold's val holds."
+    t = pd.read_csv(cv_root(p) / 'folds.csv', dtype={'image_id': str})
+    where = lambda f: f.map(lambda x: 'test' if x < 0 else f'fold {x}')
+    sizes = t.assign(where=where(t.fold)).groupby('where').agg(images=('image_id', 'size'), patients=('group', 'nunique'))
+    bx = V.boxes.merge(t[['image_id', 'fold']], on='image_id')
+    per_class = bx.assign(where=where(bx.fold)).pivot_table(index='where', columns='cls', values='image_id', aggfunc='count', fill_value=0)
+    return sizes.join(per_class).fillna(0).astype(int)
+
 def fold_table(cv: dict) -> pd.DataFrame:
     "One row per fold: its val images, patients and lesions, per-class AP50 (classes with lesions), sensitivity at 1 FP/image, image ROC-AUC, training time."
     rows = []

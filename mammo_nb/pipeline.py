@@ -166,6 +166,7 @@ def _git_commit() -> str | None:
 def _headlines(p) -> dict:
     "Headline metrics of the recipe's trained runs (those with a metrics.json), their external validations and cross-validation."
     from mammo_nb.runs import run_dirs                # not mammo_nb.train: no torch import for a chain that skipped everything
+    from mammo_nb.cv import cv_root
     out = {}
     for rd in run_dirs(p):
         if (rd / 'eval' / 'metrics.json').exists():
@@ -173,7 +174,7 @@ def _headlines(p) -> dict:
         for f in sorted((rd / 'eval' / 'external').glob('*/metrics.json')):     # external validations, beside it
             x = json.loads(f.read_text())
             out.setdefault(rd.name, {}).update({f"external {x['scored_on']} {k}": v for k, v in _headline(x, None, 1).items() if 'ultralytics' not in k})
-        cv = version_dir(p) / 'cv' / f'k{p.split.folds}' / rd.name / 'cv.json'       # pooled out-of-fold and the fold ensemble
+        cv = cv_root(p) / rd.name / 'cv.json'                                    # pooled out-of-fold and the fold ensemble
         if p.split.folds > 1 and cv.exists():
             x = json.loads(cv.read_text())
             out.setdefault(rd.name, {}).update({f"cv k{x['folds']} {k}": v for k, v in _headline(x, ('oof', 'test: ensemble'), 1).items()

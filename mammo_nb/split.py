@@ -9,7 +9,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['SPLIT_REVISION', 'group_keys', 'grouping_summary', 'label_counts', 'iterative_stratification', 'LeakageError',
-           'assert_no_leakage', 'split_targets', 'split_fractions', 'assign_splits']
+           'assert_no_leakage', 'split_targets', 'split_fractions', 'in_path_order', 'assign_splits']
 
 # %% ../nbs/05_split.ipynb #c8f43c11
 def _components(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -123,15 +123,18 @@ def split_fractions(images: pd.DataFrame, split: pd.Series, targets: dict) -> di
                        images=int(k.sum()), groups=int(g[k].nunique()))
     return out
 
+def in_path_order(Y: pd.DataFrame, images: pd.DataFrame, groups: pd.Series) -> pd.DataFrame:
+    """The rows (groups) of `Y` ordered by each group's first source path: an order the pseudonym key cannot change,
+    so that a seeded split (or fold) is the same under any key (ordered by pseudonym, two fresh builds of one recipe
+    split differently)."""
+    first = pd.Series(images['path' if 'path' in images else 'image_id'].astype(str).values, index=groups.values)
+    return Y.loc[first.groupby(level=0).min().sort_values().index]
+
 def assign_splits(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], val_frac: float = 0.15,
                   test_frac: float = 0.2, seed: int = 0, official: bool = True) -> pd.Series:
     "train/val/test for every image (indexed like `images`), whole groups at a time, leakage asserted."
     groups = group_keys(images)
-    Y = label_counts(images, boxes, classes, groups)
-    # groups in an order the pseudonym key cannot change (their first source path), so that the seeded split is
-    # the same under any key: ordered by pseudonym, two fresh builds of one recipe split differently
-    first = pd.Series(images['path' if 'path' in images else 'image_id'].astype(str).values, index=groups.values)
-    Y = Y.loc[first.groupby(level=0).min().sort_values().index]
+    Y = in_path_order(label_counts(images, boxes, classes, groups), images, groups)
     src = images.get('source_split', pd.Series('', index=images.index)).fillna('')
     fixed = pd.Series(dtype=object)
     if _official_test(images, official): fixed = pd.Series('test', index=sorted(set(groups[src == 'test'])))
