@@ -42,7 +42,7 @@ nbtest: install
 
 # one pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once)
 pytest: install
-	$(BIN)/pytest -q -n auto --dist loadfile tests
+	$(BIN)/pytest -q -n auto --dist loadfile --durations=15 tests
 
 bench: install
 	$(BIN)/python bench/decode.py data/bench/synth-full

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import confusion_matrix
 
 os.environ.setdefault('YOLO_OFFLINE', '1')
 from ultralytics.models.yolo.classify import ClassificationPredictor, ClassificationTrainer
@@ -19,7 +19,7 @@ from ultralytics.data.build import InfiniteDataLoader, seed_worker
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from .metrics import _clean, bootstrap, choose_threshold, fmt_ci, unit_name
+from .metrics import _clean, average_precision, bootstrap, choose_threshold, fmt_ci, roc_auc, unit_name
 from .split import group_keys
 from .prepare import SPLITS, Version, _json, file_sha256
 from .train import TrainError, check_device, check_version, cpu_threads, threaded
@@ -266,7 +266,7 @@ def _apply_schedule(trainer):
 
 # %% ../nbs/14_classify.ipynb #11fd1cc7
 def _wauc(y, s, w, f):
-    try: return float(f(y, s, sample_weight=w)) if len(np.unique(y[w > 0])) == 2 else np.nan
+    try: return float(f(y, s, w)) if len(np.unique(y[w > 0])) == 2 else np.nan
     except ValueError: return np.nan
 
 def binary_metrics(y, s, units, thr: float, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
@@ -277,7 +277,7 @@ def binary_metrics(y, s, units, thr: float, n_boot: int = 1000, seed: int = 0, c
         w = np.ones(len(y)) if w is None else w
         tp, fn = (w * ((s >= thr) & (y == 1))).sum(), (w * ((s < thr) & (y == 1))).sum()
         tn, fp = (w * ((s < thr) & (y == 0))).sum(), (w * ((s >= thr) & (y == 0))).sum()
-        return dict(roc_auc=_wauc(y, s, w, roc_auc_score), pr_auc=_wauc(y, s, w, average_precision_score),
+        return dict(roc_auc=_wauc(y, s, w, roc_auc), pr_auc=_wauc(y, s, w, average_precision),
                     prevalence=(w * y).sum() / w.sum() if w.sum() else np.nan,
                     sensitivity=tp / (tp + fn) if tp + fn else np.nan, specificity=tn / (tn + fp) if tn + fp else np.nan)
     out = _clean(bootstrap(figs, units, n_boot, seed, ci))

@@ -169,12 +169,12 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
     t, msha = folds_table(p, V) if t is None else t, file_sha256(V.dir / 'manifest.json')
     rds = [root / f'fold{k}' / 'runs' / name for k in range(K)]
     todo = [k for k, rd in enumerate(rds) if not (_done(rd) and (rd / 'eval' / 'metrics.json').exists())]
-    if todo: raise CVError(f"fold(s) {todo} of {K} not trained and evaluated yet: `mammo cv {p.name} --fold k` for each, or `mammo cv` for all")
+    if todo: raise CVError(f"fold(s) {todo} of {K} not trained and evaluated yet: `mammo cv <recipe> --fold k` for each, or `mammo cv <recipe>` for all")
     Vks = [load_version(root / f'fold{k}') for k in range(K)]
     for k, Vk in enumerate(Vks):        # each fold version is the fold of this parent (not a stale one)
         if Vk.manifest['derived_from']['manifest_sha256'] != msha or \
            set(Vk.images.image_id[Vk.images.split == 'val']) != set(t.image_id[t.fold == k]):
-            raise CVError(f"fold {k} at {Vk.dir} was made from another version or other folds: run `mammo cv` again")
+            raise CVError(f"fold {k} at {Vk.dir} was made from another version or other folds: run `mammo cv <recipe>` again")
     classes, out = V.manifest['classes'], root / name
     out.mkdir(parents=True, exist_ok=True)
     oof = pd.concat([pd.read_csv(rd / 'eval' / 'predictions-val.csv', dtype={'image_id': str}).assign(fold=k)

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from .split import group_keys
 
 # %% auto #0
 __all__ = ['FROC_FPS', 'BOX', 'IOU_THRESHOLDS', 'RECALL_THRESHOLDS', 'SCORING', 'box_iou', 'hit_matrix', 'match_tp', 'coco_ap',
-           'froc_curve', 'sens_at', 'lesion_ids', 'nms_agnostic', 'by_key', 'Scored', 'group_weights', 'unit_name',
-           'bootstrap', 'choose_threshold', 'sens_spec', 'conventions', 'nest', 'fmt_ci', 'per_class_table',
-           'froc_table', 'summary_table', 'conventions_table', 'to_version_pixels', 'score_predictions']
+           'froc_curve', 'sens_at', 'roc_auc', 'average_precision', 'lesion_ids', 'nms_agnostic', 'by_key', 'Scored',
+           'group_weights', 'unit_name', 'bootstrap', 'choose_threshold', 'sens_spec', 'conventions', 'nest', 'fmt_ci',
+           'per_class_table', 'froc_table', 'summary_table', 'conventions_table', 'to_version_pixels',
+           'score_predictions']
 
 # %% ../nbs/08_metrics.ipynb #7e0f8717
 FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -101,6 +102,29 @@ def froc_curve(lesion_score, lesion_img, fp_score, fp_img, w) -> tuple[np.ndarra
 def sens_at(fppi: np.ndarray, sens: np.ndarray, rates=FROC_FPS) -> np.ndarray:
     "FROC sensitivity at each false-positive rate: the best sensitivity reached without exceeding the rate."
     return np.array([np.nanmax(np.where(fppi <= r, sens, np.nan)) if np.isfinite(sens).any() else np.nan for r in rates])
+
+# %% ../nbs/08_metrics.ipynb #9af33c7a
+def _weighted_curve(y, s, w) -> tuple[np.ndarray, np.ndarray]:
+    "Cumulative weighted true and false positives after each distinct score, highest first."
+    y, s, w = np.asarray(y), np.asarray(s, float), np.ones(len(y)) if w is None else np.asarray(w, float)
+    o = np.argsort(-s, kind='stable')
+    s, yw, nw = s[o], (y[o] == 1) * w[o], (y[o] != 1) * w[o]
+    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)
+    return np.cumsum(yw)[last], np.cumsum(nw)[last]
+
+def roc_auc(y, s, w=None) -> float:
+    "Area under the weighted ROC curve (scikit-learn's `roc_auc_score(y, s, sample_weight=w)`); nan without both labels."
+    tp, fp = _weighted_curve(y, s, w)
+    if not len(tp) or tp[-1] <= 0 or fp[-1] <= 0: return float('nan')
+    tpr, fpr = np.r_[0.0, tp / tp[-1]], np.r_[0.0, fp / fp[-1]]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+def average_precision(y, s, w=None) -> float:
+    "Weighted average precision, the step sum (scikit-learn's `average_precision_score(y, s, sample_weight=w)`)."
+    tp, fp = _weighted_curve(y, s, w)
+    if not len(tp) or tp[-1] <= 0: return float('nan')
+    return float(np.sum(np.diff(np.r_[0.0, tp / tp[-1]]) * tp / np.maximum(tp + fp, 1e-300)))
+
 
 # %% ../nbs/08_metrics.ipynb #a171676a
 def lesion_ids(gt: pd.DataFrame, hold: float = 0.9) -> np.ndarray:
@@ -222,8 +246,8 @@ class Scored:
         for level, (s, y, ww) in (('image', (self.img_score, self.img_label, w)), ('breast', self.breast_table(w))):
             m = ww > 0
             ok = m.any() and len(np.unique(y[m])) == 2
-            out[f'{level}/roc_auc'] = roc_auc_score(y[m], s[m], sample_weight=ww[m]) if ok else np.nan
-            out[f'{level}/pr_auc'] = average_precision_score(y[m], s[m], sample_weight=ww[m]) if ok else np.nan
+            out[f'{level}/roc_auc'] = roc_auc(y[m], s[m], ww[m]) if ok else np.nan
+            out[f'{level}/pr_auc'] = average_precision(y[m], s[m], ww[m]) if ok else np.nan
             if self.threshold is not None and np.isfinite(self.threshold):
                 out[f'{level}/sensitivity'], out[f'{level}/specificity'] = sens_spec(y, s, self.threshold, ww)
         return out

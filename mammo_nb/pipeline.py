@@ -139,6 +139,13 @@ _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {% block html_head_js_mathjax %}{% endblock html_head_js_mathjax %}
 {% block html_head_js_mermaidjs %}{% endblock html_head_js_mermaidjs %}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
+{% block extra_css %}<style>details.mammo-code>summary{cursor:pointer;color:#666;font:12px monospace;margin:.2em 0 .2em 4em}
+details.mammo-code[open]>summary{color:#333}</style>{% endblock extra_css %}
+{% block input_group -%}
+<details class="mammo-code"><summary>code, {{ cell.source.splitlines() | length }} lines</summary>
+{{ super() }}
+</details>
+{%- endblock input_group %}
 """
 
 def render_html(ipynb: Path, out: Path | None = None) -> Path:
@@ -213,15 +220,18 @@ def run_chain(params_path: str, stages: list[str] | None = None, from_stage: str
             continue
         t0 = time.time()
         err = None
+        log_f = nb_out.with_suffix('.log')        # the cells' stdout and stderr, beside the report; the terminal stays quiet
         try:
-            pm.execute_notebook(str(notebooks_dir() / CHAIN[stage]), str(nb_out), cwd=str(notebooks_dir()),
-                                parameters=dict(params_path=str(Path(params_path).resolve()), root=os.getcwd()),
-                                progress_bar=False, log_output=False, kernel_name='python3')
+            with open(log_f, 'w') as log:
+                pm.execute_notebook(str(notebooks_dir() / CHAIN[stage]), str(nb_out), cwd=str(notebooks_dir()),
+                                    parameters=dict(params_path=str(Path(params_path).resolve()), root=os.getcwd()),
+                                    progress_bar=False, log_output=False, stdout_file=log, stderr_file=log, kernel_name='python3',
+                                    extra_arguments=['--IPKernelApp.log_level=ERROR'])   # no kernel transport warnings
         except Exception as e:                                      # PapermillExecutionError, kernel death, ...
             err = f"{type(e).__name__}: {getattr(e, 'ename', '')} {getattr(e, 'evalue', e)}".strip()
         html_f = render_html(nb_out) if nb_out.exists() else None
         st = dict(stage=stage, status='failed' if err else 'ok', fingerprint=fp, seconds=round(time.time() - t0, 1),
-                  report=str(html_f.relative_to(vdir)) if html_f else None, run_id=run_id)
+                  report=str(html_f.relative_to(vdir)) if html_f else None, log=str(log_f.relative_to(vdir)), run_id=run_id)
         if err: st['error'] = err[:2000]
         rec['stages'].append(st)
         state[stage] = st

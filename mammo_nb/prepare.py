@@ -27,8 +27,8 @@ from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, 
 __all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root',
            'key_path', 'source_paths', 'pseudonym_key', 'read_source', 'source_fingerprint', 'process_image',
            'load_records', 'parse_shard', 'ingest_images', 'check_key', 'merge', 'split_warnings', 'manifest',
-           'prepare', 'dry_run', 'Version', 'file_sha256', 'load_version', 'plot_counts', 'plot_box_sizes',
-           'show_steps']
+           'ensure_source', 'prepare', 'dry_run', 'Version', 'file_sha256', 'load_version', 'plot_counts',
+           'plot_box_sizes', 'show_steps']
 
 # %% ../nbs/06_prepare.ipynb #df7a7dd7
 class PrepareError(RuntimeError):
@@ -82,7 +82,7 @@ def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     that failed to parse; identifiers pseudonymised under `key` (default: the recipe's key)."""
     root = source_root(p)
     if not root.is_dir():
-        hint = ' (run `mammo run <params> --stages synth` first)' if p.source.root is None else ''
+        hint = ' (write it first: `mammo synth --params <recipe>`)' if p.source.root is None else ''
         raise PrepareError(f"dataset root '{root}' not found{hint}")
     try: return read_layout(p.source.layout, root, p.source.class_map, p.source.csv, key=key or pseudonym_key(p))
     except FileNotFoundError as e: raise PrepareError(f"'{root}' is not a {p.source.layout} dataset: {e.filename} missing") from None
@@ -308,9 +308,21 @@ def manifest(p, ok, det, fdf, shas, n_listed, targets, warnings, key) -> dict:
                 files=dict(sorted(shas.items())))
 
 # %% ../nbs/06_prepare.ipynb #650ade0b
+def ensure_source(p, progress: bool = True) -> bool:
+    """A recipe without `source.root` reads the embedded synthetic set: write it first when it is missing (saying so
+    in one line), as ultralytics fetches `coco8.yaml` on first use, but generated here, offline. True if written."""
+    if p.source.root is not None or (source_root(p) / 'synth_info.json').exists(): return False
+    from mammo_nb.pipeline import stage_synth
+    print(f"{p.name}: no source.root, so the embedded synthetic set ({p.synth.preset} preset, {p.source.layout} "
+          f"layout) is written first, to {source_root(p)}", file=sys.stderr, flush=True)
+    stage_synth(p, progress)
+    return True
+
 def prepare(p, shard: str | None = None, merge_only: bool = False, progress: bool = True) -> dict:
-    "Build the recipe's dataset version (`shard='i/n'`: ingest that slice only; `merge_only`: merge only)."
+    """Build the recipe's dataset version (`shard='i/n'`: ingest that slice only; `merge_only`: merge only). A recipe
+    without `source.root` gets its synthetic set written first (not by shard tasks: they would race to write it)."""
     t0 = time.perf_counter()
+    if not shard and not merge_only: ensure_source(p, progress)
     ing = None if merge_only else ingest_images(p, shard, progress)
     if shard and not merge_only: return dict(ingest=ing)
     man = merge(p)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_train.ipynb #5cc0157c
 from __future__ import annotations
-import hashlib, json, math, os, time
+import hashlib, json, math, os, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
 import mammo_nb
-from .prepare import PrepareError, load_version, version_dir, Version, _git_commit
+from .prepare import PrepareError, load_version, prepare, version_dir, Version, _git_commit
 from .runs import _NOT_LEARNING, models, run_name, run_dir, run_dirs
 
 # %% auto #0
@@ -177,9 +177,15 @@ class TrainError(RuntimeError):
     "A run cannot start or finish; the message says why and what to do."
 
 def check_version(p, full: bool = False) -> Version:
-    "The recipe's dataset version, verified against its manifest (raises `TrainError` if missing or stale)."
+    """The recipe's dataset version, verified against its manifest (raises `TrainError` if missing or stale). The
+    embedded synthetic default (no `source.root`) is built first when missing, saying so in one line."""
     try: V = load_version(p)
-    except PrepareError as e: raise TrainError(f"dataset version missing: {e}") from None
+    except PrepareError as e:
+        if p.source.root is not None: raise TrainError(f"dataset version missing: {e}") from None
+        print(f"{p.name}: dataset version {version_dir(p).name} not built yet: building it first (as `mammo prepare` does)",
+              file=sys.stderr, flush=True)
+        prepare(p)
+        V = load_version(p)
     bad = []
     for rel, sha in V.manifest['files'].items():
         f = V.dir / rel

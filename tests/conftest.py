@@ -90,7 +90,7 @@ def tiny_run(tiny_set, tmp_path_factory):
 
 # The longest files first (seconds on one core: pipeline ~200, train ~120, slurm ~100, cv ~75, selftrain ~65,
 # classify ~60), so that no pytest-xdist worker starts one of them while the other has nothing left to do.
-_FIRST = ('test_pipeline', 'test_train', 'test_slurm', 'test_cv', 'test_selftrain', 'test_classify')
+_FIRST = ('test_pipeline', 'test_train', 'test_slurm', 'test_cv', 'test_selftrain', 'test_classify', 'test_bench')
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: _FIRST.index(it.path.stem) if it.path.stem in _FIRST else len(_FIRST))   # stable

@@ -28,12 +28,14 @@ def test_chain_writes_reports_and_index(chain):
     cwd, vdir, r = chain
     assert 'prepare: ok' in r.stdout and 'train: ok' in r.stdout and 'explain: ok' in r.stdout
     assert 'test all-lesion sens@1FP' in r.stdout
+    assert 'IPKernelApp' not in r.stderr and 'WARNING' not in r.stderr            # quiet: one line per stage
+    assert [l.split(':')[0] for l in r.stderr.splitlines() if l.startswith('[')] == ['[tiny] prepare', '[tiny] train', '[tiny] explain']
     p = load_params(ROOT / 'params/tiny.yaml')
     synth = cwd / p.synth.out
     assert (synth / 'synth_info.json').is_file() and len(list(synth.rglob('*.dicom'))) == 24
     (run,) = [d for d in vdir.iterdir() if d.is_dir()]
     for f in ('10_prepare.ipynb', '10_prepare.html', '20_train.ipynb', '20_train.html', '40_explain.ipynb',
-              '40_explain.html', 'run.json', 'params.json'):
+              '40_explain.html', '10_prepare.log', '20_train.log', '40_explain.log', 'run.json', 'params.json'):
         assert (run / f).is_file(), f
     rec = json.loads((run / 'run.json').read_text())
     assert rec['status'] == 'ok' and rec['version'] == vdir.name and rec['git_commit']
@@ -48,6 +50,10 @@ def test_chain_writes_reports_and_index(chain):
         assert external_refs(h) == [], (f, external_refs(h))
     train_html = (run / '20_train.html').read_text()
     assert train_html.count('data:image/png;base64') >= 4
+    # code folded, not gone: each shown code cell's input inside its own <details> (closed), the .ipynb complete
+    nb = json.loads((run / '20_train.ipynb').read_text())
+    shown = [c for c in nb['cells'] if c['cell_type'] == 'code' and 'hide-input' not in c['metadata'].get('tags', [])]
+    assert train_html.count('<details class="mammo-code">') == len(shown) > 5 and '<details class="mammo-code" open' not in train_html
     # each report records the recipe, package version, git commit and the manifest hash it used
     for f in ('10_prepare.html', '20_train.html'):
         h = (run / f).read_text()

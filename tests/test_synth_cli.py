@@ -121,3 +121,43 @@ def test_cli_errors(tmp_path):
     r = cli('run', bad)
     assert r.returncode == 2
     assert str(bad) in r.stderr and "unknown key 'synth.sed'" in r.stderr and "'synth.workers' must be int" in r.stderr
+
+
+def test_default_recipe_builds_what_it_needs(tmp_path, capsys):
+    """A new user's first command on a recipe without `source.root`: `mammo prepare` writes the embedded synthetic set
+    first (one line says so) instead of stopping; a stage that needs the version builds it the same way."""
+    import shutil, yaml
+    from conftest import ROOT
+    from mammo_nb.params import load_params
+    from mammo_nb.train import check_version
+    f = tmp_path / 'r.yaml'
+    f.write_text(yaml.safe_dump({'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 'fresh',
+                                 'synth': {'out': str(tmp_path / 'raw')}, 'prepare': {'out': str(tmp_path / 'versions'), 'workers': 1}}))
+    r = cli('prepare', f, '--quiet')
+    assert r.returncode == 0, r.stderr
+    assert 'embedded synthetic set (tiny preset, vindr layout) is written first' in r.stderr
+    n = len(pd.read_csv(tmp_path / 'raw' / 'breast-level_annotations.csv'))
+    assert (tmp_path / 'raw' / 'synth_info.json').exists() and f'images: {n}\n' in r.stdout
+    p = load_params(f)
+    vd = next((tmp_path / 'versions').iterdir())
+    shutil.rmtree(vd)
+    V = check_version(p)                                           # train/evaluate/explain/... start here
+    assert V.dir == vd and len(V.images) == n
+    assert 'not built yet: building it first' in capsys.readouterr().err
+    # a real dataset's missing root is an error naming what is missing, not a build
+    f.write_text(yaml.safe_dump({**yaml.safe_load(f.read_text()), 'source': {'root': str(tmp_path / 'nowhere')}}))
+    r = cli('prepare', f, '--quiet')
+    assert r.returncode == 2 and 'nowhere' in r.stderr and 'not found' in r.stderr
+
+
+def test_every_hinted_command_exists():
+    "Each `mammo COMMAND` an error message or docstring of the package names is a command the CLI has (its --help runs)."
+    import re
+    from conftest import ROOT
+    from mammo_nb.cli import parser
+    cmds = set(parser()._subparsers._group_actions[0].choices)
+    hinted = {m for f in (ROOT / 'mammo_nb').glob('*.py') for m in re.findall(r'`mammo ([a-z]+)', f.read_text())}
+    assert hinted and hinted <= cmds, hinted - cmds
+    for c in sorted(hinted):
+        r = cli(c, '--help')
+        assert r.returncode == 0 and f'mammo {c}' in r.stdout, (c, r.stderr)
