@@ -84,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument('--from', dest='from_stage', choices=list(CHAIN), help='rerun from this stage on (earlier ones are not run)')
     r.add_argument('--force', action='store_true', help='rerun stages even when their inputs did not change')
     r.add_argument('--out', default='reports', help='reports folder (default: reports)')
+    sh = sub.add_parser('screenshot', help="a PNG of a report's first screen (headless Chromium), to look without a browser")
+    sh.add_argument('report', help='an HTML report, e.g. reports/<version>/<run>/20_train.html')
+    sh.add_argument('--out', help='PNG path (default: the report with .png)')
+    sh.add_argument('--size', default='1440x900', help='screen WIDTHxHEIGHT in px (default: 1440x900)')
     return ap
 
 def _expected(e: Exception) -> bool:
@@ -202,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             if a.submit:
                 for name, jid in submit(d).items(): print(f"{name}: {jid}")
             else: print(f"submit with: bash {d / 'submit.sh'}  (or mammo slurm {a.params} --submit)")
+        elif a.cmd == 'screenshot':
+            from mammo_nb.report import screenshot
+            try: print(f"screenshot: {screenshot(a.report, a.out, a.size)}")
+            except (FileNotFoundError, RuntimeError, ValueError) as e:
+                print(f"mammo screenshot: error: {e}", file=sys.stderr); return 2
         elif a.cmd == 'run':
             rec = run_chain(a.params, a.stages.split(',') if a.stages else None, a.from_stage, a.out, a.force)
             for s in rec['stages']: print(f"{s['stage']}: {s['status']}  {s.get('report') or ''}")

@@ -15,7 +15,7 @@ from .prepare import prepare, version_dir, version_name
 # %% auto #0
 __all__ = ['STAGES', 'CHAIN', 'SECTIONS', 'OPTIONAL', 'stage_synth', 'stage_prepare', 'stage_train', 'stage_evaluate',
            'stage_explain', 'stage_selftrain', 'stage_cv', 'ChainError', 'notebooks_dir', 'code_hash', 'fingerprint',
-           'render_html', 'external_refs', 'run_chain', 'write_index']
+           'render_html', 'external_refs', 'run_chain', 'write_index', 'write_reports_index']
 
 # %% ../nbs/09_pipeline.ipynb #7897601c
 def _synth_overrides(s) -> dict:
@@ -249,20 +249,30 @@ def run_chain(params_path: str, stages: list[str] | None = None, from_stage: str
 def _finish(p, rec, rdir, vdir):
     rec['headline'] = _headlines(p) if rec['status'] == 'ok' else {}
     (rdir / 'run.json').write_text(json.dumps(rec, indent=1, default=str))
-    write_index(vdir)
+    runs = version_dir(p) / 'runs'
+    write_index(vdir, {r: runs / r / 'eval' / 'test' / 'froc_roc.png' for r in rec['headline']})
+    write_reports_index(vdir.parent)
 
 # %% ../nbs/09_pipeline.ipynb #20a879d0
-def write_index(vdir: Path) -> Path:
-    "Rebuild `reports/<version>/index.html` from the `run.json` of every run under it."
+def _thumb(png: Path, width: int = 360) -> str:
+    "An embedded (base64) thumbnail of a PNG, or '' when it does not exist."
+    import base64
+    if not Path(png).is_file(): return ''
+    return f"<img alt='{html.escape(Path(png).name)}' width='{width}' src='data:image/png;base64,{base64.b64encode(Path(png).read_bytes()).decode()}'>"
+
+def write_index(vdir: Path, thumbs: dict | None = None) -> Path:
+    """Rebuild `reports/<version>/index.html` from the `run.json` of every run under it; `thumbs` (run name -> FROC/ROC
+    PNG) are embedded beside the newest run's headline."""
     runs = sorted((json.loads(f.read_text()) for f in Path(vdir).glob('*/run.json')), key=lambda r: r['run_id'], reverse=True)
     e = html.escape
     rows = []
-    for r in runs:
+    for i, r in enumerate(runs):
         st = ' '.join(f"<a href='{e(s['report'])}' class='{s['status']}'>{e(s['stage'])}</a> <small>{s['status']}"
                       f"{' %.0f s' % s['seconds'] if s.get('seconds') else ''}</small>" if s.get('report')
                       else f"{e(s['stage'])} <small>{s['status']}</small>" for s in r['stages'])
         err = ''.join(f"<div class='failed'>{e(s['stage'])}: {e(s['error'][:300])}</div>" for s in r['stages'] if s.get('error'))
-        head = ''.join(f"<div><b>{e(run)}</b>: " + '; '.join(f"{e(k)} {e(str(v))}" for k, v in h.items()) + '</div>'
+        head = ''.join(f"<div><b>{e(run)}</b>: " + '; '.join(f"{e(k)} {e(str(v))}" for k, v in h.items())
+                       + (f"<br>{_thumb((thumbs or {}).get(run, ''))}" if i == 0 and thumbs else '') + '</div>'
                        for run, h in (r.get('headline') or {}).items())
         rows.append(f"<tr><td>{e(r['run_id'])}</td><td class='{r['status']}'>{r['status']}</td><td>{e(r['recipe'])}<br>"
                     f"<small>mammo_nb {e(str(r['package']))} @ {e(str(r['git_commit'])[:10])}</small></td><td>{st}{err}</td><td>{head}</td></tr>")
@@ -274,3 +284,29 @@ def write_index(vdir: Path) -> Path:
     f = Path(vdir) / 'index.html'
     f.write_text(page)
     return f
+
+# %% ../nbs/09_pipeline.ipynb #5d424370
+def write_reports_index(out: str | Path = 'reports') -> Path:
+    """`reports/index.html`: every dataset version under `out` with its recipe, the date of its last run, that run's
+    status and headline, and a link to the version's index; newest first. Offline like every report."""
+    e, rows = html.escape, []
+    for vdir in sorted(d for d in Path(out).iterdir() if (d / 'index.html').is_file()):
+        runs = sorted((json.loads(f.read_text()) for f in vdir.glob('*/run.json')), key=lambda r: r['run_id'])
+        if not runs: continue
+        last = runs[-1]
+        ok = next((r for r in reversed(runs) if r['status'] == 'ok' and r.get('headline')), None)
+        head = ''.join(f"<div><b>{e(run)}</b>: " + '; '.join(f"{e(k)} {e(str(v))}" for k, v in h.items() if k.startswith('test'))
+                       + '</div>' for run, h in (ok or {}).get('headline', {}).items())
+        when = f"{last['run_id'][:4]}-{last['run_id'][4:6]}-{last['run_id'][6:8]} {last['run_id'][9:11]}:{last['run_id'][11:13]}"
+        rows.append((last['run_id'], f"<tr><td><a href='{e(vdir.name)}/index.html'>{e(vdir.name)}</a></td><td>{e(Path(last['recipe']).name)}</td>"
+                     f"<td>{e(when)}</td><td class='{last['status']}'>{last['status']}</td><td>{len(runs)}</td><td>{head}</td></tr>"))
+    rows = [r for _, r in sorted(rows, reverse=True)]
+    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mammo_nb reports</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:.4em .6em;vertical-align:top}}
+.failed{{color:#b00}} .ok{{color:#070}} small{{color:#555}}</style></head><body>
+<h1>mammo_nb reports</h1><p>{len(rows)} dataset version(s), the most recently run first. Headline: test split of the last successful run.</p>
+<table><tr><th>version</th><th>recipe</th><th>last run</th><th>status</th><th>runs</th><th>headline (test)</th></tr>{''.join(rows)}</table></body></html>"""
+    f = Path(out) / 'index.html'
+    f.write_text(page)
+    return f
+

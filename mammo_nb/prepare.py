@@ -27,7 +27,7 @@ from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, 
 __all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root',
            'key_path', 'source_paths', 'pseudonym_key', 'read_source', 'source_fingerprint', 'process_image',
            'load_records', 'parse_shard', 'ingest_images', 'check_key', 'merge', 'split_warnings', 'manifest',
-           'ensure_source', 'prepare', 'dry_run', 'Version', 'file_sha256', 'load_version', 'plot_counts',
+           'ensure_source', 'prepare', 'dry_run', 'Version', 'file_sha256', 'load_version', 'plot_counts', 'plot_roles',
            'plot_box_sizes', 'show_steps']
 
 # %% ../nbs/06_prepare.ipynb #df7a7dd7
@@ -384,22 +384,34 @@ def load_version(p_or_dir) -> Version:
 
 # %% ../nbs/06_prepare.ipynb #f22dcf5e
 def plot_counts(V: Version, ax=None):
-    "Boxes per class and split, from the manifest."
-    import matplotlib.pyplot as plt
-    c = pd.DataFrame(V.manifest['counts']['boxes_per_class']).T[list(SPLITS)]
-    ax = ax or plt.subplots(figsize=(7, 0.35 * len(c) + 1))[1]
-    c.iloc[::-1].plot.barh(stacked=True, ax=ax, color=['#4c72b0', '#dd8452', '#55a868'])
-    ax.set_xlabel('boxes'); ax.set_title(f"{V.manifest['version']}: boxes per class and split")
+    "Boxes per class and split, from the manifest (seaborn, one bar per split)."
+    import matplotlib.pyplot as plt, seaborn as sns
+    c = pd.DataFrame(V.manifest['counts']['boxes_per_class']).T.reindex(columns=list(SPLITS)).fillna(0)
+    long = c.rename_axis('class').reset_index().melt('class', var_name='split', value_name='boxes')
+    ax = ax or plt.subplots(figsize=(7, 0.38 * len(c) + 1.2))[1]
+    sns.barplot(long, y='class', x='boxes', hue='split', hue_order=list(SPLITS), order=list(c.index), ax=ax)
+    ax.set_xlabel('boxes (count)'); ax.set_ylabel(''); ax.set_title(f"{V.manifest['version']}: boxes per class and split")
+    return ax
+
+def plot_roles(V: Version, ax=None):
+    "Images per split and role (positive, negative = No Finding, image-level), from the manifest."
+    import matplotlib.pyplot as plt, seaborn as sns
+    r = pd.DataFrame(V.manifest['counts']['roles']).reindex(columns=list(SPLITS)).fillna(0)
+    long = r.rename_axis('role').reset_index().melt('role', var_name='split', value_name='images')
+    ax = ax or plt.subplots(figsize=(7, 2.6))[1]
+    sns.barplot(long, x='images', y='split', hue='role', order=list(SPLITS), ax=ax)
+    ax.set_xlabel('images (count)'); ax.set_ylabel(''); ax.set_title('images per split and role')
     return ax
 
 def plot_box_sizes(V: Version, ax=None):
-    "Distribution of box size (square root of area, output pixels) per class."
-    import matplotlib.pyplot as plt
+    "Distribution of box size (square root of area, output pixels) per class: box plot with every box as a dot."
+    import matplotlib.pyplot as plt, seaborn as sns
     b = V.boxes.assign(side=np.sqrt((V.boxes.x1 - V.boxes.x0) * (V.boxes.y1 - V.boxes.y0)))
-    order = b.groupby('cls').side.median().sort_values().index
-    ax = ax or plt.subplots(figsize=(7, 0.35 * len(order) + 1))[1]
-    ax.boxplot([b.side[b.cls == c] for c in order], vert=False, tick_labels=list(order))
-    ax.set_xscale('log'); ax.set_xlabel('sqrt(box area), output px'); ax.set_title('box sizes')
+    order = list(b.groupby('cls').side.median().sort_values().index)
+    ax = ax or plt.subplots(figsize=(7, 0.38 * len(order) + 1.2))[1]
+    sns.boxplot(b, x='side', y='cls', order=order, log_scale=True, color='0.85', fliersize=0, ax=ax)
+    sns.stripplot(b, x='side', y='cls', order=order, size=2.5, alpha=.6, ax=ax)
+    ax.set_xlabel('sqrt(box area), output px (log scale)'); ax.set_ylabel(''); ax.set_title('box sizes per class')
     return ax
 
 def show_steps(p, V: Version, image_id: str, axs=None):

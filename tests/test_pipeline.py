@@ -44,6 +44,10 @@ def test_chain_writes_reports_and_index(chain):
     L = Links(); L.feed(index)
     assert sorted(L.hrefs) == sorted(f'{run.name}/{f}' for f in ('10_prepare.html', '20_train.html', '40_explain.html'))
     assert all((vdir / h).is_file() for h in L.hrefs)
+    assert index.count("<img alt='froc_roc.png'") == 1 and 'data:image/png;base64' in index      # the newest run's FROC
+    top = (cwd / 'reports' / 'index.html').read_text()                                        # every version, one page
+    T = Links(); T.feed(top)
+    assert T.hrefs == [f'{vdir.name}/index.html'] and 'tiny.yaml' in top and 'test AP50' in top and external_refs(top) == []
     # reports open offline: no script, stylesheet or image fetched from the network; plots are embedded
     for f in [vdir / 'index.html', *run.glob('*.html')]:
         h = f.read_text()
@@ -65,6 +69,43 @@ def test_chain_writes_reports_and_index(chain):
     assert sum('image/png' in o.get('data', {}) for o in prep) >= 4 and any(vdir.name in json.dumps(o) for o in prep)
     tr = json.dumps(outs('20_train.ipynb'))
     assert 'image/png' in tr and 'AP50_ultralytics' in tr and 'operating point' in tr
+
+
+def test_reports_open_with_their_findings(chain, tmp_path):
+    """What a reader sees on opening a report in a 1440 x 900 browser window (headless Chromium): the findings block
+    near the top, a figure of the prepare report on the first screen, no code shown until opened; `mammo screenshot`
+    writes that screen as a PNG."""
+    import shutil
+    if not (shutil.which('chromium') and shutil.which('chromedriver')): pytest.skip('no chromium / chromedriver here')
+    import cv2
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    cwd, vdir, _ = chain
+    run = sorted(d for d in vdir.iterdir() if d.is_dir())[0]                 # the chain's first run
+    r = cli('screenshot', run / '10_prepare.html', '--out', tmp_path / 'prepare.png')
+    assert r.returncode == 0, r.stderr
+    assert cv2.imread(str(tmp_path / 'prepare.png')).shape[:2] == (900, 1440)
+    assert cli('screenshot', tmp_path / 'nope.html').returncode == 2
+    opts = webdriver.ChromeOptions()
+    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1440,900'): opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(shutil.which('chromedriver')), options=opts)
+    js_top = "const e = document.querySelector(arguments[0]); return e ? e.getBoundingClientRect().top : null"
+    try:
+        for name, words in (('10_prepare.html', ('Dataset version', 'images per split and role', 'boxes per class and split')),
+                            ('20_train.html', ('Detector', 'AP50', 'sens@1FP', 'image ROC-AUC'))):
+            drv.get((run / name).as_uri())
+            vh = drv.execute_script('return window.innerHeight')
+            top = drv.execute_script(js_top, '.mammo-findings')
+            assert top is not None and 0 <= top < vh / 2, (name, top, vh)
+            block = drv.find_element('css selector', '.mammo-findings').text
+            assert all(w in block for w in words + ('manifest sha256', 'git commit')), (name, block)
+            assert drv.execute_script("return [...document.querySelectorAll('.jp-CodeCell .jp-InputArea')].every(e => "
+                                      "e.closest('details') && !e.closest('details').open && e.innerText === '')"), name  # code folded
+            if name == '10_prepare.html':
+                fig = drv.execute_script("const t = [...document.images].filter(i => i.naturalWidth > 200)"
+                                         ".map(i => i.getBoundingClientRect().top); return t.length ? t[0] : null")
+                assert fig is not None and fig < vh, ('first figure at', fig, 'screen', vh)
+    finally: drv.quit()
 
 
 def test_rerun_skips_unchanged_stages(chain):
