@@ -226,7 +226,7 @@ def run_chain(params_path: str, stages: list[str] | None = None, from_stage: str
                 pm.execute_notebook(str(notebooks_dir() / CHAIN[stage]), str(nb_out), cwd=str(notebooks_dir()),
                                     parameters=dict(params_path=str(Path(params_path).resolve()), root=os.getcwd()),
                                     progress_bar=False, log_output=False, stdout_file=log, stderr_file=log, kernel_name='python3',
-                                    extra_arguments=['--IPKernelApp.log_level=ERROR'])   # no kernel transport warnings
+                                    extra_arguments=['--IPKernelApp.log_level=CRITICAL'])   # no transport warning, no shutdown noise
         except Exception as e:                                      # PapermillExecutionError, kernel death, ...
             err = f"{type(e).__name__}: {getattr(e, 'ename', '')} {getattr(e, 'evalue', e)}".strip()
         html_f = render_html(nb_out) if nb_out.exists() else None
