@@ -261,11 +261,15 @@ class Scored:
 
 # %% ../nbs/08_metrics.ipynb #579c479e
 def group_weights(units, n: int, seed: int = 0):
-    "Yield `n` per-image weight vectors, each from one resample of the units (e.g. patients) with replacement."
+    """Yield `n` per-image weight vectors, each from one resample of the units (e.g. patients) with replacement. Units
+    are numbered in the order they first appear (the images' order), not by their names: the names are keyed
+    pseudonyms, and the resamples, hence the intervals, must not depend on the key that made them."""
     rng = np.random.default_rng(seed)
-    u, inv = np.unique(np.asarray(units).astype(str), return_inverse=True)
+    _, first, inv = np.unique(np.asarray(units).astype(str), return_index=True, return_inverse=True)
+    inv = np.argsort(np.argsort(first))[inv]            # unit -> rank of its first appearance
+    m = len(first)
     for _ in range(n):
-        counts = np.bincount(rng.integers(0, len(u), len(u)), minlength=len(u))
+        counts = np.bincount(rng.integers(0, m, m), minlength=m)
         yield counts[inv].astype(float)
 
 def unit_name(units) -> str:
@@ -305,7 +309,7 @@ def sens_spec(y: np.ndarray, s: np.ndarray, thr: float, w: np.ndarray | None = N
     return float(se), float(sp)
 
 # %% ../nbs/08_metrics.ipynb #a0c3dc93
-SCORING = 3          # version of the scoring code: a metrics.json from another version is recomputed
+SCORING = 4          # version of the scoring code: a metrics.json from another version is recomputed
 
 def conventions(hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int = 100, n_boot: int = 1000,
                 ci: float = 0.95, seed: int = 0, unit: str = 'patient') -> dict:

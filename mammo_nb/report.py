@@ -16,7 +16,7 @@ from .metrics import fmt_ci
 # %% auto #0
 __all__ = ['PALETTE', 'PACKAGES', 'theme', 'findings', 'folded', 'captured', 'environment', 'recipe_and_environment',
            'version_facts', 'prepare_findings', 'detector_table', 'auc_table', 'detector_findings', 'plot_epochs',
-           'screenshot']
+           'plot_intervals', 'screenshot']
 
 # %% ../nbs/09a_report.ipynb #6441fd44
 PALETTE = 'colorblind'
@@ -161,6 +161,22 @@ def plot_epochs(results_csv: str | Path, axs=None):
                      hue='metric', marker='o', ax=axs[1])
     axs[1].set(xlabel='epoch', ylabel='mAP (val, all classes)', title='validation (ultralytics)', ylim=(0, None))
     return axs
+
+
+# %% ../nbs/09a_report.ipynb #f2202ccb
+def plot_intervals(rows: dict, ax=None, xlabel: str = '', title: str = ''):
+    "One row per label of `rows` (label -> {value, lo, hi}): the point at `value`, a line from `lo` to `hi` where known."
+    import matplotlib.pyplot as plt, seaborn as sns
+    labels = [k for k, d in rows.items() if d and d.get('value') is not None]
+    ax = ax or plt.subplots(figsize=(6, 0.45 * len(labels) + 1.2))[1]
+    col = sns.color_palette(PALETTE)[0]
+    for y, k in enumerate(labels):
+        d = rows[k]
+        if d.get('lo') is not None and d.get('hi') is not None: ax.hlines(y, d['lo'], d['hi'], color=col, lw=2)
+        ax.plot(d['value'], y, 'o', color=col)
+    ax.set_yticks(range(len(labels)), labels); ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title, xlim=(0, 1.02))
+    return ax
 
 
 # %% ../nbs/09a_report.ipynb #2b4e36c2

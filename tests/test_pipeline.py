@@ -146,7 +146,8 @@ def test_failing_stage_stops_with_a_rendered_error(chain):
     assert 'failed' in (vdir / 'index.html').read_text()
     # fixed recipe (and a changed evaluation setting), resumed from the failed stage: that stage and every one after it
     # run, none before, and the changed setting is applied (the trained run is reused)
-    bad.write_text(f"base: {ROOT / 'params/tiny.yaml'}\nevaluate: {{bootstrap: 20}}\n")
+    bad.write_text(f"base: {ROOT / 'params/tiny.yaml'}\nevaluate: {{bootstrap: 20}}\n"
+                   "explain: {methods: [eigencam], max_lesions: 4, n_original: 0}\n")       # resume semantics, not the maps
     r = mammo('run', bad, '--from', 'train', cwd=cwd)
     assert 'prepare' not in r.stdout.split('index:')[0] and 'train: ok' in r.stdout and 'explain: ok' in r.stdout
     assert _metrics(cwd)['conventions']['bootstrap']['n'] == 20

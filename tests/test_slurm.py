@@ -97,7 +97,8 @@ def test_chain_on_real_slurm(slurm, tiny_set, tmp_path):
         f.write_text(yaml.safe_dump({'base': str(ROOT / 'params/tiny.yaml'), 'source': {'root': str(tiny_set)},   # no synth job
                                      'slurm': {'partition': 'debug', 'gpu_partition': 'debug', 'gres': '', 'shards': 2,
                                                'cpus': 1, 'gpu_cpus': 1, 'time': '00:15:00', 'gpu_time': '00:15:00'},
-                                     'train': {'epochs': 1}}))
+                                     'train': {'epochs': 1},
+                                     'explain': {'methods': ['eigencam'], 'max_lesions': 4, 'n_original': 0}}))   # the chain, not the maps
         t0 = time.time()
         r = mammo('slurm', f, '--submit', cwd=tmp_path)
     finally:
