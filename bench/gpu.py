@@ -97,14 +97,11 @@ class GPUSampler(threading.Thread):
 
 def bench_train(recipe: Path, epochs: int, overrides: dict) -> dict:
     from mammo_nb.params import load_params
-    from mammo_nb.pipeline import stage_prepare, stage_synth
-    from mammo_nb.prepare import version_dir
+    from mammo_nb.prepare import prepare, version_dir
     from mammo_nb.train import check_version, train_run
     p = load_params(recipe, {**overrides, 'train': {'epochs': epochs, 'val_every': epochs, **overrides.get('train', {})}})
     t = time.perf_counter()
-    if not (version_dir(p) / 'manifest.json').exists():
-        if p.source.root is None: stage_synth(p, progress=False)
-        stage_prepare(p, progress=False)
+    if not (version_dir(p) / 'manifest.json').exists(): prepare(p, progress=False)      # writes the synthetic set first if needed
     prep_s = time.perf_counter() - t
     V = check_version(p)
     model = p.train.model if isinstance(p.train.model, str) else p.train.model[0]
@@ -135,9 +132,9 @@ def main(argv=None):
                 gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, cpu_count=os.cpu_count())
     if a.tiny:
         from mammo_nb.params import load_params
+        from mammo_nb.prepare import source_root
         recipe, epochs, ov = Path(a.tiny), a.epochs or 1, {}
-        p = load_params(recipe)
-        src = Path(p.source.root) if p.source.root else Path(p.synth.out)
+        src = source_root(load_params(recipe))
     else:
         n = os.cpu_count() or 1                            # a GPU node's cores write and prepare the version
         recipe, epochs, ov = ROOT / 'params' / 'gpu.yaml', a.epochs or 3, {'synth': {'workers': n}, 'prepare': {'workers': n}}

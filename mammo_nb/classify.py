@@ -265,10 +265,6 @@ def _apply_schedule(trainer):
         with open(Path(trainer.save_dir) / 'schedule.jsonl', 'a') as fh: fh.write(json.dumps(rec) + '\n')
 
 # %% ../nbs/14_classify.ipynb #11fd1cc7
-def _wauc(y, s, w, f):
-    try: return float(f(y, s, w)) if len(np.unique(y[w > 0])) == 2 else np.nan
-    except ValueError: return np.nan
-
 def binary_metrics(y, s, units, thr: float, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
     """ROC-AUC, PR-AUC, prevalence, sensitivity and specificity at `thr`, each {value, lo, hi, n_boot}, resampling
     `units` (each item's split group: its patient, else its study)."""
@@ -277,7 +273,7 @@ def binary_metrics(y, s, units, thr: float, n_boot: int = 1000, seed: int = 0, c
         w = np.ones(len(y)) if w is None else w
         tp, fn = (w * ((s >= thr) & (y == 1))).sum(), (w * ((s < thr) & (y == 1))).sum()
         tn, fp = (w * ((s < thr) & (y == 0))).sum(), (w * ((s >= thr) & (y == 0))).sum()
-        return dict(roc_auc=_wauc(y, s, w, roc_auc), pr_auc=_wauc(y, s, w, average_precision),
+        return dict(roc_auc=roc_auc(y, s, w), pr_auc=average_precision(y, s, w) if len(np.unique(y[w > 0])) == 2 else np.nan,
                     prevalence=(w * y).sum() / w.sum() if w.sum() else np.nan,
                     sensitivity=tp / (tp + fn) if tp + fn else np.nan, specificity=tn / (tn + fp) if tn + fp else np.nan)
     out = _clean(bootstrap(figs, units, n_boot, seed, ci))

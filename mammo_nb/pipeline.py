@@ -260,6 +260,19 @@ def _thumb(png: Path, width: int = 360) -> str:
     if not Path(png).is_file(): return ''
     return f"<img alt='{html.escape(Path(png).name)}' width='{width}' src='data:image/png;base64,{base64.b64encode(Path(png).read_bytes()).decode()}'>"
 
+_CSS = ('<style>body{font:14px system-ui,sans-serif;margin:2em} table{border-collapse:collapse} td,th{border:1px solid #ccc;'
+        'padding:.4em .6em;vertical-align:top} .failed{color:#b00} .ok{color:#070} .skipped{color:#777} small{color:#555}</style>')
+
+def _page(title: str, body: str) -> str:
+    "A self-contained HTML page (the indexes' shared head and style)."
+    return f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>{_CSS}</head><body>{body}</body></html>'
+
+def _headline_html(headline: dict, keep=lambda k: True, thumbs: dict | None = None) -> str:
+    "One line per run of a run.json headline (figures whose name passes `keep`), each with its thumbnail from `thumbs`."
+    e = html.escape
+    return ''.join(f"<div><b>{e(run)}</b>: " + '; '.join(f"{e(k)} {e(str(v))}" for k, v in h.items() if keep(k))
+                   + (f"<br>{_thumb(thumbs[run])}" if thumbs and run in thumbs else '') + '</div>' for run, h in (headline or {}).items())
+
 def write_index(vdir: Path, thumbs: dict | None = None) -> Path:
     """Rebuild `reports/<version>/index.html` from the `run.json` of every run under it; `thumbs` (run name -> FROC/ROC
     PNG) are embedded beside the newest run's headline."""
@@ -271,16 +284,11 @@ def write_index(vdir: Path, thumbs: dict | None = None) -> Path:
                       f"{' %.0f s' % s['seconds'] if s.get('seconds') else ''}</small>" if s.get('report')
                       else f"{e(s['stage'])} <small>{s['status']}</small>" for s in r['stages'])
         err = ''.join(f"<div class='failed'>{e(s['stage'])}: {e(s['error'][:300])}</div>" for s in r['stages'] if s.get('error'))
-        head = ''.join(f"<div><b>{e(run)}</b>: " + '; '.join(f"{e(k)} {e(str(v))}" for k, v in h.items())
-                       + (f"<br>{_thumb((thumbs or {}).get(run, ''))}" if i == 0 and thumbs else '') + '</div>'
-                       for run, h in (r.get('headline') or {}).items())
+        head = _headline_html(r.get('headline'), thumbs=thumbs if i == 0 else None)
         rows.append(f"<tr><td>{e(r['run_id'])}</td><td class='{r['status']}'>{r['status']}</td><td>{e(r['recipe'])}<br>"
                     f"<small>mammo_nb {e(str(r['package']))} @ {e(str(r['git_commit'])[:10])}</small></td><td>{st}{err}</td><td>{head}</td></tr>")
-    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(Path(vdir).name)} reports</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:.4em .6em;vertical-align:top}}
-.failed{{color:#b00}} .ok{{color:#070}} .skipped{{color:#777}} small{{color:#555}}</style></head><body>
-<h1>Dataset version {e(Path(vdir).name)}</h1><p>{len(runs)} run(s), newest first. Reports open offline.</p>
-<table><tr><th>run</th><th>status</th><th>recipe / code</th><th>stages</th><th>headline (test)</th></tr>{''.join(rows)}</table></body></html>"""
+    page = _page(f'{Path(vdir).name} reports', f"""<h1>Dataset version {e(Path(vdir).name)}</h1><p>{len(runs)} run(s), newest first. Reports open offline.</p>
+<table><tr><th>run</th><th>status</th><th>recipe / code</th><th>stages</th><th>headline (test)</th></tr>{''.join(rows)}</table>""")
     f = Path(vdir) / 'index.html'
     f.write_text(page)
     return f
@@ -295,17 +303,13 @@ def write_reports_index(out: str | Path = 'reports') -> Path:
         if not runs: continue
         last = runs[-1]
         ok = next((r for r in reversed(runs) if r['status'] == 'ok' and r.get('headline')), None)
-        head = ''.join(f"<div><b>{e(run)}</b>: " + '; '.join(f"{e(k)} {e(str(v))}" for k, v in h.items() if k.startswith('test'))
-                       + '</div>' for run, h in (ok or {}).get('headline', {}).items())
+        head = _headline_html((ok or {}).get('headline'), keep=lambda k: k.startswith('test'))
         when = f"{last['run_id'][:4]}-{last['run_id'][4:6]}-{last['run_id'][6:8]} {last['run_id'][9:11]}:{last['run_id'][11:13]}"
         rows.append((last['run_id'], f"<tr><td><a href='{e(vdir.name)}/index.html'>{e(vdir.name)}</a></td><td>{e(Path(last['recipe']).name)}</td>"
                      f"<td>{e(when)}</td><td class='{last['status']}'>{last['status']}</td><td>{len(runs)}</td><td>{head}</td></tr>"))
     rows = [r for _, r in sorted(rows, reverse=True)]
-    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mammo_nb reports</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:.4em .6em;vertical-align:top}}
-.failed{{color:#b00}} .ok{{color:#070}} small{{color:#555}}</style></head><body>
-<h1>mammo_nb reports</h1><p>{len(rows)} dataset version(s), the most recently run first. Headline: test split of the last successful run.</p>
-<table><tr><th>version</th><th>recipe</th><th>last run</th><th>status</th><th>runs</th><th>headline (test)</th></tr>{''.join(rows)}</table></body></html>"""
+    page = _page('mammo_nb reports', f"""<h1>mammo_nb reports</h1><p>{len(rows)} dataset version(s), the most recently run first. Headline: test split of the last successful run.</p>
+<table><tr><th>version</th><th>recipe</th><th>last run</th><th>status</th><th>runs</th><th>headline (test)</th></tr>{''.join(rows)}</table>""")
     f = Path(out) / 'index.html'
     f.write_text(page)
     return f

@@ -16,7 +16,8 @@ from .metrics import fmt_ci
 # %% auto #0
 __all__ = ['PALETTE', 'PACKAGES', 'theme', 'findings', 'folded', 'captured', 'environment', 'recipe_and_environment',
            'version_facts', 'prepare_findings', 'detector_table', 'auc_table', 'detector_findings', 'plot_epochs',
-           'plot_intervals', 'screenshot']
+           'plot_intervals', 'selftrain_findings', 'plot_rounds', 'cv_findings', 'plot_folds', 'explain_findings',
+           'screenshot']
 
 # %% ../nbs/09a_report.ipynb #6441fd44
 PALETTE = 'colorblind'
@@ -95,10 +96,10 @@ def recipe_and_environment(p):
 # %% ../nbs/09a_report.ipynb #90d0d49d
 def version_facts(V, recipe: str) -> dict:
     "What a version report names: version, recipe, package and commit that built it, manifest hash."
-    import hashlib
+    from mammo_nb.prepare import file_sha256
     m = V.manifest
     return {'version': m['version'], 'recipe': recipe, 'package': f"mammo_nb {m['code']['version']}", 'git commit': m['code']['git_commit'],
-            'manifest sha256': hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest()[:16]}
+            'manifest sha256': file_sha256(V.dir / 'manifest.json')[:16]}
 
 def prepare_findings(V, recipe: str):
     "The prepare report's findings block."
@@ -177,6 +178,59 @@ def plot_intervals(rows: dict, ax=None, xlabel: str = '', title: str = ''):
     ax.set_yticks(range(len(labels)), labels); ax.invert_yaxis()
     ax.set(xlabel=xlabel, title=title, xlim=(0, 1.02))
     return ax
+
+
+# %% ../nbs/09a_report.ipynb #bf74e70e
+def selftrain_findings(S: dict):
+    "The self-training report's findings block: the rounds table and the round selected, teacher -> best mAP50."
+    from mammo_nb.selftrain import rounds_table
+    r0, rb = S['rounds'][0], S['rounds'][S['best_round']]
+    facts = {'base version': S['base_version'], 'self-training id': S['id'], 'rounds': len(S['rounds']) - 1,
+             'best round': f"{S['best_round']} ({S['rule']})",
+             'val mAP50': f"teacher {r0['val_map50']:.3f} -> best round {rb['val_map50']:.3f} ({rb['val_map50'] - r0['val_map50']:+.3f})",
+             'test mAP50': f"teacher {r0['test_map50']:.3f} -> best round {rb['test_map50']:.3f}"}
+    if S.get('control'): facts['control (extra epochs, no pseudo-labels)'] = f"val {S['control']['val_map50']:.3f}, test {S['control']['test_map50']:.3f}"
+    return findings(f"Self-training {S['id']}", facts, {'per round, on the same val split': rounds_table(S)})
+
+def plot_rounds(S: dict, axs=None):
+    "Per self-training round (and the control): val AP50 of the first class with lesions and val sensitivity at 1 FP/image."
+    import matplotlib.pyplot as plt
+    rounds = S['rounds'] + ([S['control']] if S.get('control') else [])
+    label = lambda r: 'control' if r['round'] == 'control' else f"round {r['round']}"
+    c = next((c for c, v in S['rounds'][0]['val_ap50'].items() if v and v.get('value') is not None), None)
+    if axs is None: axs = plt.subplots(1, 2, figsize=(12, 0.45 * len(rounds) + 1.4))[1]
+    if c: plot_intervals({label(r): r['val_ap50'].get(c) for r in rounds}, axs[0], f'val AP50 {c} (95% CI)', 'per round')
+    plot_intervals({label(r): r['val_froc1'] for r in rounds}, axs[1], 'val sensitivity at 1 FP/image, all lesions (95% CI)', 'per round')
+    return axs
+
+def cv_findings(cv: dict, model: str, V, recipe: str, cv_json: str | Path):
+    "The cross-validation report's findings block for one model: the folds beside the pooled OOF figures, the ensemble."
+    from mammo_nb.cv import ensemble_table, fold_summary
+    facts = {'recipe': recipe, 'version': cv['version'], 'manifest sha256': cv['manifest_sha256'][:16], 'model': model,
+             'run': cv['run'], 'folds': cv['folds'], 'fold seed': cv['seed'], 'package': V.manifest['code']['version'],
+             'git commit': V.manifest['code']['git_commit'], 'cv.json': str(cv_json)}
+    tables = {'per fold (val) and pooled out-of-fold': fold_summary(cv), **({'fold ensemble on test': ensemble_table(cv)} if cv['ensemble'] else {})}
+    return findings(f"Cross-validation of {model}, {cv['folds']} folds", facts, tables)
+
+def plot_folds(cv: dict, axs=None):
+    "Each fold's val figure beside the pooled out-of-fold one: AP50 of the first class with lesions, sensitivity at 1 FP/image."
+    import matplotlib.pyplot as plt
+    fr, oof = cv['fold_rows'], cv['splits']['oof']
+    c = next((c for c, d in oof['per_class'].items() if d['n_gt'] > 0), None)
+    if axs is None: axs = plt.subplots(1, 2, figsize=(12, 0.45 * (len(fr) + 1) + 1.4))[1]
+    if c: plot_intervals({**{f"fold {r['fold']} (val)": r['val']['per_class'].get(c, {}).get('ap50') for r in fr},
+                          'pooled out-of-fold': oof['per_class'][c]['ap50']}, axs[0], f'AP50 {c} (95% CI)', 'folds and pooled')
+    plot_intervals({**{f"fold {r['fold']} (val)": r['val']['all_lesions']['froc'].get('1') for r in fr},
+                    'pooled out-of-fold': oof['all_lesions']['froc'].get('1')}, axs[1], 'sensitivity at 1 FP/image, all lesions (95% CI)', 'folds and pooled')
+    return axs
+
+def explain_findings(V, rd: Path, res: dict, summary: pd.DataFrame):
+    "The explain report's findings block: what was explained, the outcomes, and the pointing game per class, outcome and map."
+    pointing = summary.reset_index().pivot_table(index=['cls', 'outcome'], columns='method', values='pointing').round(2)
+    facts = {'version': V.manifest['version'], 'run': Path(rd).name, 'split': res['split'], 'threshold (from val)': res['threshold'],
+             'maps': ', '.join(res['methods']), 'layers': res['layers'], 'lesions scored': res['lesions_scored'],
+             **{f'{k} marks / lesions': v for k, v in res['outcomes'].items()}}
+    return findings(f'Explanations of {Path(rd).name}', facts, {'pointing game: share of lesions whose map peaks inside the box': pointing})
 
 
 # %% ../nbs/09a_report.ipynb #2b4e36c2
