@@ -40,9 +40,10 @@ check-nbs: install
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
-# one pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once)
+# one pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once); files in
+# tests/conftest.py's order, longest first
 pytest: install
-	$(BIN)/pytest -q -n auto --dist loadfile --durations=15 tests
+	$(BIN)/pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: install
 	$(BIN)/python bench/decode.py data/bench/synth-full

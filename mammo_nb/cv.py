@@ -267,15 +267,17 @@ def ensemble_table(cv: dict) -> pd.DataFrame:
 def plot_froc_bands(cv: dict, ax=None, split: str = 'oof'):
     "FROC of `split` (pooled OOF by default) at the recipe's false-positive rates with the bootstrap interval as a band, per class with lesions and all lesions."
     import matplotlib.pyplot as plt
+    from mammo_nb.report import froc_band
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     s = cv['splits'][split]
     curves = {c: d['froc'] for c, d in s['per_class'].items() if d['n_gt'] > 0}
     curves['all lesions'] = s['all_lesions']['froc']
     for c, fr in curves.items():
-        r = sorted(fr, key=float); x = [float(v) for v in r]
-        v, lo, hi = ([fr[k].get(q) if fr[k].get(q) is not None else np.nan for k in r] for q in ('value', 'lo', 'hi'))
-        line, = ax.plot(x, v, marker='o', lw=2.5 if c == 'all lesions' else 1.2, color='k' if c == 'all lesions' else None, label=c)
-        ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color())
+        r = sorted(fr, key=float)
+        v = [fr[k].get('value') if fr[k].get('value') is not None else np.nan for k in r]
+        line, = ax.plot([float(k) for k in r], v, marker='o', lw=2.5 if c == 'all lesions' else 1.2,
+                        color='k' if c == 'all lesions' else None, label=c)
+        froc_band(ax, fr, line.get_color())
     ax.set(xscale='log', ylim=(0, 1.02), xlabel='false positives per image', ylabel='sensitivity', title=f'FROC, {split} (95% bands)')
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1), frameon=False)
     return ax

@@ -91,46 +91,59 @@ def ultralytics_val(weights, data_yaml, split, out: Path, imgsz, p, device='cpu'
                 confusion_matrix=cm.matrix.astype(int).tolist() if cm is not None else None)
 
 # %% ../nbs/08a_evaluate.ipynb #4eba7750
-def plot_froc(S: Scored, ax=None, title=''):
-    "FROC curves (sensitivity vs false positives per image, log x) of the classes with lesions and of all lesions."
-    import matplotlib.pyplot as plt
+def plot_froc(S: Scored, ax=None, title='', bands: dict | None = None, band_min: int = 10):
+    """FROC curves (sensitivity vs false positives per image, log x) of the classes with lesions and of all lesions.
+    `bands`: the split's entry of metrics.json (`nest`): the legend gives each curve's sensitivity at 1 FP/image with
+    its interval, and the bootstrap interval at each FROC rate is drawn as a band around the curves with at least
+    `band_min` lesions (all lesions always; a band from a handful of lesions spans most of the axis and hides the rest)."""
+    import matplotlib.pyplot as plt, seaborn as sns
+    from mammo_nb.report import PALETTE, froc_band
     ax = ax or plt.subplots(figsize=(5.5, 4))[1]
     curves, nl = S.froc_curves(), S.n_lesions()
-    colours = plt.cm.tab20(np.linspace(0, 1, 20))
-    for k, (c, (fppi, sens)) in enumerate(curves.items()):
-        if nl[c] == 0: continue
-        ax.step(np.maximum(fppi, 1e-3), sens, where='post', lw=2.5 if c == 'all' else 1.2,
-                color='k' if c == 'all' else colours[k % 20], label=f'{c} (n={nl[c]})')
+    shown = [c for c in curves if nl[c] and c != 'all'] + (['all'] if nl.get('all') else [])
+    colours = dict(zip(shown, sns.color_palette(PALETTE, len(shown)))) | {'all': (0.1, 0.1, 0.1)}
+    for k, c in enumerate(shown):
+        fppi, sens = curves[c]
+        fr = None if bands is None else (bands['all_lesions'] if c == 'all' else bands['per_class'].get(c, {})).get('froc')
+        label = f'{c} (n={nl[c]})' + (f"; 1 FP: {fmt_ci(fr.get('1'))}" if fr and '1' in fr else '')
+        sns.lineplot(x=np.maximum(fppi, 1e-3), y=sens, drawstyle='steps-post', estimator=None, sort=False, ax=ax,
+                     color=colours[c], lw=2.5 if c == 'all' else 1.2, ls='--' if 10 <= k < len(shown) - 1 else '-', label=label)
+        if fr and (c == 'all' or nl[c] >= band_min): froc_band(ax, fr, colours[c], 0.12 if c == 'all' else 0.18)
     for r in S.rates: ax.axvline(r, color='0.85', lw=0.8, zorder=0)
     ax.set(xscale='log', xlim=(S.rates[0] / 2, S.rates[-1] * 2), ylim=(0, 1.02), xlabel='false positives per image',
-           ylabel='sensitivity', title=title or 'FROC')
+           ylabel='sensitivity (fraction of lesions)', title=(title or 'FROC') + (' (95% bands)' if bands else ''))
     if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1), frameon=False)
     return ax
 
-def plot_roc(S: Scored, ax=None, title=''):
-    "Image- and breast-level ROC curves from the max box score; the operating point when one is set."
-    import matplotlib.pyplot as plt
+def plot_roc(S: Scored, ax=None, title='', bands: dict | None = None):
+    "Image- and breast-level ROC curves from the max box score, AUC with its interval from `bands`; the operating point when one is set."
+    import matplotlib.pyplot as plt, seaborn as sns
     ax = ax or plt.subplots(figsize=(4.5, 4))[1]
     for lab, (s, y) in (('image', (S.img_score, S.img_label)), ('breast', S.breast_table(np.ones(len(S.images)))[:2])):
         if len(np.unique(y)) < 2: continue
         fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=f'{lab} (AUC {roc_auc_score(y, s):.2f})')
+        auc = fmt_ci(bands[lab]['roc_auc']) if bands and bands.get(lab, {}).get('roc_auc') else f'{roc_auc_score(y, s):.2f}'
+        sns.lineplot(x=fpr, y=tpr, estimator=None, sort=False, ax=ax, label=f'{lab} (AUC {auc})')
     thr = getattr(S, 'threshold', None)
     if thr is not None and np.isfinite(thr):
         se, sp = sens_spec(S.img_label, S.img_score, thr)
         ax.plot(1 - sp, se, 'ko', label=f'operating point (thr {thr:.3f})')
     ax.plot([0, 1], [0, 1], ':', color='0.6')
-    ax.set(xlabel='1 - specificity', ylabel='sensitivity', title=title or 'ROC', xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(xlabel='1 - specificity (fraction of negatives)', ylabel='sensitivity (fraction of positives)',
+           title=title or 'ROC', xlim=(0, 1), ylim=(0, 1.02))
     if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=7, loc='lower right')
     return ax
 
-def save_froc_roc(S: Scored, f: Path, froc_title: str, roc_title: str) -> Path:
-    "FROC and ROC side by side, written to `f` (the figure each evaluation leaves next to its metrics)."
+def save_froc_roc(S: Scored, f: Path, froc_title: str, roc_title: str, bands: dict | None = None) -> Path:
+    "FROC and ROC side by side in the reports' style, written to `f` (the figure each evaluation leaves next to its metrics)."
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
-    plot_froc(S, axs[0], froc_title); plot_roc(S, axs[1], roc_title)
-    fig.tight_layout(); fig.savefig(f, dpi=110); plt.close(fig)
+    from mammo_nb.report import styled
+    with styled():
+        fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
+        plot_froc(S, axs[0], froc_title, bands); plot_roc(S, axs[1], roc_title, bands)
+        fig.tight_layout(); fig.savefig(f, dpi=110); plt.close(fig)
     return f
+
 
 # %% ../nbs/08a_evaluate.ipynb #dbda839b
 def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
@@ -173,7 +186,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         units.update(S.group)
         ul = ultralytics_val(weights, rd / 'data.yaml', split, ev / split, imgsz, p, device)
         out['splits'][split] = nest(B, S, ul)
-        save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}')
+        save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}', out['splits'][split])
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units))
     out = _clean(dict(out, conventions=conv, bootstrap=conv['bootstrap']))
     (ev / 'metrics.json').write_text(json.dumps(out, indent=1))
@@ -263,7 +276,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
                       preprocessing=f"the target version's own (crop, CLAHE {dict(Vy.manifest['clahe'])}); input size {imgsz} (the run's)",
                       splits={split: nest(B, S)}, conventions=conv, bootstrap=conv['bootstrap'], evaluate=dict(e)))
     (out_dir / 'metrics.json').write_text(json.dumps(out, indent=1))
-    save_froc_roc(S, out_dir / 'froc_roc.png', f"FROC, {Vy.manifest['version']} {split}", f'ROC, external {split}')
+    save_froc_roc(S, out_dir / 'froc_roc.png', f"FROC, {Vy.manifest['version']} {split}", f'ROC, external {split}', out['splits'][split])
     return out
 
 def external_runs(rd: Path) -> pd.DataFrame:

@@ -37,6 +37,18 @@ def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(['mammo', *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
+def run_here(*args) -> subprocess.CompletedProcess:
+    """`mammo ARGS` run to completion in this process (`cli`), for a test about what the command does rather than how it
+    starts: no second start-up and torch import (~5 s). Fails the test on a non-zero exit; restores torch's threads
+    (the stages set them)."""
+    import torch
+    n = torch.get_num_threads()
+    try: r = cli(*args)
+    finally: torch.set_num_threads(n)
+    assert r.returncode == 0, f'mammo {" ".join(map(str, args))} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    return r
+
+
 def shared(tmp_path_factory, name, build) -> Path:
     """Folder `name`, filled by `build(folder)` once per test session, also under pytest-xdist: the first worker to
     get here builds it, the others wait on its lock and reuse it."""
@@ -88,12 +100,15 @@ def tiny_run(tiny_set, tmp_path_factory):
     return d / 'recipe.yaml', (d / 'train.out').read_text()
 
 
-# The longest files first (seconds on one core: pipeline ~200, train ~120, slurm ~100, cv ~75, selftrain ~65,
-# classify ~60), so that no pytest-xdist worker starts one of them while the other has nothing left to do.
-_FIRST = ('test_pipeline', 'test_train', 'test_slurm', 'test_cv', 'test_selftrain', 'test_classify', 'test_bench')
+# The longest files first, so that no pytest-xdist worker starts a long one while the other has nothing left to do
+# (Makefile: --no-loadscope-reorder, else xdist orders files by their number of tests). Seconds per file, measured on
+# one pinned core of this 2-core machine (pytest --durations=0, 2026-12-02); files not listed run last.
+SECONDS = {'test_pipeline': 172, 'test_train': 106, 'test_slurm': 96, 'test_adapters': 75, 'test_classify': 70,
+           'test_selftrain': 69, 'test_cv': 66, 'test_prepare': 56, 'test_external': 50, 'test_archive': 23,
+           'test_explain': 23, 'test_synth_cli': 23, 'test_serve': 18, 'test_bench': 12}
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda it: _FIRST.index(it.path.stem) if it.path.stem in _FIRST else len(_FIRST))   # stable
+    items.sort(key=lambda it: -SECONDS.get(it.path.stem, 0))          # stable: a file's tests keep their order
 
 
 # The layouts' recipes: tiny.yaml in another layout; INbreast with params/inbreast.yaml's classes (isolated

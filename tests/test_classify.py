@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, TRAIN, layout_version, mammo
+from conftest import ROOT, TRAIN, layout_version, mammo, run_here
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, version_dir
 
@@ -32,7 +32,7 @@ def patches(tiny_run, tiny_set, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('classify')
     f = recipe(tmp, tiny_set, 'patch', Path(load_params(tiny_run[0]).prepare.out))
     assert version_dir(load_params(f)) == version_dir(load_params(tiny_run[0]))      # the same data params
-    r = mammo('classify', f)
+    r = run_here('classify', f)
     p = load_params(f)
     m = json.loads(next((version_dir(p) / 'classify').glob('patch-*/runs/*/metrics.json')).read_text())
     return tmp, tiny_set, f, p, r, m
@@ -89,7 +89,7 @@ def test_whole_images_next_to_the_detector(patches):
     tmp, raw, f, p, r, m = patches
     # the detector on the same version: the session's tiny run (tiny_run trained it with these train settings)
     g = recipe(tmp, raw, 'image', Path(p.prepare.out), task='image', epochs=2, warmup_balanced=1, freeze_epochs=1, unfreeze_steps=1, unfreeze_every=1)
-    out = mammo('classify', g)
+    out = run_here('classify', g)
     q = load_params(g)
     mi = json.loads(next((version_dir(q) / 'classify').glob('image-*/runs/*/metrics.json')).read_text())
     V = load_version(version_dir(q))
@@ -113,7 +113,7 @@ def test_five_class_patches_on_cbis(tmp_path):
     f.write_text(yaml.safe_dump(d))
     mammo('synth', '--params', f)
     mammo('prepare', f, '--quiet')
-    mammo('classify', f)
+    run_here('classify', f)
     p = load_params(f)
     V = load_version(version_dir(p))
     m = json.loads(next((version_dir(p) / 'classify').glob('patch-pathology-*/runs/*/metrics.json')).read_text())
@@ -133,7 +133,7 @@ def test_scored_on_another_version(patches, tmp_path_factory):
     classifier's settings), at the threshold chosen on the training version's val, with patient-bootstrap figures."""
     tmp, raw, f, p, r, m = patches
     _, g, _, _ = layout_version(tmp_path_factory, 'inbreast')
-    out = mammo('classify', f, '--on', g, '--split', 'all')
+    out = run_here('classify', f, '--on', g, '--split', 'all')
     x = json.loads(next(Path(m['run']).glob('external/*/metrics.json')).read_text())
     s = x['splits']['all']['items']
     assert x['threshold']['value'] == m['splits']['val']['items']['threshold'] and x['trained_on'] != x['scored_on']

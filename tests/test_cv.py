@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch, torchvision
 
-from conftest import BIN, ROOT, TRAIN, cli, mammo, tiny_recipe
+from conftest import BIN, ROOT, TRAIN, cli, run_here, tiny_recipe
 from mammo_nb.cv import cv_root, fuse_boxes
 from mammo_nb.metrics import BOX, Scored, _clean, bootstrap, box_iou, choose_threshold, fmt_ci, nest, score_predictions
 from mammo_nb.params import load_params
@@ -27,10 +27,7 @@ def cv(tiny_run, tiny_set):
     f = tiny_recipe(Path(f0).parent, tiny_set, p0.prepare.out, name='cv2', split={'folds': 2}, train={**TRAIN, **CV})
     p = load_params(f)
     assert version_dir(p) == version_dir(p0)                     # split.folds does not change the version
-    n = torch.get_num_threads()
-    r = cli('cv', f)                                             # in this process: no second start-up and torch import
-    torch.set_num_threads(n)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_here('cv', f)
     return f, p, r.stdout, json.loads((cv_root(p) / run_name(p, 'yolov8n.yaml') / 'cv.json').read_text())
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, mammo
+from conftest import run_here
 from mammo_nb.clahe import to_original
 from mammo_nb.metrics import box_iou
 from mammo_nb.explain import Detector, letterbox, unletterbox, cam, BoxClassTarget, anchor_centres, to_original_grid
@@ -23,7 +23,7 @@ from mammo_nb.train import run_dir
 def explained(tiny_run):
     "CAMs of the session's tiny run (its recipe's explain section: threshold 0.001, 2 per class, 300 lesions)."
     f, _ = tiny_run
-    r = mammo('explain', f)
+    r = run_here('explain', f)
     p = load_params(f)
     return p, run_dir(p, 'yolov8n.yaml'), r
 

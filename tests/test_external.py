@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, layout_version, mammo, tiny_recipe
+from conftest import cli, layout_version, run_here, tiny_recipe
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
 from mammo_nb.train import run_dir
@@ -28,7 +28,7 @@ def test_scored_on_inbreast_and_cbis(tiny_run, targets):
     run = run_dir(p, 'yolov8n.yaml')
     internal = json.loads((run / 'eval' / 'metrics.json').read_text())
     for layout, g in targets.items():
-        r = mammo('evaluate', f, '--run', str(run), '--on', g, '--split', 'all')
+        r = run_here('evaluate', f, '--run', str(run), '--on', g, '--split', 'all')
         m = _external(run, g)
         classes = load_params(g).prepare.classes
         al = m['class_alignment']
@@ -53,12 +53,12 @@ def test_overlap_refused_then_allowed_and_counted(tiny_run, tiny_set, tmp_path):
     p = load_params(f)
     run = run_dir(p, 'yolov8n.yaml')
     g = tiny_recipe(Path(f).parent, tiny_set, p.prepare.out, name='resized', clahe={'long_side': 192})
-    mammo('prepare', g, '--quiet')
+    run_here('prepare', g, '--quiet')
     r = cli('evaluate', f, '--run', str(run), '--on', g, '--class-map', 'Mass')
     assert r.returncode == 2 and '--class-map takes RUN=OTHER' in r.stderr and 'Traceback' not in r.stderr
     r = cli('evaluate', f, '--run', str(run), '--on', g)
     assert r.returncode == 2 and 'share' in r.stderr and '--allow-overlap' in r.stderr and 'Traceback' not in r.stderr
-    mammo('evaluate', f, '--run', str(run), '--on', g, '--allow-overlap')
+    run_here('evaluate', f, '--run', str(run), '--on', g, '--allow-overlap')
     m = _external(run, g)
     n = json.loads((version_dir(load_params(g)) / 'manifest.json').read_text())['counts']['images']
     assert m['overlap'] == dict(images=n, patients=m['overlap']['patients'], same_pseudonym_key=True, files_compared=True, allowed=True)

@@ -113,22 +113,14 @@ def test_rerun_skips_unchanged_stages(chain):
     r = mammo('run', ROOT / 'params/tiny.yaml', cwd=cwd)
     assert 'prepare: skipped' in r.stdout and 'train: skipped' in r.stdout and 'explain: skipped' in r.stdout
     # a changed setting of the train stage (its evaluation's: the trained run is reused) changes the fingerprint of
-    # train and of every stage after it, not of prepare (the failing-stage test below runs it); --force reruns an
-    # unchanged stage all the same
-    f = cwd / 'more.yaml'
-    f.write_text(f"base: {ROOT / 'params/tiny.yaml'}\nevaluate: {{bootstrap: 20}}\n")
+    # train and of every stage after it, not of prepare; one of explain's changes only explain's (the failing-stage
+    # test below runs such a change)
     state = json.loads((vdir / 'stages.json').read_text())
-    q = load_params(f)
-    assert fingerprint(q, 'prepare') == state['prepare']['fingerprint']
-    assert fingerprint(q, 'train') != state['train']['fingerprint'] and fingerprint(q, 'explain') != state['explain']['fingerprint']
-    r = mammo('run', ROOT / 'params/tiny.yaml', '--stages', 'prepare', '--force', cwd=cwd)
-    assert 'prepare: ok' in r.stdout and 'train' not in r.stdout.split('index:')[0]
-
-
-def _metrics(cwd: Path) -> dict:
-    "The chain's metrics.json (the tiny recipe trains one run)."
-    (f,) = cwd.glob('**/runs/*/eval/metrics.json')
-    return json.loads(f.read_text())
+    for change, changed in (('evaluate: {bootstrap: 20}', {'train', 'explain'}), ('explain: {methods: [eigencam]}', {'explain'})):
+        f = cwd / 'more.yaml'
+        f.write_text(f"base: {ROOT / 'params/tiny.yaml'}\n{change}\n")
+        q = load_params(f)
+        assert {s for s in ('prepare', 'train', 'explain') if fingerprint(q, s) != state[s]['fingerprint']} == changed, change
 
 
 def test_failing_stage_stops_with_a_rendered_error(chain):
@@ -144,14 +136,16 @@ def test_failing_stage_stops_with_a_rendered_error(chain):
     rec = json.loads((report.parent / 'run.json').read_text())
     assert rec['status'] == 'failed' and rec['stages'][-1]['stage'] == 'train'      # explain never started
     assert 'failed' in (vdir / 'index.html').read_text()
-    # fixed recipe (and a changed evaluation setting), resumed from the failed stage: that stage and every one after it
-    # run, none before, and the changed setting is applied (the trained run is reused)
-    bad.write_text(f"base: {ROOT / 'params/tiny.yaml'}\nevaluate: {{bootstrap: 20}}\n"
+    # the recipe fixed (and an explain setting changed), resumed from the failed stage: that stage and every one after
+    # it run, none before, and the changed setting is applied
+    bad.write_text(f"base: {ROOT / 'params/tiny.yaml'}\n"
                    "explain: {methods: [eigencam], max_lesions: 4, n_original: 0}\n")       # resume semantics, not the maps
     r = mammo('run', bad, '--from', 'train', cwd=cwd)
     assert 'prepare' not in r.stdout.split('index:')[0] and 'train: ok' in r.stdout and 'explain: ok' in r.stdout
-    assert _metrics(cwd)['conventions']['bootstrap']['n'] == 20
-    assert json.loads((vdir / 'stages.json').read_text())['train']['fingerprint'] == fingerprint(load_params(bad), 'train')
+    (ex,) = cwd.glob('**/runs/*/explain/explain.json')
+    assert json.loads(ex.read_text())['methods'] == ['eigencam']
+    state = json.loads((vdir / 'stages.json').read_text())
+    assert all(state[s]['fingerprint'] == fingerprint(load_params(bad), s) and state[s]['status'] == 'ok' for s in ('train', 'explain'))
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):

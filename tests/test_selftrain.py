@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, mammo
+from conftest import ROOT, mammo, run_here
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, version_dir
 from mammo_nb.selftrain import hide_labels, unlabeled_pool
@@ -28,7 +28,7 @@ def run(tiny_set, tmp_path_factory):
     f = tmp / 'st.yaml'
     f.write_text(yaml.safe_dump(d))
     mammo('prepare', f, '--quiet')
-    r = mammo('selftrain', f)
+    r = run_here('selftrain', f)
     p = load_params(f)
     st = next((version_dir(p) / 'selftrain').iterdir())
     return f, p, r, st, json.loads((st / 'selftrain.json').read_text())

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, TRAIN, cli, mammo, tiny_recipe
+from conftest import BIN, ROOT, TRAIN, cli, mammo, run_here, tiny_recipe
 from mammo_nb.evaluate import ultralytics_val
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
@@ -54,7 +54,7 @@ def test_train_then_evaluate_end_to_end(trained):
     assert 'test all-lesion sens@1FP' in r                  # the CLI prints the headline figures
     # rerunning the recipe finds the finished run: nothing retrained, evaluation reused
     before = (rd / 'train.json').stat().st_mtime_ns, (rd / 'eval/metrics.json').stat().st_mtime_ns
-    mammo('train', f)
+    run_here('train', f)
     assert ((rd / 'train.json').stat().st_mtime_ns, (rd / 'eval/metrics.json').stat().st_mtime_ns) == before
 
 
@@ -119,10 +119,11 @@ def test_focal_bce_known_values():
     torch.testing.assert_close(FocalBCE(0.0)(x, t), torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction='none'))
 
 
-def test_resume_after_kill(tiny_set, tmp_path):
-    f = recipe(tmp_path, tiny_set, tmp_path / 'versions', train={'epochs': 6, 'evaluate': False, 'val_every': 2})
-    mammo('prepare', f, '--quiet')
+def test_resume_after_kill(trained, tmp_path):
+    _, p, _ = trained                                          # the session's version, a run of its own
+    f = recipe(tmp_path, p.source.root, p.prepare.out, train={'epochs': 6, 'evaluate': False, 'val_every': 2, 'run_name': 'killed'})
     rd = run_dir(load_params(f), 'yolov8n.yaml')
+    assert rd == version_dir(p) / 'runs' / 'killed'
     proc = subprocess.Popen([str(BIN / 'mammo'), 'train', str(f)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -178,7 +179,7 @@ def test_model_comparison_table(trained, tiny_set, tmp_path):
     g = recipe(tmp_path, tiny_set, Path(p.prepare.out), name='cmp',
                train={**TRAIN, 'model': ['yolov8n.yaml', 'yolo11n.yaml']})
     assert run_dir(load_params(g), 'yolov8n.yaml') == run_dir(p, 'yolov8n.yaml')   # the session's run: found finished
-    r = mammo('train', g)                                                             # only yolo11n trains
+    r = run_here('train', g)                                                          # only yolo11n trains
     cmp = version_dir(p) / 'runs' / 'comparison-test.csv'
     assert str(cmp) in r.stdout
     t = pd.read_csv(cmp, index_col=0)
