@@ -25,10 +25,11 @@ from .prepare import SPLITS, Version, _json, file_sha256
 from .train import TrainError, check_device, check_version, cpu_threads, threaded
 
 # %% auto #0
-__all__ = ['KIND', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset', 'PhaseSampler',
-           'WeightedCE', 'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'cls_predict',
-           'load_items', 'item_scores', 'item_figures', 'classify', 'detector_same_images', 'metrics_table',
-           'show_examples', 'classify_external']
+__all__ = ['KIND', 'BACKBONES', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset',
+           'model_file', 'backbone_blocks', 'load_backbone', 'PhaseSampler', 'WeightedCE', 'BinaryLoss',
+           'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'cls_predict', 'load_items',
+           'item_scores', 'item_figures', 'classify', 'detector_same_images', 'metrics_table', 'show_examples',
+           'classify_external']
 
 # %% ../nbs/14_classify.ipynb #7537226f
 KIND = {'Mass': 'mass', 'Suspicious Calcification': 'calc'}
@@ -155,6 +156,52 @@ def _pad(a: np.ndarray, S: int) -> np.ndarray:
     "A crop at the image edge, padded to `S` x `S` with black (outside the breast)."
     return a if a.shape[:2] == (S, S) else cv2.copyMakeBorder(a, 0, S - a.shape[0], 0, S - a.shape[1], cv2.BORDER_CONSTANT, value=0)
 
+# %% ../nbs/14_classify.ipynb #dfb3001b
+# name -> (channels out of the kept layers, trailing layers cut: the pooling and the ImageNet head)
+BACKBONES = {'resnet18': (512, 2), 'resnet34': (512, 2), 'resnet50': (2048, 2), 'resnet101': (2048, 2),
+             'efficientnet_b0': (1280, 2), 'densenet121': (1024, 1), 'vgg16_bn': (512, 2), 'mobilenet_v2': (1280, 1)}
+
+def model_file(name: str, out: Path) -> str:
+    """What ultralytics builds for `classify.model`: a torchvision name becomes the model file `out/<name>-cls.yaml`
+    (ultralytics' `TorchVision` module, random weights, then its `Classify` head); a `-cls.yaml` or `.pt` is used as it is."""
+    if name not in BACKBONES: return name
+    import yaml
+    c2, cut = BACKBONES[name]
+    f = Path(out) / f'{name}-cls.yaml'
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(yaml.safe_dump({'nc': 2, 'backbone': [[-1, 1, 'TorchVision', [c2, name, None, True, cut]]],
+                                 'head': [[-1, 1, 'Classify', ['nc']]]}, default_flow_style=None, sort_keys=False))
+    return str(f)
+
+def backbone_blocks(model) -> list[torch.nn.Module]:
+    """The backbone's blocks, input to output: the units progressive unfreezing groups. For a torchvision network,
+    its top-level stages; for YOLOv8-cls, its layers before the `Classify` head."""
+    from ultralytics.nn.modules import TorchVision
+    layers = list(model.model[:-1])
+    if len(layers) == 1 and isinstance(layers[0], TorchVision): return list(layers[0].m.children())
+    return layers
+
+def _cut(net: torch.nn.Module, cut: int) -> torch.nn.Sequential:
+    "`net`'s top-level layers (a first `Sequential` opened one level), the last `cut` dropped: what `TorchVision` keeps."
+    layers = list(net.children())
+    if isinstance(layers[0], torch.nn.Sequential): layers = [*layers[0].children(), *layers[1:]]
+    return torch.nn.Sequential(*(layers[:-cut] if cut else layers))
+
+def load_backbone(model, name: str, f: str | Path) -> int:
+    """Copy torchvision `name`'s weights from the state-dict file `f` into `model`'s backbone (its ImageNet head is not
+    used); `TrainError` naming the file when it is not a `name` state dict. Returns the number of tensors copied."""
+    import torchvision
+    try:
+        sd = torch.load(f, map_location='cpu', weights_only=True)
+        net = torchvision.models.get_model(name, weights=None)
+        net.load_state_dict(sd.get('state_dict', sd) if isinstance(sd, dict) else sd)
+    except Exception as e: raise TrainError(f"classify.weights '{f}' is not a {name} state dict ({type(e).__name__}: {str(e)[:150]})") from None
+    kept = _cut(net, BACKBONES[name][1]).state_dict()
+    backbone_blocks(model)                                           # (a torchvision backbone: model.model[0].m)
+    model.model[0].m.load_state_dict(kept)
+    return len(kept)
+
+
 # %% ../nbs/14_classify.ipynb #19335dcc
 class PhaseSampler(torch.utils.data.Sampler):
     """Epochs before `balanced_until`: a balanced subset (every class drawn as often as the rarest, without
@@ -189,6 +236,24 @@ class WeightedCE:
         loss = torch.nn.functional.cross_entropy(preds, batch['cls'], weight=w, reduction='mean')
         return loss, {'loss': loss.detach()}
 
+class BinaryLoss:
+    """A binary criterion on a 2-class head's logit difference `z` (positive minus negative logit, so `sigmoid(z)` is
+    the softmax probability of the positive class): BCE-with-logits with `pos_weight` on the positives (the RSNA work's
+    negatives / positives), or with `gamma` set the sigmoid focal loss (Lin et al.; `alpha` < 0: no class weighting)."""
+    def __init__(self, pos: int, pos_weight: float | None = None, gamma: float | None = None, alpha: float = -1.0):
+        self.pos, self.pos_weight, self.gamma, self.alpha = pos, pos_weight, gamma, alpha
+    def __call__(self, preds, batch):
+        preds = preds[1] if isinstance(preds, (list, tuple)) else preds
+        z = preds[:, self.pos] - preds[:, 1 - self.pos]
+        t = (batch['cls'] == self.pos).to(z.dtype)
+        if self.gamma is None:
+            pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, dtype=z.dtype, device=z.device)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z, t, pos_weight=pw)
+        else:
+            from torchvision.ops import sigmoid_focal_loss
+            loss = sigmoid_focal_loss(z, t, alpha=self.alpha, gamma=self.gamma, reduction='mean')
+        return loss, {'loss': loss.detach()}
+
 def unfreeze_plan(n_backbone: int, steps: int) -> list[list[int]]:
     "Backbone layer indices unfrozen at each step, top (last) block group first."
     return [list(map(int, g)) for g in np.array_split(np.arange(n_backbone), max(steps, 1))[::-1] if len(g)]
@@ -200,7 +265,8 @@ def trainable_layers(epoch: int, n_backbone: int, freeze_epochs: int, steps: int
     return sorted(i for g in unfreeze_plan(n_backbone, steps)[:k] for i in g)
 
 class MammoClsTrainer(ClassificationTrainer):
-    "ClassificationTrainer + balanced warm-up / weighted loss / progressive unfreezing, from the data dict's `mammo` keys."
+    """ClassificationTrainer + balanced warm-up / weighted or binary loss / progressive unfreezing / a torchvision
+    backbone's local weights, from the data dict's `mammo` keys."""
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.cpu = dict(threads=cpu_threads(self.mc.get('threads')), workers=0) if self.device.type == 'cpu' else None
@@ -213,6 +279,12 @@ class MammoClsTrainer(ClassificationTrainer):
         m = json.loads((Path(self.args.data) / 'mammo_cls.json').read_text()) if (Path(self.args.data) / 'mammo_cls.json').exists() else {}
         d['mammo'] = m
         return d
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        model = super().get_model(cfg, weights, verbose)
+        if self.mc.get('backbone_weights') and weights is None:       # a fresh torchvision backbone: its local weights
+            load_backbone(model, self.mc['backbone'], self.mc['backbone_weights'])
+        return model
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode='train'):
         if mode != 'train': return super().get_dataloader(dataset_path, batch_size, rank, mode)
@@ -227,29 +299,38 @@ class MammoClsTrainer(ClassificationTrainer):
                                   sampler=self.sampler, worker_init_fn=seed_worker, generator=g, pin_memory=False)
 
     def set_class_weights(self):
-        model = unwrap_model(self.model)
-        w = None
-        if self.mc.get('balance') == 'pos_weight':
-            n = np.bincount(self.targets, minlength=self.data['nc']).astype(float)
-            w = np.where(n > 0, n.sum() / np.maximum(n, 1) / (n > 0).sum(), 0.0)      # inverse frequency, mean 1 over present classes
-            self.class_weight = w.round(6).tolist()
-        model.criterion = WeightedCE(None if w is None else torch.tensor(w, dtype=torch.float32))
+        model, loss = unwrap_model(self.model), self.mc.get('loss', 'ce')
+        n = np.bincount(self.targets, minlength=self.data['nc']).astype(float)
+        if loss == 'ce':
+            w = None
+            if self.mc.get('balance') == 'pos_weight':
+                w = np.where(n > 0, n.sum() / np.maximum(n, 1) / (n > 0).sum(), 0.0)      # inverse frequency, mean 1 over present classes
+                self.class_weight = w.round(6).tolist()
+            model.criterion = WeightedCE(None if w is None else torch.tensor(w, dtype=torch.float32))
+        else:                                                        # binary: the positive class and its weight
+            names = [self.data['names'][i] for i in range(self.data['nc'])]
+            if len(names) != 2: raise TrainError(f"classify.loss '{loss}' needs 2 classes, the dataset has {names}")
+            pos = _positive(names)[0]
+            self.pos_weight = float(n[1 - pos] / max(n[pos], 1)) if self.mc.get('balance') == 'pos_weight' else None
+            model.criterion = BinaryLoss(pos, self.pos_weight, self.mc.get('focal_gamma') if loss == 'focal' else None)
         self.add_callback('on_train_epoch_start', _apply_schedule)
 
     def _model_train(self):
         super()._model_train()
+        blocks = backbone_blocks(unwrap_model(self.model))
         for i in getattr(self, 'frozen', []):                 # frozen blocks keep their BatchNorm statistics
-            for m in unwrap_model(self.model).model[i].modules():
+            for m in blocks[i].modules():
                 if isinstance(m, torch.nn.BatchNorm2d): m.eval()
 
 def _apply_schedule(trainer):
     "Epoch start: freeze / unfreeze backbone blocks, scale the unfrozen blocks' gradients, log the phase."
     m, mc = unwrap_model(trainer.model), trainer.mc
-    nb = len(m.model) - 1                                     # the last module is the Classify head
+    blocks = backbone_blocks(m)
+    nb = len(blocks)
     live = trainable_layers(trainer.epoch, nb, mc.get('freeze_epochs', 0), mc.get('unfreeze_steps', 1), mc.get('unfreeze_every', 1))
     trainer.frozen = [i for i in range(nb) if i not in live]
     f = float(mc.get('unfreeze_lr_factor', 1.0))
-    for i, mod in enumerate(m.model):
+    for i, mod in enumerate(blocks + [m.model[-1]]):             # the blocks, then the Classify head (always trained)
         on = i == nb or i in live
         for p in mod.parameters():
             p.requires_grad_(on)
@@ -261,7 +342,8 @@ def _apply_schedule(trainer):
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         rec = dict(epoch=trainer.epoch, balanced=bool(trainer.sampler.balanced(trainer.epoch)), trainable_params=int(n_train),
                    total_params=int(sum(p.numel() for p in m.parameters())), unfrozen_layers=live,
-                   items=len(trainer.sampler.indices(trainer.epoch)), class_weight=getattr(trainer, 'class_weight', None))
+                   blocks=nb, items=len(trainer.sampler.indices(trainer.epoch)), loss=mc.get('loss', 'ce'),
+                   class_weight=getattr(trainer, 'class_weight', None), pos_weight=getattr(trainer, 'pos_weight', None))
         with open(Path(trainer.save_dir) / 'schedule.jsonl', 'a') as fh: fh.write(json.dumps(rec) + '\n')
 
 # %% ../nbs/14_classify.ipynb #11fd1cc7
@@ -330,27 +412,37 @@ def item_figures(p, it: pd.DataFrame, classes: list[str], s, y, top, thr: float 
     return res
 
 def classify(p) -> dict:
-    "Build the recipe's classification dataset, train a YOLOv8-cls model on it and score val/test; returns metrics (also `metrics.json`)."
+    """Build the recipe's classification dataset, train the classifier (YOLOv8-cls or a torchvision network) on it and
+    score val/test; returns metrics (also `metrics.json`)."""
     from ultralytics import YOLO
     c, V = p.classify, check_version(p)
     device = check_device(p.train.device)
+    if not (c.model in BACKBONES or c.model.endswith(('.yaml', '.pt'))):
+        raise TrainError(f"classify.model '{c.model}' is neither an ultralytics -cls.yaml / .pt nor a torchvision network of {sorted(BACKBONES)}")
+    if c.weights and c.model not in BACKBONES: raise TrainError(f"classify.weights is for a torchvision classify.model, not '{c.model}'")
+    if c.weights and not Path(c.weights).is_file(): raise TrainError(f"classify.weights '{c.weights}' not found")
     d = build_cls_dataset(V, c)
     (d / 'mammo_cls.json').write_text(json.dumps({k: c[k] for k in ('balance', 'warmup_balanced', 'freeze_epochs', 'unfreeze_steps',
-                                                                   'unfreeze_every', 'unfreeze_lr_factor', 'seed')} | {'threads': p.train.threads}))
+                                                                   'unfreeze_every', 'unfreeze_lr_factor', 'seed', 'loss', 'focal_gamma')}
+                                                 | {'threads': p.train.threads, 'backbone': c.model if c.model in BACKBONES else None,
+                                                    'backbone_weights': str(Path(c.weights).resolve()) if c.weights else None}))
     items = load_items(d, V)
     aug = {**AUGMENT, **(c.hyp or {})}
     learn = {k: c[k] for k in ('model', 'imgsz', 'epochs', 'batch', 'lr0', 'balance', 'warmup_balanced', 'freeze_epochs',
                                'unfreeze_steps', 'unfreeze_every', 'unfreeze_lr_factor', 'seed')}
+    if c.loss != 'ce': learn.update(loss=c.loss, focal_gamma=c.focal_gamma if c.loss == 'focal' else None)   # (ce: the runs before)
+    if c.weights: learn['weights_sha256'] = file_sha256(c.weights)
     run = d / 'runs' / f"{Path(c.model).stem}-{hashlib.sha256(json.dumps([learn, aug], sort_keys=True).encode()).hexdigest()[:8]}"
     if not (run / 'weights' / 'best.pt').exists():
         shutil.rmtree(run, ignore_errors=True)
-        YOLO(c.model).train(trainer=MammoClsTrainer, data=str(d), imgsz=c.imgsz, epochs=c.epochs, batch=c.batch, lr0=c.lr0,
+        YOLO(model_file(c.model, d / 'models')).train(trainer=MammoClsTrainer, data=str(d), imgsz=c.imgsz, epochs=c.epochs, batch=c.batch, lr0=c.lr0,
                             optimizer='SGD', device=device, workers=p.train.workers, seed=c.seed, deterministic=True,
                             project=str(run.parent.resolve()), name=run.name, exist_ok=True, amp=device != 'cpu', plots=False,
                             verbose=False, warmup_epochs=0, patience=c.epochs, **aug)
     names = YOLO(str(run / 'weights' / 'best.pt')).names
     classes = [names[i] for i in sorted(names)]
-    out = dict(dataset=str(d), run=str(run), classes=classes, positive=[classes[i] for i in _positive(classes)], task=c.task, labels=c.labels,
+    out = dict(dataset=str(d), run=str(run), model=c.model, weights=c.weights, loss=c.loss, classes=classes,
+               positive=[classes[i] for i in _positive(classes)], task=c.task, labels=c.labels,
                rule=f'threshold: Youden J on val, applied unchanged to test; intervals: {p.evaluate.ci:.0%} bootstrap of the split groups '
                     f'(patients, else studies), {p.evaluate.bootstrap} resamples, undefined replicates dropped per figure', splits={})
     thr = None

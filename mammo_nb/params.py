@@ -204,7 +204,14 @@ SCHEMA = {
         'normal_ratio': Field(float, 1.0, 'normal patches per abnormal patch', min=0),
         'normal_margin': Field(int, 16, 'normal patches keep this distance (px) from every box', min=0),
         'min_breast': Field(float, 0.75, 'share of a normal patch inside the breast', min=0, max=1),
-        'model': Field(str, 'yolov8n-cls.yaml', 'ultralytics classification model: a `-cls.yaml` or a local `.pt`'),
+        'model': Field(str, 'yolov8n-cls.yaml', 'classifier: an ultralytics `-cls.yaml` or local `.pt`, or a torchvision '
+                       'network by name (`mammo_nb.classify.BACKBONES`: resnet18/34/50/101, efficientnet_b0, densenet121, '
+                       'vgg16_bn, mobilenet_v2)'),
+        'weights': Field(str, None, "local torchvision state dict (.pth) for a torchvision 'model' (None: random weights)"),
+        'loss': Field(str, 'ce', 'ce: cross-entropy (class-weighted under balance pos_weight); bce: BCE-with-logits, '
+                      'pos_weight negatives / positives (binary labels); focal: sigmoid focal loss (binary labels)',
+                      ('ce', 'bce', 'focal')),
+        'focal_gamma': Field(float, 2.0, 'focusing parameter of the focal loss', min=0),
         'imgsz': Field(int, 128, 'classifier input size', min=16),
         'epochs': Field(int, 30, 'epochs in all', min=1),
         'batch': Field(int, 32, 'batch size', min=1),
@@ -307,6 +314,11 @@ def _cross_check(p: dict, errs: list):
     if bad: errs.append(f"'evaluate.score_classes' names classes not in 'prepare.classes': {bad}")
     bad = sorted(set(p.get('explain', {}).get('methods') or []) - {'gradcam', 'gradcam++', 'eigencam'})
     if bad: errs.append(f"'explain.methods' must be gradcam, gradcam++ or eigencam, got {bad}")
+    c = p.get('classify') or {}
+    if c.get('loss') in ('bce', 'focal') and c.get('labels') != 'binary':
+        errs.append(f"'classify.loss' {c['loss']} needs 'classify.labels: binary' (two classes), got {c.get('labels')!r}")
+    if c.get('weights') and str(c.get('model', '')).endswith(('.yaml', '.pt')):
+        errs.append("'classify.weights' is for a torchvision 'classify.model' (e.g. resnet50); a .pt carries its own weights")
     bad = sorted(set(ev.get('splits') or []) - {'train', 'val', 'test'})
     if bad: errs.append(f"'evaluate.splits' must be train/val/test, got {bad}")
     if sp.get('val_frac', 0) + sp.get('test_frac', 0) >= 1:

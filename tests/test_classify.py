@@ -140,3 +140,30 @@ def test_scored_on_another_version(patches, tmp_path_factory):
     items = pd.read_csv(Path(x['dataset']) / 'items.csv')
     assert s['n'] == len(items) and 0 < s['n_positive'] < s['n'] and s['unit'] == 'patient' and x['overlap']['images'] == 0
     assert 'internal test' in out.stdout and 'external' in out.stdout
+
+
+def test_torchvision_backbone_with_bce_and_local_weights(patches):
+    """`classify.model: resnet18` from a local state dict, BCE with pos_weight: the weights reach the backbone, the
+    stem stays frozen (it is in the last block group to unfreeze, never reached here), the schedule unfreezes the
+    network's stages and logs the loss and its weight."""
+    import torch, torchvision
+    tmp, raw, f, p, _, _ = patches
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), tmp / 'r18.pth')
+    g = recipe(tmp, raw, 'r18', Path(p.prepare.out), model='resnet18', weights=str(tmp / 'r18.pth'), loss='bce', epochs=2,
+               warmup_balanced=0, freeze_epochs=1, unfreeze_steps=2, unfreeze_every=1)
+    run_here('classify', g)
+    q = load_params(g)
+    (mf,) = (version_dir(q) / 'classify').glob('patch-binary-*/runs/resnet18-*/metrics.json')
+    m = json.loads(mf.read_text())
+    assert m['model'] == 'resnet18' and m['loss'] == 'bce' and set(m['splits']) == {'val', 'test'}
+    sch = pd.DataFrame(m['schedule']).drop_duplicates('epoch', keep='last').set_index('epoch')
+    assert (sch.blocks == 8).all() and sch.unfrozen_layers.tolist() == [[], [4, 5, 6, 7]]   # stem (conv1 bn1 relu maxpool) | layer1-4
+    items = pd.read_csv(Path(m['dataset']) / 'items.csv')
+    tr = items[items.split == 'train'].label.value_counts()
+    assert (sch.loss == 'bce').all() and sch.pos_weight.iloc[0] == pytest.approx(tr['normal'] / tr['abnormal'])
+    ck = torch.load(Path(m['run']) / 'weights' / 'last.pt', map_location='cpu', weights_only=False)
+    bb = (ck.get('ema') or ck['model']).float().model[0].m                       # (ultralytics saves float16)
+    near = lambda a, b: torch.isclose(a, b.detach(), rtol=2 ** -10, atol=2 ** -24)  # within float16 rounding
+    assert near(bb[0].weight, net.conv1.weight).all()                            # loaded, and frozen throughout
+    assert not near(bb[7][1].conv2.weight, net.layer4[1].conv2.weight).all()     # layer4 trained in epoch 1
