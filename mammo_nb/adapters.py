@@ -15,9 +15,9 @@ from .annotations import BOX_COLUMNS, IMAGE_COLUMNS, NO_FINDING, failure, read_v
 from .ingest import IngestError, decode, pseudonym, read_dicom
 
 # %% auto #0
-__all__ = ['CLASS_MAPS', 'CBIS_FOLDER', 'MIAS_SIZE', 'INBREAST_FILE', 'INBREAST_CALC_SIDE', 'LAYOUTS', 'class_map', 'layers',
-           'study_key', 'cbis_index', 'read_cbis', 'mask_boxes', 'expand_masks', 'read_rsna', 'read_mias',
-           'read_csv_layout', 'read_inbreast', 'read_layout']
+__all__ = ['CLASS_MAPS', 'BENIGN', 'CBIS_FOLDER', 'LAYOUT_REVISION', 'MIAS_SIZE', 'INBREAST_FILE', 'INBREAST_CALC_SIDE',
+           'LAYOUTS', 'class_map', 'layers', 'study_key', 'cbis_index', 'read_cbis', 'mask_boxes', 'expand_masks',
+           'read_rsna', 'read_mias', 'read_csv_layout', 'read_inbreast', 'read_layout']
 
 # %% ../nbs/04a_adapters.ipynb #e84f9b8a
 CLASS_MAPS = {
@@ -45,9 +45,11 @@ def study_key(value, key: bytes) -> str:
     "A keyed one-way study id for datasets whose study ids may identify a patient (accession numbers)."
     return pseudonym(value, key, 'study')
 
+BENIGN = ('benign', 'benign_without_callback')     # CBIS-DDSM tells apart the benign findings not recalled
+
 def _pathology(im: dict, patho: str):
     "Fold one finding's pathology into its image's: malignant wins, else the first known."
-    if patho == 'malignant' or (patho in ('benign', 'malignant') and not im['pathology']): im['pathology'] = patho
+    if patho == 'malignant' or (patho in (*BENIGN, 'malignant') and not im['pathology']): im['pathology'] = patho
 
 def _finish(imgs: dict, boxes: list[dict], fails: list[dict], counts: dict) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The tables from {image id: row with a `labels` set}: `No Finding` only when it is the sole label."
@@ -58,7 +60,10 @@ def _finish(imgs: dict, boxes: list[dict], fails: list[dict], counts: dict) -> t
 
 # %% ../nbs/04a_adapters.ipynb #d25e2805
 CBIS_FOLDER = re.compile(r'^(Mass|Calc)-(Training|Test)_(P_\d+)_(LEFT|RIGHT)_(CC|MLO)(_\d+)?$')
-_PATHO = {'MALIGNANT': 'malignant', 'BENIGN': 'benign', 'BENIGN_WITHOUT_CALLBACK': 'benign'}
+_PATHO = {'MALIGNANT': 'malignant', 'BENIGN': 'benign', 'BENIGN_WITHOUT_CALLBACK': 'benign_without_callback'}
+# the revision of a layout's reading, where it changed what a version holds (in the version hash): cbis 2 keeps
+# BENIGN_WITHOUT_CALLBACK apart from BENIGN (revision 1 folded it in)
+LAYOUT_REVISION = {'cbis': 2}
 
 def cbis_index(root: Path) -> dict[str, list[str]]:
     "Top-level CBIS folder name -> its `.dcm` files (relative to `root`, sorted), wherever below `root` it lies."

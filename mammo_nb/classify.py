@@ -19,6 +19,7 @@ from ultralytics.data.build import InfiniteDataLoader, seed_worker
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from .adapters import BENIGN
 from .metrics import _clean, average_precision, bootstrap, choose_threshold, fmt_ci, roc_auc, unit_name
 from .split import group_keys
 from .prepare import SPLITS, Version, _json, file_sha256
@@ -35,10 +36,13 @@ __all__ = ['KIND', 'BACKBONES', 'AUGMENT', 'patch_label', 'lesion_windows', 'nor
 KIND = {'Mass': 'mass', 'Suspicious Calcification': 'calc'}
 
 def patch_label(cls: str, pathology: str, labels: str) -> str | None:
-    "Class of an abnormal patch: `abnormal`, or `<benign|malignant>_<mass|calc>` (None: not a 5-class lesion)."
+    """Class of an abnormal patch: `abnormal` (labels `binary`), `<benign|malignant>_<mass|calc>` (`pathology`, benign
+    without callback counted benign), or the pathology itself (`pathology4`: benign, benign_without_callback, malignant).
+    None: not a lesion of those classes."""
     if labels == 'binary': return 'abnormal'
-    if cls not in KIND or pathology not in ('benign', 'malignant'): return None
-    return f'{pathology}_{KIND[cls]}'
+    if cls not in KIND or pathology not in (*BENIGN, 'malignant'): return None
+    if labels == 'pathology4': return pathology
+    return f"{'benign' if pathology in BENIGN else pathology}_{KIND[cls]}"
 
 def lesion_windows(box, size: int, stride: int, jitter: float, cap: int, rng, shape) -> list[tuple[int, int]]:
     """Top-left corners of `size` patches for one lesion box (x0, y0, x1, y1) in an image of `shape` (h, w): one
@@ -84,8 +88,8 @@ def build_cls_dataset(V: Version, c) -> Path:
     "Write the classification dataset of settings `c` (the recipe's `classify` section) from version `V`."
     out = cls_dir(V, c)
     if (out / 'manifest.json').exists(): return out
-    if c.labels == 'pathology' and not (V.boxes.get('pathology', pd.Series(dtype=str)).fillna('').isin(['benign', 'malignant'])).any():
-        raise TrainError(f"classify.labels 'pathology' needs a dataset with lesion pathology (CBIS-DDSM, mini-MIAS, a CSV "
+    if c.labels.startswith('pathology') and not (V.boxes.get('pathology', pd.Series(dtype=str)).fillna('').isin([*BENIGN, 'malignant'])).any():
+        raise TrainError(f"classify.labels '{c.labels}' needs a dataset with lesion pathology (CBIS-DDSM, mini-MIAS, a CSV "
                          f"with a pathology column); version {V.manifest['version']} has none")
     tmp = out.with_name(out.name + '.part'); shutil.rmtree(tmp, ignore_errors=True)
     rng, items = np.random.default_rng(c.seed), []
@@ -102,9 +106,10 @@ def build_cls_dataset(V: Version, c) -> Path:
         png = _read8(V.dir / r.png)
         if c.task == 'image':
             abn = r.role != 'negative'
-            if c.labels == 'pathology':
+            if c.labels.startswith('pathology'):
                 p = str(getattr(r, 'pathology', '') or '')
-                lab = 'normal' if not abn else (p if p in ('benign', 'malignant') else None)
+                p = 'benign' if p in BENIGN and c.labels == 'pathology' else p
+                lab = 'normal' if not abn else (p if p in (*BENIGN, 'malignant') else None)
             else: lab = 'abnormal' if abn else 'normal'
             if lab: save(png, r.image_id, r, lab, 0)
             continue

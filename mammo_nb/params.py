@@ -195,8 +195,8 @@ SCHEMA = {
     'classify': {
         'enabled': Field(bool, False, 'the chain runs the classification stage (`mammo classify` always can)'),
         'task': Field(str, 'patch', 'patch: lesion and normal patches; image: whole images (breast level = max)', ('patch', 'image')),
-        'labels': Field(str, 'binary', 'binary: abnormal/normal; pathology: normal + benign/malignant per lesion kind',
-                        ('binary', 'pathology')),
+        'labels': Field(str, 'binary', 'binary: abnormal/normal; pathology: normal + benign/malignant per lesion kind; '
+                        'pathology4: normal, benign, benign_without_callback, malignant (CBIS-DDSM)', ('binary', 'pathology', 'pathology4')),
         'patch_size': Field(int, 256, 'patch side in version-PNG pixels', min=16),
         'patch_stride': Field(int, 128, 'stride of the patches tiled over a lesion larger than a patch', min=4),
         'jitter': Field(float, 0.25, 'seeded shift of a lesion-centred patch, as a share of its side', min=0, max=0.5),

@@ -16,7 +16,7 @@ import yaml
 from tqdm import tqdm
 
 import mammo_nb
-from .adapters import expand_masks, mask_boxes, read_layout
+from .adapters import LAYOUT_REVISION, expand_masks, mask_boxes, read_layout
 from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class, write_yolo
 from .clahe import render, write_png
 from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym
@@ -42,6 +42,7 @@ def data_params(p) -> dict:
              clahe=dict(p.clahe), package=mammo_nb.__version__,
              split={**{k: v for k, v in p.split.items() if k != 'folds'}, 'revision': SPLIT_REVISION})   # folds: derived versions
     if p.source.root is None: d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers')}, 'revision': SYNTH_REVISION}
+    if p.source.layout in LAYOUT_REVISION: d['source']['revision'] = LAYOUT_REVISION[p.source.layout]
     return d
 
 def version_name(p) -> str:

@@ -124,8 +124,21 @@ def test_five_class_patches_on_cbis(tmp_path):
     for it in items[items.label != 'normal'].itertuples():                  # each patch's class is its lesion's
         r = b.loc[(it.image_id, it.lesion)]
         r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
-        assert it.label == f"{r.pathology}_{'mass' if r.cls == 'Mass' else 'calc'}"
+        assert it.label == f"{'benign' if r.pathology.startswith('benign') else r.pathology}_{'mass' if r.cls == 'Mass' else 'calc'}"
     assert all(c.startswith('malignant') for c in m['positive'])
+    # the 4-class framing on the same version: BENIGN_WITHOUT_CALLBACK its own class, each patch its lesion's pathology
+    assert set(V.boxes.pathology) >= {'benign', 'benign_without_callback', 'malignant'}
+    g = tmp_path / 'cb4.yaml'
+    g.write_text(yaml.safe_dump({**d, 'classify': {**d['classify'], 'labels': 'pathology4', 'epochs': 1, 'warmup_balanced': 0,
+                                                    'freeze_epochs': 0}}))
+    run_here('classify', g)
+    m4 = json.loads(next((version_dir(p) / 'classify').glob('patch-pathology4-*/runs/*/metrics.json')).read_text())
+    items = pd.read_csv(Path(m4['dataset']) / 'items.csv', dtype={'image_id': str})
+    assert set(items.label) == {'normal', 'benign', 'benign_without_callback', 'malignant'} == set(m4['classes'])
+    for it in items[items.label != 'normal'].itertuples():
+        r = b.loc[(it.image_id, it.lesion)]
+        assert it.label == (r.iloc[0] if isinstance(r, pd.DataFrame) else r).pathology
+    assert m4['positive'] == ['malignant'] and 'test' in m4['splits']
 
 
 def test_scored_on_another_version(patches, tmp_path_factory):
