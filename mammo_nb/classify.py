@@ -28,9 +28,9 @@ from .train import TrainError, check_device, check_version, cpu_threads, threade
 # %% auto #0
 __all__ = ['KIND', 'BACKBONES', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset',
            'model_file', 'backbone_blocks', 'load_backbone', 'PhaseSampler', 'WeightedCE', 'BinaryLoss',
-           'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'cls_predict', 'load_items',
-           'item_scores', 'item_figures', 'classify', 'detector_same_images', 'metrics_table', 'show_examples',
-           'classify_external']
+           'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'classifier_cams', 'cam_summary',
+           'cls_predict', 'load_items', 'item_scores', 'item_figures', 'classify', 'detector_same_images',
+           'metrics_table', 'show_examples', 'classify_external']
 
 # %% ../nbs/14_classify.ipynb #7537226f
 KIND = {'Mass': 'mass', 'Suspicious Calcification': 'calc'}
@@ -368,6 +368,87 @@ def binary_metrics(y, s, units, thr: float, n_boot: int = 1000, seed: int = 0, c
                unit=unit_name(units), n_boot=n_boot)
     return out
 
+# %% ../nbs/14_classify.ipynb #02162c24
+class _Logits(torch.nn.Module):
+    "An ultralytics classifier's logits (in eval mode it returns probabilities and logits)."
+    def __init__(self, m): super().__init__(); self.m = m
+    def forward(self, x):
+        y = self.m(x)
+        return y[1] if isinstance(y, (list, tuple)) else y
+
+def _box_energy(m: np.ndarray, boxes) -> dict:
+    """Energy share of map `m` inside the union of `boxes` (xyxy, map pixels), its area share, their ratio, the
+    pointing-game hit. A constant map (Grad-CAM is all zero where no location adds evidence) has no share and no peak."""
+    inb = np.zeros(m.shape, bool)
+    for x0, y0, x1, y1 in boxes: inb[max(int(round(y0)), 0):max(int(round(y1)), 0), max(int(round(x0)), 0):max(int(round(x1)), 0)] = True
+    e = np.clip(m, 0, None).astype(np.float64)
+    tot, area = e.sum(), inb.mean()
+    flat = not m.size or float(m.max()) <= float(m.min())
+    inside = e[inb].sum() / tot if tot > 0 and inb.any() and not flat else np.nan
+    return dict(energy_in=inside, area_share=area, energy_ratio=inside / area if area > 0 else np.nan,
+                pointing_hit=bool(inb.flat[int(np.argmax(m))]) if inb.any() and not flat else None)
+
+def _item_boxes(V: Version, it) -> list:
+    "The lesion box of an abnormal patch, or every box of a whole image, in the item's pixels (xyxy)."
+    b = V.boxes[(V.boxes.image_id == it.image_id) & (V.boxes.layer != 'spiculation')]
+    if pd.notna(it.x):                                             # a patch: its lesion, moved to the patch's corner
+        b = b[b.row.astype(str) == str(it.lesion)]
+        return [tuple(round(float(v), 1) for v in (r.x0 - it.x, r.y0 - it.y, r.x1 - it.x, r.y1 - it.y)) for r in b.itertuples()]
+    return [tuple(round(float(v), 1) for v in (r.x0, r.y0, r.x1, r.y1)) for r in b.itertuples()]
+
+def classifier_cams(run: Path, d: Path, V: Version, it: pd.DataFrame, classes: list[str], s: np.ndarray, y: np.ndarray,
+                    thr: float, imgsz: int, method: str = 'gradcam', per_outcome: int = 8, out: Path | None = None) -> pd.DataFrame:
+    """Grad-CAM (`method`: gradcam, gradcam++) of the positive class on the last backbone block of classifier `run`
+    for up to `per_outcome` items `it` (of dataset `d`, from version `V`) of each outcome at `thr` on the positive score
+    `s` (labels `y`); maps on the item's grid, with the energy figures of its lesion box. Writes `out/gallery-<outcome>.png`
+    and `out/cams.csv` when `out` is given; returns the table (one row per item, `map` holding the map)."""
+    import matplotlib.pyplot as plt
+    from ultralytics import YOLO
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from mammo_nb.explain import METHODS, overlay
+    net = YOLO(str(run / 'weights' / 'best.pt')).model.float().eval()
+    for q in net.parameters(): q.requires_grad_(True)
+    layer, pos = backbone_blocks(net)[-1], _positive(classes)
+    outcome = np.where(y == 1, np.where(s >= thr, 'TP', 'FN'), np.where(s >= thr, 'FP', 'TN'))
+    rows = []
+    with METHODS[method](model=_Logits(net), target_layers=[layer]) as cam:
+        for o in ('TP', 'FP', 'FN'):
+            k = np.flatnonzero(outcome == o)
+            for i in k[np.argsort(s[k] if o == 'FN' else -s[k], kind='stable')][:per_outcome]:
+                r = it.iloc[i]
+                img = cv2.imread(str(d / r.file), cv2.IMREAD_GRAYSCALE)
+                x = torch.from_numpy(cv2.resize(img, (imgsz, imgsz), interpolation=cv2.INTER_AREA)).float().div(255)[None, None].repeat(1, 3, 1, 1)
+                with torch.no_grad(): prob = net(x)[0][0]
+                target = max(pos, key=lambda j: float(prob[j]))
+                m = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+                m = cv2.resize(m.astype(np.float32), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
+                bx = _item_boxes(V, r) if y[i] == 1 else []
+                rows.append(dict(file=r.file, image_id=r.image_id, label=r.label, outcome=o, score=float(s[i]), target=classes[target],
+                                 **(_box_energy(m, bx) if bx else dict(energy_in=np.nan, area_share=np.nan, energy_ratio=np.nan, pointing_hit=None)),
+                                 boxes=bx, map=m, img=img))
+    T = pd.DataFrame(rows, columns=['file', 'image_id', 'label', 'outcome', 'score', 'target', 'energy_in', 'area_share',
+                                    'energy_ratio', 'pointing_hit', 'boxes', 'map', 'img'])
+    if out is not None:
+        out = Path(out); out.mkdir(parents=True, exist_ok=True)
+        for o, g in T.groupby('outcome', sort=False):
+            fig, axs = plt.subplots(1, len(g), figsize=(1.9 * len(g), 2.2), squeeze=False)
+            for ax, r in zip(axs[0], g.itertuples()):
+                overlay(ax, r.img, r.map, [(b, 'lime', '') for b in r.boxes], title=f'{r.label}\n{r.score:.2f}')
+            what = {'TP': 'true positives', 'FP': 'false positives', 'FN': 'misses'}[o]
+            fig.suptitle(f"{what} ({o}): {'Grad-CAM' if method == 'gradcam' else 'Grad-CAM++'} of {', '.join(g.target.unique())}, lesion box green", fontsize=8)
+            fig.tight_layout(); fig.savefig(out / f'gallery-{o}.png', dpi=110); plt.close(fig)
+        T.drop(columns=['map', 'img']).to_csv(out / 'cams.csv', index=False)
+    return T
+
+def cam_summary(T: pd.DataFrame) -> pd.DataFrame:
+    "Per outcome: items mapped, mean energy share in the lesion box, median energy ratio, pointing-game hit rate, all-zero maps."
+    return (T.groupby('outcome', sort=False)
+             .agg(items=('file', 'size'), energy_in=('energy_in', 'mean'), energy_ratio=('energy_ratio', 'median'),
+                  pointing=('pointing_hit', lambda v: float(np.mean([bool(x) for x in v if x is not None])) if v.notna().any() else np.nan),
+                  flat_maps=('map', lambda v: int(sum(float(x.max()) <= float(x.min()) for x in v))))
+             .round(3))
+
+
 # %% ../nbs/14_classify.ipynb #1990f96e
 AUGMENT = dict(erasing=0.0, auto_augment=None, scale=0.2, fliplr=0.5, flipud=0.5, hsv_h=0.0, hsv_s=0.0, hsv_v=0.2)
 # ultralytics' classification defaults (RandAugment, random erasing 0.4, crops down to half the area) can cut or
@@ -450,16 +531,25 @@ def classify(p) -> dict:
                positive=[classes[i] for i in _positive(classes)], task=c.task, labels=c.labels,
                rule=f'threshold: Youden J on val, applied unchanged to test; intervals: {p.evaluate.ci:.0%} bootstrap of the split groups '
                     f'(patients, else studies), {p.evaluate.bootstrap} resamples, undefined replicates dropped per figure', splits={})
-    thr = None
+    thr, scored = None, {}
     for sp in ('val', 'test'):
         it = items[items.split == sp].reset_index(drop=True)
         if it.empty: continue
         s, y, top = item_scores(p, run, d, it, classes)
+        scored[sp] = (it, s, y)
         if sp == 'val': thr = choose_threshold(y, s)
         res = item_figures(p, it, classes, s, y, top, thr)
         if c.task == 'image': res['detector'] = detector_same_images(p, V, it, y)
         pd.DataFrame(dict(file=it.file, image_id=it.image_id, label=it.label, score=s)).to_csv(run / f'scores-{sp}.csv', index=False)
         out['splits'][sp] = res
+    sp = 'test' if 'test' in scored else next(iter(scored), None)
+    if c.cams and sp and thr is not None and np.isfinite(thr):     # where it looks, at the val threshold
+        cpu_threads(p.train.threads)
+        it, s, y = scored[sp]
+        T = classifier_cams(run, d, V, it, classes, s, y, thr, c.imgsz, c.cam_method, c.cams, run / 'cams')
+        out['cams'] = dict(split=sp, method=c.cam_method, threshold=thr, per_outcome=c.cams,
+                           layer=f'the last backbone block ({type(backbone_blocks(YOLO(str(run / "weights" / "best.pt")).model)[-1]).__name__})',
+                           summary=_clean(cam_summary(T).reset_index().to_dict('records')))
     out['schedule'] = [json.loads(l) for l in (run / 'schedule.jsonl').read_text().splitlines()] if (run / 'schedule.jsonl').exists() else []
     (run / 'metrics.json').write_text(json.dumps(out, indent=1, default=float))
     return out

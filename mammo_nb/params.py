@@ -212,6 +212,8 @@ SCHEMA = {
                       'pos_weight negatives / positives (binary labels); focal: sigmoid focal loss (binary labels)',
                       ('ce', 'bce', 'focal')),
         'focal_gamma': Field(float, 2.0, 'focusing parameter of the focal loss', min=0),
+        'cams': Field(int, 8, 'Grad-CAM maps per outcome (true positive, false positive, miss) on test; 0: none', min=0),
+        'cam_method': Field(str, 'gradcam', 'class-targeted CAM of the classifier', ('gradcam', 'gradcam++')),
         'imgsz': Field(int, 128, 'classifier input size', min=16),
         'epochs': Field(int, 30, 'epochs in all', min=1),
         'batch': Field(int, 32, 'batch size', min=1),

@@ -180,3 +180,28 @@ def test_torchvision_backbone_with_bce_and_local_weights(patches):
     near = lambda a, b: torch.isclose(a, b.detach(), rtol=2 ** -10, atol=2 ** -24)  # within float16 rounding
     assert near(bb[0].weight, net.conv1.weight).all()                            # loaded, and frozen throughout
     assert not near(bb[7][1].conv2.weight, net.layer4[1].conv2.weight).all()     # layer4 trained in epoch 1
+
+
+def test_cams_of_the_classifier(patches):
+    """Grad-CAM of the classifier: maps on the patch's grid, not constant, energy figures for abnormal patches only,
+    the galleries and table in the run's cams/ folder, the summary in metrics.json."""
+    from mammo_nb.classify import classifier_cams, item_scores, load_items
+    tmp, raw, f, p, r, m = patches
+    run, d = Path(m['run']), Path(m['dataset'])
+    c = m['cams']
+    assert c['split'] == 'test' and c['method'] == 'gradcam' and {x['outcome'] for x in c['summary']} <= {'TP', 'FP', 'FN'}
+    T = pd.read_csv(run / 'cams' / 'cams.csv')
+    assert len(T) and all((run / 'cams' / f'gallery-{o}.png').is_file() for o in set(T.outcome))
+    # at imgsz 32 the last block's grid is 1 x 1: every map is flat, said so, and has no energy figures
+    assert sum(x['flat_maps'] for x in c['summary']) == len(T) and T.energy_in.isna().all()
+    V = load_version(version_dir(p))
+    it = load_items(d, V).query("split == 'test'").reset_index(drop=True)
+    s, y, _ = item_scores(p, run, d, it, m['classes'])
+    # Grad-CAM++ at 96 px (a 3 x 3 grid; the network is convolutional) and threshold 0 (every positive a TP, every
+    # normal an FP). (This barely trained net's Grad-CAM of "abnormal" is all zero: no location adds evidence for it.)
+    M = classifier_cams(run, d, V, it, m['classes'], s, y, 0.0, 96, method='gradcam++', per_outcome=3)
+    assert set(M.outcome) == {'TP', 'FP'} and (M.outcome == 'TP').sum() == min(3, int(y.sum()))
+    assert all(mp.shape == (CLS['patch_size'], CLS['patch_size']) for mp in M['map'])     # on the patch's grid
+    assert any(mp.std() > 0 for mp in M['map'])
+    E = M[(M.label != 'normal') & M['map'].map(lambda x: x.std() > 0)]
+    assert E.energy_in.between(0, 1).all() and M.energy_in[M.label == 'normal'].isna().all()
