@@ -202,8 +202,7 @@ def load_backbone(model, name: str, f: str | Path) -> int:
         net.load_state_dict(sd.get('state_dict', sd) if isinstance(sd, dict) else sd)
     except Exception as e: raise TrainError(f"classify.weights '{f}' is not a {name} state dict ({type(e).__name__}: {str(e)[:150]})") from None
     kept = _cut(net, BACKBONES[name][1]).state_dict()
-    backbone_blocks(model)                                           # (a torchvision backbone: model.model[0].m)
-    model.model[0].m.load_state_dict(kept)
+    model.model[0].m.load_state_dict(kept)                           # the TorchVision module's kept layers
     return len(kept)
 
 
@@ -376,17 +375,14 @@ class _Logits(torch.nn.Module):
         y = self.m(x)
         return y[1] if isinstance(y, (list, tuple)) else y
 
-def _box_energy(m: np.ndarray, boxes) -> dict:
-    """Energy share of map `m` inside the union of `boxes` (xyxy, map pixels), its area share, their ratio, the
-    pointing-game hit. A constant map (Grad-CAM is all zero where no location adds evidence) has no share and no peak."""
-    inb = np.zeros(m.shape, bool)
-    for x0, y0, x1, y1 in boxes: inb[max(int(round(y0)), 0):max(int(round(y1)), 0), max(int(round(x0)), 0):max(int(round(x1)), 0)] = True
-    e = np.clip(m, 0, None).astype(np.float64)
-    tot, area = e.sum(), inb.mean()
-    flat = not m.size or float(m.max()) <= float(m.min())
-    inside = e[inb].sum() / tot if tot > 0 and inb.any() and not flat else np.nan
-    return dict(energy_in=inside, area_share=area, energy_ratio=inside / area if area > 0 else np.nan,
-                pointing_hit=bool(inb.flat[int(np.argmax(m))]) if inb.any() and not flat else None)
+def _flat(m: np.ndarray) -> bool: return float(m.max()) <= float(m.min())
+
+def _energy(m: np.ndarray, boxes) -> dict:
+    """The detector explain stage's figures of map `m` for the union of `boxes` (`explain.cam_energy`); a constant map
+    has no peak to point with (Grad-CAM is all zero where no location adds evidence: no energy share either)."""
+    from mammo_nb.explain import cam_energy
+    if not boxes: return dict(energy_in=np.nan, area_share=np.nan, energy_ratio=np.nan, pointing_hit=None)
+    return cam_energy(m, boxes) | (dict(pointing_hit=None) if _flat(m) else {})
 
 def _item_boxes(V: Version, it) -> list:
     "The lesion box of an abnormal patch, or every box of a whole image, in the item's pixels (xyxy)."
@@ -409,6 +405,7 @@ def classifier_cams(run: Path, d: Path, V: Version, it: pd.DataFrame, classes: l
     net = YOLO(str(run / 'weights' / 'best.pt')).model.float().eval()
     for q in net.parameters(): q.requires_grad_(True)
     layer, pos = backbone_blocks(net)[-1], _positive(classes)
+    target = pos[0] if len(pos) == 1 else None
     outcome = np.where(y == 1, np.where(s >= thr, 'TP', 'FN'), np.where(s >= thr, 'FP', 'TN'))
     rows = []
     with METHODS[method](model=_Logits(net), target_layers=[layer]) as cam:
@@ -418,16 +415,18 @@ def classifier_cams(run: Path, d: Path, V: Version, it: pd.DataFrame, classes: l
                 r = it.iloc[i]
                 img = cv2.imread(str(d / r.file), cv2.IMREAD_GRAYSCALE)
                 x = torch.from_numpy(cv2.resize(img, (imgsz, imgsz), interpolation=cv2.INTER_AREA)).float().div(255)[None, None].repeat(1, 3, 1, 1)
-                with torch.no_grad(): prob = net(x)[0][0]
-                target = max(pos, key=lambda j: float(prob[j]))
+                if len(pos) > 1:                                   # the positive class it scores highest
+                    with torch.no_grad(): prob = net(x)[0][0]
+                    target = max(pos, key=lambda j: float(prob[j]))
                 m = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
                 m = cv2.resize(m.astype(np.float32), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
                 bx = _item_boxes(V, r) if y[i] == 1 else []
                 rows.append(dict(file=r.file, image_id=r.image_id, label=r.label, outcome=o, score=float(s[i]), target=classes[target],
-                                 **(_box_energy(m, bx) if bx else dict(energy_in=np.nan, area_share=np.nan, energy_ratio=np.nan, pointing_hit=None)),
+                                 **_energy(m, bx),
                                  boxes=bx, map=m, img=img))
     T = pd.DataFrame(rows, columns=['file', 'image_id', 'label', 'outcome', 'score', 'target', 'energy_in', 'area_share',
                                     'energy_ratio', 'pointing_hit', 'boxes', 'map', 'img'])
+    T.attrs['layer'] = type(layer).__name__
     if out is not None:
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         for o, g in T.groupby('outcome', sort=False):
@@ -445,7 +444,7 @@ def cam_summary(T: pd.DataFrame) -> pd.DataFrame:
     return (T.groupby('outcome', sort=False)
              .agg(items=('file', 'size'), energy_in=('energy_in', 'mean'), energy_ratio=('energy_ratio', 'median'),
                   pointing=('pointing_hit', lambda v: float(np.mean([bool(x) for x in v if x is not None])) if v.notna().any() else np.nan),
-                  flat_maps=('map', lambda v: int(sum(float(x.max()) <= float(x.min()) for x in v))))
+                  flat_maps=('map', lambda v: int(sum(map(_flat, v)))))
              .round(3))
 
 
@@ -505,7 +504,6 @@ def classify(p) -> dict:
     device = check_device(p.train.device)
     if not (c.model in BACKBONES or c.model.endswith(('.yaml', '.pt'))):
         raise TrainError(f"classify.model '{c.model}' is neither an ultralytics -cls.yaml / .pt nor a torchvision network of {sorted(BACKBONES)}")
-    if c.weights and c.model not in BACKBONES: raise TrainError(f"classify.weights is for a torchvision classify.model, not '{c.model}'")
     if c.weights and not Path(c.weights).is_file(): raise TrainError(f"classify.weights '{c.weights}' not found")
     d = build_cls_dataset(V, c)
     (d / 'mammo_cls.json').write_text(json.dumps({k: c[k] for k in ('balance', 'warmup_balanced', 'freeze_epochs', 'unfreeze_steps',
@@ -548,7 +546,7 @@ def classify(p) -> dict:
         it, s, y = scored[sp]
         T = classifier_cams(run, d, V, it, classes, s, y, thr, c.imgsz, c.cam_method, c.cams, run / 'cams')
         out['cams'] = dict(split=sp, method=c.cam_method, threshold=thr, per_outcome=c.cams,
-                           layer=f'the last backbone block ({type(backbone_blocks(YOLO(str(run / "weights" / "best.pt")).model)[-1]).__name__})',
+                           layer=f"the last backbone block ({T.attrs['layer']})",
                            summary=_clean(cam_summary(T).reset_index().to_dict('records')))
     out['schedule'] = [json.loads(l) for l in (run / 'schedule.jsonl').read_text().splitlines()] if (run / 'schedule.jsonl').exists() else []
     (run / 'metrics.json').write_text(json.dumps(out, indent=1, default=float))

@@ -105,16 +105,18 @@ def cam(det: Detector, x: torch.Tensor, method: str, layers: list[int], target: 
 
 # %% ../nbs/11_explain.ipynb #f2bcd12a
 def cam_energy(m: np.ndarray, box) -> dict:
-    "Energy share inside `box` (xyxy, map pixels), the box's area share, their ratio, and the pointing-game hit."
+    """Energy share inside `box` (xyxy, map pixels; or a list of boxes: their union), the box's area share, their
+    ratio, and the pointing-game hit (the map's peak inside)."""
     h, w = m.shape
-    x0, y0, x1, y1 = [int(round(v)) for v in (max(box[0], 0), max(box[1], 0), min(box[2], w), min(box[3], h))]
+    inb = np.zeros((h, w), bool)
+    for b in ([box] if np.ndim(box) == 1 else box):
+        x0, y0, x1, y1 = [int(round(v)) for v in (max(b[0], 0), max(b[1], 0), min(b[2], w), min(b[3], h))]
+        inb[y0:max(y1, y0), x0:max(x1, x0)] = True
     e = np.clip(m, 0, None).astype(np.float64)
-    tot = e.sum()
-    inside = e[y0:y1, x0:x1].sum() / tot if tot > 0 else np.nan
-    area = max(x1 - x0, 0) * max(y1 - y0, 0) / (h * w)
-    py, px = np.unravel_index(np.argmax(m), m.shape)
+    tot, area = e.sum(), inb.mean()
+    inside = e[inb].sum() / tot if tot > 0 else np.nan
     return dict(energy_in=inside, area_share=area, energy_ratio=inside / area if area > 0 else np.nan,
-                pointing_hit=bool(x0 <= px < x1 and y0 <= py < y1))
+                pointing_hit=bool(inb.flat[int(np.argmax(m))]))
 
 # %% ../nbs/11_explain.ipynb #4529945d
 def outcomes(pred: pd.DataFrame, gt: pd.DataFrame, thr: float, hit_iou: float = 0.3) -> pd.DataFrame:
