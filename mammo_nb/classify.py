@@ -29,8 +29,9 @@ from .train import TrainError, check_device, check_version, cpu_threads, threade
 __all__ = ['KIND', 'BACKBONES', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset',
            'model_file', 'backbone_blocks', 'load_backbone', 'PhaseSampler', 'WeightedCE', 'BinaryLoss',
            'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'classifier_cams', 'cam_summary',
-           'cls_predict', 'load_items', 'item_scores', 'item_figures', 'classify', 'detector_same_images',
-           'metrics_table', 'show_examples', 'classify_external']
+           'cls_predict', 'load_items', 'item_scores', 'item_figures', 'cls_models', 'cls_weights', 'classify',
+           'detector_same_images', 'metrics_table', 'show_examples', 'classify_external', 'classify_all',
+           'compare_classifiers']
 
 # %% ../nbs/14_classify.ipynb #7537226f
 KIND = {'Mass': 'mass', 'Suspicious Calcification': 'calc'}
@@ -496,36 +497,62 @@ def item_figures(p, it: pd.DataFrame, classes: list[str], s, y, top, thr: float 
         res['breast'] = binary_metrics(b.y, b.s, b.group, thr_, ev.bootstrap, ev.seed, ev.ci)
     return res
 
-def classify(p) -> dict:
-    """Build the recipe's classification dataset, train the classifier (YOLOv8-cls or a torchvision network) on it and
-    score val/test; returns metrics (also `metrics.json`)."""
+def cls_models(c) -> list[str]:
+    "`classify.model` as a list."
+    return list(c.model) if isinstance(c.model, list) else [c.model]
+
+def cls_weights(c, model: str) -> str | None:
+    "The local state dict `classify.weights` gives `model` (one file for the one torchvision network, or by name)."
+    if model not in BACKBONES or not c.weights: return None
+    return c.weights.get(model) if isinstance(c.weights, dict) else c.weights
+
+def _train_time(run: Path) -> dict:
+    "Epochs done and median seconds per epoch, from ultralytics' `results.csv` (its `time` column is cumulative)."
+    f = run / 'results.csv'
+    if not f.exists(): return dict(epochs_done=0, s_per_epoch=None)
+    t = pd.read_csv(f, skipinitialspace=True)['time'].to_numpy(float)
+    return dict(epochs_done=len(t), s_per_epoch=round(float(np.median(np.diff(np.r_[0.0, t]))), 2) if len(t) else None)
+
+def classify(p, model: str | None = None) -> dict:
+    """Build the recipe's classification dataset, train classifier `model` (one of `classify.model`, YOLOv8-cls or a
+    torchvision network; None: the recipe's only one) on it and score val/test; returns metrics (also `metrics.json`)."""
     from ultralytics import YOLO
     c, V = p.classify, check_version(p)
+    ms = cls_models(c)
+    if model is None:
+        if len(ms) > 1: raise TrainError(f"classify.model lists {ms}: name one, or use classify_all")
+        model = ms[0]
     device = check_device(p.train.device)
-    if not (c.model in BACKBONES or c.model.endswith(('.yaml', '.pt'))):
-        raise TrainError(f"classify.model '{c.model}' is neither an ultralytics -cls.yaml / .pt nor a torchvision network of {sorted(BACKBONES)}")
-    if c.weights and not Path(c.weights).is_file(): raise TrainError(f"classify.weights '{c.weights}' not found")
+    if not (model in BACKBONES or model.endswith(('.yaml', '.pt'))):
+        raise TrainError(f"classify.model '{model}' is neither an ultralytics -cls.yaml / .pt nor a torchvision network of {sorted(BACKBONES)}")
+    w = cls_weights(c, model)
+    if w and not Path(w).is_file(): raise TrainError(f"classify.weights '{w}' ({model}) not found")
     d = build_cls_dataset(V, c)
     (d / 'mammo_cls.json').write_text(json.dumps({k: c[k] for k in ('balance', 'warmup_balanced', 'freeze_epochs', 'unfreeze_steps',
                                                                    'unfreeze_every', 'unfreeze_lr_factor', 'seed', 'loss', 'focal_gamma')}
-                                                 | {'threads': p.train.threads, 'backbone': c.model if c.model in BACKBONES else None,
-                                                    'backbone_weights': str(Path(c.weights).resolve()) if c.weights else None}))
+                                                 | {'threads': p.train.threads, 'backbone': model if model in BACKBONES else None,
+                                                    'backbone_weights': str(Path(w).resolve()) if w else None}))
     items = load_items(d, V)
     aug = {**AUGMENT, **(c.hyp or {})}
-    learn = {k: c[k] for k in ('model', 'imgsz', 'epochs', 'batch', 'lr0', 'balance', 'warmup_balanced', 'freeze_epochs',
-                               'unfreeze_steps', 'unfreeze_every', 'unfreeze_lr_factor', 'seed')}
+    learn = {k: c[k] for k in ('imgsz', 'epochs', 'batch', 'lr0', 'balance', 'warmup_balanced', 'freeze_epochs',
+                               'unfreeze_steps', 'unfreeze_every', 'unfreeze_lr_factor', 'seed')} | {'model': model}
     if c.loss != 'ce': learn.update(loss=c.loss, focal_gamma=c.focal_gamma if c.loss == 'focal' else None)   # (ce: the runs before)
-    if c.weights: learn['weights_sha256'] = file_sha256(c.weights)
-    run = d / 'runs' / f"{Path(c.model).stem}-{hashlib.sha256(json.dumps([learn, aug], sort_keys=True).encode()).hexdigest()[:8]}"
+    if w: learn['weights_sha256'] = file_sha256(w)
+    run = d / 'runs' / f"{Path(model).stem}-{hashlib.sha256(json.dumps([learn, aug], sort_keys=True).encode()).hexdigest()[:8]}"
     if not (run / 'weights' / 'best.pt').exists():
         shutil.rmtree(run, ignore_errors=True)
-        YOLO(model_file(c.model, d / 'models')).train(trainer=MammoClsTrainer, data=str(d), imgsz=c.imgsz, epochs=c.epochs, batch=c.batch, lr0=c.lr0,
+        t0 = time.time()
+        YOLO(model_file(model, d / 'models')).train(trainer=MammoClsTrainer, data=str(d), imgsz=c.imgsz, epochs=c.epochs, batch=c.batch, lr0=c.lr0,
                             optimizer='SGD', device=device, workers=p.train.workers, seed=c.seed, deterministic=True,
                             project=str(run.parent.resolve()), name=run.name, exist_ok=True, amp=device != 'cpu', plots=False,
                             verbose=False, warmup_epochs=0, patience=c.epochs, **aug)
-    names = YOLO(str(run / 'weights' / 'best.pt')).names
+        (run / 'train.json').write_text(json.dumps(dict(wall_s=round(time.time() - t0, 1))))
+    y8 = YOLO(str(run / 'weights' / 'best.pt'))
+    names = y8.names
     classes = [names[i] for i in sorted(names)]
-    out = dict(dataset=str(d), run=str(run), model=c.model, weights=c.weights, loss=c.loss, classes=classes,
+    tj = json.loads((run / 'train.json').read_text()) if (run / 'train.json').exists() else {}
+    out = dict(dataset=str(d), run=str(run), model=model, weights=w, loss=c.loss, classes=classes,
+               training=dict(epochs=c.epochs, params=sum(x.numel() for x in y8.model.parameters()), wall_s=tj.get('wall_s'), **_train_time(run)),
                positive=[classes[i] for i in _positive(classes)], task=c.task, labels=c.labels,
                rule=f'threshold: Youden J on val, applied unchanged to test; intervals: {p.evaluate.ci:.0%} bootstrap of the split groups '
                     f'(patients, else studies), {p.evaluate.bootstrap} resamples, undefined replicates dropped per figure', splits={})
@@ -591,15 +618,15 @@ def show_examples(d: str | Path, per_class: int = 6, size: float = 1.5):
     fig.tight_layout()
     return fig
 
-def classify_external(p, q, split: str = 'test', allow_overlap: bool = False) -> dict:
-    """Score recipe `p`'s classifier (trained first if needed) on recipe `q`'s version: `q`'s patches or images built
+def classify_external(p, q, split: str = 'test', allow_overlap: bool = False, model: str | None = None) -> dict:
+    """Score recipe `p`'s classifier `model` (as in `classify`; trained first if needed) on recipe `q`'s version: `q`'s patches or images built
     with `p`'s classify settings, its `split` ('all': every item), the threshold chosen on `p`'s val, the same figures
     and patient-bootstrap intervals. Versions sharing images or patients are refused unless `allow_overlap`.
     Writes `<classifier run>/external/<version>/metrics.json`."""
     from mammo_nb.evaluate import check_external
     Vx, Vy = check_version(p), check_version(q)
     ov = check_external(Vx, Vy, allow_overlap, 'mammo classify')
-    internal = classify(p)
+    internal = classify(p, model)
     run, classes = Path(internal['run']), internal['classes']
     d = build_cls_dataset(Vy, p.classify)
     items = load_items(d, Vy)
@@ -615,4 +642,33 @@ def classify_external(p, q, split: str = 'test', allow_overlap: bool = False) ->
                splits={split: item_figures(p, it, classes, s, y, top, thr)}, internal_test=internal['splits'].get('test'))
     (out_dir / 'metrics.json').write_text(json.dumps(out, indent=1, default=float))
     return out
+
+
+# %% ../nbs/14_classify.ipynb #2e408e73
+def classify_all(p) -> list[dict]:
+    "`classify` for each of the recipe's classifier models; with several, their comparison tables are written too."
+    ms = [classify(p, m) for m in cls_models(p.classify)]
+    if len(ms) > 1:
+        for sp in sorted({s for m in ms for s in m['splits']}):
+            compare_classifiers(ms, sp, Path(ms[0]['dataset']) / 'runs' / f'comparison-{sp}.csv')
+    return ms
+
+def compare_classifiers(ms: list[dict], split: str = 'test', out: Path | None = None) -> pd.DataFrame:
+    "The classifiers' figures [CI] on `split` and their training cost, one column per run; written to `out` as CSV."
+    cols = {}
+    for m in ms:
+        r = m['splits'].get(split)
+        if r is None: continue
+        x, tr = r['items'], m.get('training') or {}
+        col = {k: fmt_ci(x[k]) for k in ('roc_auc', 'pr_auc', 'prevalence', 'sensitivity', 'specificity')}
+        col['threshold (from val)'] = x['threshold']
+        if r.get('breast'): col['breast roc_auc'] = fmt_ci(r['breast']['roc_auc'])
+        if r.get('detector'): col[f"detector max-box roc_auc ({r['detector']['run']})"] = fmt_ci(r['detector']['roc_auc'])
+        col.update({'n': x['n'], 'positives': x['n_positive'], 'groups': x['n_groups'], 'model': m['model'],
+                    'weights': m['weights'] or 'random', 'loss': m['loss'], 'params (M)': round(tr['params'] / 1e6, 2) if tr.get('params') else None,
+                    'epochs': tr.get('epochs_done'), 's / epoch': tr.get('s_per_epoch'), 'training wall s': tr.get('wall_s')})
+        cols[Path(m['run']).name] = col
+    df = pd.DataFrame(cols)
+    if out is not None: df.to_csv(out)
+    return df
 

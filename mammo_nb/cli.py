@@ -174,20 +174,26 @@ def main(argv: list[str] | None = None) -> int:
             print(rounds_table(S).to_string())
             print(f"best round: {S['best_round']} ({S['rule']})")
         elif a.cmd == 'classify':
-            from mammo_nb.classify import classify, classify_external, metrics_table
+            from mammo_nb.classify import classify_all, classify_external, cls_models, compare_classifiers, metrics_table
             from mammo_nb.metrics import fmt_ci
+            p = load_params(a.params)
             if a.on:
-                x = classify_external(load_params(a.params), load_params(a.on), a.split, a.allow_overlap)
-                it, tt = x['splits'][a.split]['items'], (x['internal_test'] or {}).get('items', {})
-                print(f"classifier {x['run']} ({x['trained_on']}) on {x['scored_on']} ({a.split}); threshold {x['threshold']['value']:.4f} from {x['threshold']['chosen_on']}")
-                if x['without_items']: print(f"classes without items in {x['scored_on']}: {x['without_items']}")
-                for k in ('roc_auc', 'pr_auc', 'sensitivity', 'specificity'):
-                    print(f"{k}: internal test {fmt_ci(tt.get(k))} | external {fmt_ci(it.get(k))}")
-                print(f"file: {Path(x['run']) / 'external' / x['scored_on'] / 'metrics.json'}")
+                for model in cls_models(p.classify):
+                    x = classify_external(p, load_params(a.on), a.split, a.allow_overlap, model)
+                    it, tt = x['splits'][a.split]['items'], (x['internal_test'] or {}).get('items', {})
+                    print(f"classifier {x['run']} ({x['trained_on']}) on {x['scored_on']} ({a.split}); threshold {x['threshold']['value']:.4f} from {x['threshold']['chosen_on']}")
+                    if x['without_items']: print(f"classes without items in {x['scored_on']}: {x['without_items']}")
+                    for k in ('roc_auc', 'pr_auc', 'sensitivity', 'specificity'):
+                        print(f"{k}: internal test {fmt_ci(tt.get(k))} | external {fmt_ci(it.get(k))}")
+                    print(f"file: {Path(x['run']) / 'external' / x['scored_on'] / 'metrics.json'}")
                 return 0
-            m = classify(load_params(a.params))
-            print(f"dataset {m['dataset']}\nrun {m['run']}\nclasses {m['classes']} (positive: {m['positive']})")
-            print(metrics_table(m).to_string())
+            ms = classify_all(p)
+            for m in ms:
+                print(f"dataset {m['dataset']}\nrun {m['run']}\nclasses {m['classes']} (positive: {m['positive']})")
+                print(metrics_table(m).to_string())
+            if len(ms) > 1:
+                print(f"comparison ({Path(ms[0]['dataset']) / 'runs'}/comparison-<split>.csv):")
+                print(compare_classifiers(ms, 'test' if 'test' in ms[0]['splits'] else 'val').to_string())
         elif a.cmd == 'explain':
             for name, r in stage_explain(load_params(a.params), a.run).items():
                 print(f"== {name} ==")

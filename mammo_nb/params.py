@@ -204,10 +204,11 @@ SCHEMA = {
         'normal_ratio': Field(float, 1.0, 'normal patches per abnormal patch', min=0),
         'normal_margin': Field(int, 16, 'normal patches keep this distance (px) from every box', min=0),
         'min_breast': Field(float, 0.75, 'share of a normal patch inside the breast', min=0, max=1),
-        'model': Field(str, 'yolov8n-cls.yaml', 'classifier: an ultralytics `-cls.yaml` or local `.pt`, or a torchvision '
+        'model': Field((str, list), 'yolov8n-cls.yaml', 'classifier: an ultralytics `-cls.yaml` or local `.pt`, or a torchvision '
                        'network by name (`mammo_nb.classify.BACKBONES`: resnet18/34/50/101, efficientnet_b0, densenet121, '
-                       'vgg16_bn, mobilenet_v2)'),
-        'weights': Field(str, None, "local torchvision state dict (.pth) for a torchvision 'model' (None: random weights)"),
+                       'vgg16_bn, mobilenet_v2); a list trains each and writes a comparison table', items=str),
+        'weights': Field((str, dict), None, "local torchvision state dict (.pth) for the torchvision 'model', or with a list "
+                         "{network name: .pth} (None, or a network left out: random weights)"),
         'loss': Field(str, 'ce', 'ce: cross-entropy (class-weighted under balance pos_weight); bce: BCE-with-logits, '
                       'pos_weight negatives / positives (binary labels); focal: sigmoid focal loss (binary labels)',
                       ('ce', 'bce', 'focal')),
@@ -319,8 +320,16 @@ def _cross_check(p: dict, errs: list):
     c = p.get('classify') or {}
     if c.get('loss') in ('bce', 'focal') and c.get('labels') != 'binary':
         errs.append(f"'classify.loss' {c['loss']} needs 'classify.labels: binary' (two classes), got {c.get('labels')!r}")
-    if c.get('weights') and str(c.get('model', '')).endswith(('.yaml', '.pt')):
-        errs.append("'classify.weights' is for a torchvision 'classify.model' (e.g. resnet50); a .pt carries its own weights")
+    cms = c.get('model') if isinstance(c.get('model'), list) else [c.get('model', '')]
+    tv = [m for m in cms if not str(m).endswith(('.yaml', '.pt'))]
+    w = c.get('weights')
+    if isinstance(w, str) and len(tv) != 1:
+        errs.append(f"'classify.weights' as one file needs one torchvision 'classify.model' (e.g. resnet50), got {tv}; "
+                    "with several give {network name: .pth}")
+    if isinstance(w, dict) and sorted(set(w) - set(tv)):
+        errs.append(f"'classify.weights' names {sorted(set(w) - set(tv))}, not torchvision networks of 'classify.model' "
+                    "(a .pt carries its own weights)")
+    if len(set(map(str, cms))) < len(cms): errs.append(f"'classify.model' repeats a model: {cms}")
     bad = sorted(set(ev.get('splits') or []) - {'train', 'val', 'test'})
     if bad: errs.append(f"'evaluate.splits' must be train/val/test, got {bad}")
     if sp.get('val_frac', 0) + sp.get('test_frac', 0) >= 1:

@@ -155,33 +155,6 @@ def test_scored_on_another_version(patches, tmp_path_factory):
     assert 'internal test' in out.stdout and 'external' in out.stdout
 
 
-def test_torchvision_backbone_with_bce_and_local_weights(patches):
-    """`classify.model: resnet18` from a local state dict, BCE with pos_weight: the weights reach the backbone, the
-    stem stays frozen (it is in the last block group to unfreeze, never reached here), the schedule unfreezes the
-    network's stages and logs the loss and its weight."""
-    import torch, torchvision
-    tmp, raw, f, p, _, _ = patches
-    net = torchvision.models.resnet18(weights=None)
-    torch.save(net.state_dict(), tmp / 'r18.pth')
-    g = recipe(tmp, raw, 'r18', Path(p.prepare.out), model='resnet18', weights=str(tmp / 'r18.pth'), loss='bce', epochs=2,
-               warmup_balanced=0, freeze_epochs=1, unfreeze_steps=2, unfreeze_every=1)
-    run_here('classify', g)
-    q = load_params(g)
-    (mf,) = (version_dir(q) / 'classify').glob('patch-binary-*/runs/resnet18-*/metrics.json')
-    m = json.loads(mf.read_text())
-    assert m['model'] == 'resnet18' and m['loss'] == 'bce' and set(m['splits']) == {'val', 'test'}
-    sch = pd.DataFrame(m['schedule']).drop_duplicates('epoch', keep='last').set_index('epoch')
-    assert (sch.blocks == 8).all() and sch.unfrozen_layers.tolist() == [[], [4, 5, 6, 7]]   # stem (conv1 bn1 relu maxpool) | layer1-4
-    items = pd.read_csv(Path(m['dataset']) / 'items.csv')
-    tr = items[items.split == 'train'].label.value_counts()
-    assert (sch.loss == 'bce').all() and sch.pos_weight.iloc[0] == pytest.approx(tr['normal'] / tr['abnormal'])
-    ck = torch.load(Path(m['run']) / 'weights' / 'last.pt', map_location='cpu', weights_only=False)
-    bb = (ck.get('ema') or ck['model']).float().model[0].m                       # (ultralytics saves float16)
-    near = lambda a, b: torch.isclose(a, b.detach(), rtol=2 ** -10, atol=2 ** -24)  # within float16 rounding
-    assert near(bb[0].weight, net.conv1.weight).all()                            # loaded, and frozen throughout
-    assert not near(bb[7][1].conv2.weight, net.layer4[1].conv2.weight).all()     # layer4 trained in epoch 1
-
-
 def test_cams_of_the_classifier(patches):
     """Grad-CAM of the classifier: maps on the patch's grid, not constant, energy figures for abnormal patches only,
     the galleries and table in the run's cams/ folder, the summary in metrics.json."""
@@ -205,3 +178,43 @@ def test_cams_of_the_classifier(patches):
     assert any(mp.std() > 0 for mp in M['map'])
     E = M[(M.label != 'normal') & M['map'].map(lambda x: x.std() > 0)]
     assert E.energy_in.between(0, 1).all() and M.energy_in[M.label == 'normal'].isna().all()
+
+
+def test_every_backbone_trains_and_compares(patches):
+    """Each named torchvision architecture builds, trains on the patches with BCE and pos_weight (head only, then the
+    top half of its stages: the logged trainable-parameter count rises, short of the whole) and is scored; the list
+    writes one comparison table with a column each. resnet18 starts from a local state dict: the weights reach the
+    backbone, its stem stays frozen (the last block group to unfreeze, never reached here) and layer4 trains."""
+    import torch, torchvision
+    from mammo_nb.classify import BACKBONES
+    tmp, raw, f, p, _, _ = patches
+    nets = sorted(BACKBONES)
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), tmp / 'r18.pth')
+    g = recipe(tmp, raw, 'all', Path(p.prepare.out), model=nets, weights={'resnet18': str(tmp / 'r18.pth')}, loss='bce',
+               epochs=2, warmup_balanced=0, freeze_epochs=1, unfreeze_steps=2, unfreeze_every=1, cams=0)
+    out = run_here('classify', g)
+    d = next((version_dir(load_params(g)) / 'classify').glob('patch-binary-*/runs/comparison-test.csv')).parent
+    cmp = pd.read_csv(d / 'comparison-test.csv', index_col=0)
+    assert sorted(cmp.loc['model']) == nets and len(cmp.columns) == len(nets) and set(cmp.loc['loss']) == {'bce'}
+    items = pd.read_csv(next(d.parent.glob('items.csv')))
+    tr = items[items.split == 'train'].label.value_counts()
+    for name in nets:
+        (mf,) = d.glob(f'{name}-*/metrics.json')
+        m = json.loads(mf.read_text())
+        sch = pd.DataFrame(m['schedule']).drop_duplicates('epoch', keep='last').set_index('epoch')
+        t = sch.trainable_params.tolist()
+        assert t[0] < t[1] < sch.total_params.iloc[0], (name, t)            # head only | + the top half of the stages
+        assert sch.unfrozen_layers.iloc[0] == [] and 0 < len(sch.unfrozen_layers.iloc[1]) < sch.blocks.iloc[1], name
+        assert (sch.loss == 'bce').all() and sch.pos_weight.iloc[0] == pytest.approx(tr['normal'] / tr['abnormal'])
+        assert m['training']['epochs_done'] == 2 and m['training']['s_per_epoch'] > 0
+        assert m['splits']['test']['items']['n'] == int(cmp.loc['n', Path(m['run']).name])
+    m = json.loads(next(d.glob('resnet18-*/metrics.json')).read_text())
+    sch = pd.DataFrame(m['schedule']).drop_duplicates('epoch', keep='last').set_index('epoch')
+    assert (sch.blocks == 8).all() and sch.unfrozen_layers.tolist() == [[], [4, 5, 6, 7]]   # stem (conv1 bn1 relu maxpool) | layer1-4
+    ck = torch.load(Path(m['run']) / 'weights' / 'last.pt', map_location='cpu', weights_only=False)
+    bb = (ck.get('ema') or ck['model']).float().model[0].m                       # (ultralytics saves float16)
+    near = lambda a, b: torch.isclose(a, b.detach(), rtol=2 ** -10, atol=2 ** -24)  # within float16 rounding
+    assert near(bb[0].weight, net.conv1.weight).all()                            # loaded, and frozen throughout
+    assert not near(bb[7][1].conv2.weight, net.layer4[1].conv2.weight).all()     # layer4 trained in epoch 1
+    assert 'comparison' in out.stdout
