@@ -16,9 +16,9 @@ from .metrics import (BOX, SCORING, Scored, bootstrap, choose_threshold, convent
 from .split import group_keys
 
 # %% auto #0
-__all__ = ['MultiLabelPredictor', 'MammoValidator', 'predict', 'ultralytics_val', 'plot_froc', 'plot_roc', 'save_froc_roc',
-           'evaluate_run', 'compare_runs', 'class_alignment', 'check_external', 'version_overlap', 'evaluate_external',
-           'external_runs', 'internal_vs_external', 'show_predictions']
+__all__ = ['MultiLabelPredictor', 'MammoValidator', 'predict', 'yolo_predict', 'ultralytics_val', 'plot_froc', 'plot_roc',
+           'save_froc_roc', 'evaluate_run', 'compare_runs', 'class_alignment', 'check_external', 'version_overlap',
+           'evaluate_external', 'external_runs', 'internal_vs_external', 'show_predictions']
 
 # %% ../nbs/08a_evaluate.ipynb #aa7f5823
 from contextlib import contextmanager
@@ -59,14 +59,23 @@ class MammoValidator(CPUThreads, DetectionValidator):
 def predict(weights, V, split: str, imgsz: int, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
             batch: int = 16, device: str = 'cpu', progress: bool = True, ims: pd.DataFrame | None = None,
             threads: int | None = None) -> pd.DataFrame:
-    "Boxes (PNG pixels) of `weights` on every image of `split` (image-level-only images included), or on the rows `ims`."
+    """Boxes (PNG pixels) of `weights`, of any detector family, on every image of `split` (image-level-only images
+    included), or on the rows `ims`: the predictions CSV's rows."""
+    from mammo_nb.detectors import family_of_weights
+    ims = V.images[V.images.split == split] if ims is None else ims
+    return family_of_weights(weights).predict(weights, V, ims, imgsz, conf, iou, max_det, batch, device, progress, threads,
+                                              desc=f'predict {split}')
+
+def yolo_predict(weights, V, ims: pd.DataFrame, imgsz: int, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
+                 batch: int = 16, device: str = 'cpu', progress: bool = True, threads: int | None = None,
+                 desc: str = 'predict') -> pd.DataFrame:
+    "`predict` of the ultralytics family: multi-label NMS as its validator's."
     from ultralytics import YOLO
     from tqdm import tqdm
     model = YOLO(str(weights))
     names = model.names
-    ims = V.images[V.images.split == split] if ims is None else ims
     rows = []
-    for i in tqdm(range(0, len(ims), batch), desc=f'predict {split}', disable=not progress, mininterval=5):
+    for i in tqdm(range(0, len(ims), batch), desc=desc, disable=not progress, mininterval=5):
         chunk = ims.iloc[i:i + batch]
         res = model.predict([str(V.dir / f) for f in chunk.png], imgsz=imgsz, conf=conf, iou=iou, max_det=max_det,
                             device=device, verbose=False, predictor=threaded(MultiLabelPredictor, threads))
@@ -141,6 +150,7 @@ def save_froc_roc(S: Scored, f: Path, froc_title: str, roc_title: str, bands: di
     with styled():
         fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
         plot_froc(S, axs[0], froc_title, bands); plot_roc(S, axs[1], roc_title, bands)
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout(); fig.savefig(f, dpi=110); plt.close(fig)
     return f
 
@@ -155,6 +165,8 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
     V = V or check_version(p)
     classes = V.manifest['classes']
     check_classes(str(weights), classes, what='run weights')
+    from mammo_nb.detectors import family_of_weights
+    fam = family_of_weights(weights)
     tj = json.loads((rd / 'train.json').read_text()) if (rd / 'train.json').exists() else {}
     if tj.get('version') not in (None, V.manifest['version']):
         raise TrainError(f"run '{rd.name}' was trained on version {tj['version']}, not {V.manifest['version']}")
@@ -184,7 +196,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         if split not in e.splits: continue
         B = bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress)
         units.update(S.group)
-        ul = ultralytics_val(weights, rd / 'data.yaml', split, ev / split, imgsz, p, device)
+        ul = fam.validate(weights, rd, split, ev / split, imgsz, p, device)     # the library's own AP, if it has one
         out['splits'][split] = nest(B, S, ul)
         save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}', out['splits'][split])
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units))
@@ -194,14 +206,18 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
 
 # %% ../nbs/08a_evaluate.ipynb #4d3965b6
 def compare_runs(run_dirs: list[Path], split: str = 'test', out: Path | None = None) -> pd.DataFrame:
-    "Per-class AP50 [CI] of several runs side by side (one column per run); written to `out` as CSV."
+    """Per-class AP50 [CI], all-lesion sensitivity at 1 FP/image and image ROC-AUC of several runs side by side (one
+    column per run, any detector family), with each run's family, epochs and median seconds per epoch; written to
+    `out` as CSV."""
     cols = {}
     for rd in map(Path, run_dirs):
         m = json.loads((rd / 'eval' / 'metrics.json').read_text())
+        tj = json.loads((rd / 'train.json').read_text()) if (rd / 'train.json').exists() else {}
         s = m['splits'][split]
         col = {c: fmt_ci(d['ap50']) for c, d in s['per_class'].items() if d['n_gt'] > 0}
         col['all lesions: sens@1FP'] = fmt_ci(s['all_lesions']['froc'].get('1'))
         col['image ROC-AUC'] = fmt_ci(s['image'].get('roc_auc'))
+        col.update({'family': tj.get('family', 'ultralytics'), 'epochs': tj.get('epochs_done'), 's / epoch': tj.get('s_per_epoch')})
         cols[rd.name] = col
     df = pd.DataFrame(cols)
     if out is not None: df.to_csv(out)

@@ -20,7 +20,8 @@ from .metrics import BOX, by_key, hit_matrix
 
 # %% auto #0
 __all__ = ['METHODS', 'Detector', 'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'LowMemEigenCAM',
-           'eigen_projection', 'cam', 'cam_energy', 'outcomes', 'to_original_grid', 'overlay', 'explain_run', 'summary']
+           'eigen_projection', 'cam', 'YoloExplainer', 'cam_energy', 'outcomes', 'to_original_grid', 'overlay',
+           'explain_run', 'summary']
 
 # %% ../nbs/11_explain.ipynb #9b891574
 class Detector(nn.Module):
@@ -103,6 +104,25 @@ def cam(det: Detector, x: torch.Tensor, method: str, layers: list[int], target: 
         return c(input_tensor=x.detach().requires_grad_(method != 'eigencam'),
                  targets=[target if target is not None else (lambda o: o.sum())])[0]
 
+# %% ../nbs/11_explain.ipynb #b0beaf5a
+def _to_input(box, lb):
+    r, px, py = lb
+    return (box[0] * r + px, box[1] * r + py, box[2] * r + px, box[3] * r + py)
+
+class YoloExplainer:
+    "CAMs of an ultralytics run: the letterboxed image, `BoxClassTarget` over the anchors in the box, the neck `layers`."
+    def __init__(self, weights, imgsz: int, layers=(15, 18, 21)):
+        self.det, self.imgsz, self.idx = Detector(weights), imgsz, list(layers)
+        self.cent, self.cid = anchor_centres(imgsz, self.det.strides), {v: k for k, v in self.det.names.items()}
+        self.layers = [f'model.{i} ({type(self.det.m.model[i]).__name__})' for i in self.idx]
+    def set_image(self, png: np.ndarray):
+        self.shape = png.shape[:2]
+        self.x, self.lb = letterbox(png, self.imgsz)
+    def map(self, method: str, cls: str | None = None, box=None) -> np.ndarray:
+        t = None if method == 'eigencam' else BoxClassTarget(self.cid[cls], _to_input(box, self.lb), self.cent)
+        return unletterbox(cam(self.det, self.x, method, self.idx, t), self.lb, self.shape)
+
+
 # %% ../nbs/11_explain.ipynb #f2bcd12a
 def cam_energy(m: np.ndarray, box) -> dict:
     """Energy share inside `box` (xyxy, map pixels; or a list of boxes: their union), the box's area share, their
@@ -155,10 +175,6 @@ def overlay(ax, img: np.ndarray, m: np.ndarray | None, boxes=(), alpha: float = 
     ax.set_title(title, fontsize=7); ax.set_axis_off()
 
 # %% ../nbs/11_explain.ipynb #511ec12b
-def _to_input(box, lb):
-    r, px, py = lb
-    return (box[0] * r + px, box[1] * r + py, box[2] * r + px, box[3] * r + py)
-
 def _pick(O: pd.DataFrame, e) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Lesions to score (one row per GT lesion: its best TP, else FN) and the gallery items (per class and outcome)."
     les = O[O.outcome != 'FP'].copy()
@@ -188,10 +204,11 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     gt = V.boxes[V.boxes.split == e.split]
     O = outcomes(pred, gt, thr, p.evaluate.hit_iou)
     les, gal = _pick(O, e)
-    det = Detector(rd / 'weights' / 'best.pt')
+    from mammo_nb.detectors import family_of_weights
     if check_device(p.train.device) == 'cpu': cpu_threads(p.train.threads)
     imgsz = json.loads((rd / 'train.json').read_text())['args']['imgsz'] if (rd / 'train.json').exists() else p.train.imgsz
-    cent, cid = anchor_centres(imgsz, det.strides), {v: k for k, v in det.names.items()}
+    weights = rd / 'weights' / 'best.pt'
+    ex = family_of_weights(weights).explainer(weights, imgsz, e.layers)
     targeted = [m for m in e.methods if m != 'eigencam']
     im = V.images.set_index('image_id')
     out = rd / 'explain'; out.mkdir(exist_ok=True)
@@ -202,11 +219,10 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     in_gallery = set(zip(gal.image_id, gal.cls, gal.outcome, gal.box))
     for iid, g in tqdm(items.groupby('image_id', sort=True), desc='explain', disable=not progress, mininterval=5):
         png = cv2.imread(str(V.dir / im.loc[iid, 'png']), cv2.IMREAD_UNCHANGED)
-        x, lb = letterbox(png, imgsz)
-        eig = unletterbox(cam(det, x, 'eigencam', e.layers), lb, png.shape) if 'eigencam' in e.methods else None
+        ex.set_image(png)
+        eig = ex.map('eigencam') if 'eigencam' in e.methods else None
         for it in g.itertuples():
-            mm = {m: unletterbox(cam(det, x, m, e.layers, BoxClassTarget(cid[it.cls], _to_input(it.box, lb), cent)), lb, png.shape)
-                  for m in targeted}
+            mm = {m: ex.map(m, it.cls, it.box) for m in targeted}
             if eig is not None: mm['eigencam'] = eig
             if it.scored:
                 for m, a in mm.items():
@@ -245,7 +261,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
         overlay(ax, g0.image, m0, [(gb, 'lime', it.cls), (pb, 'orange', f'{it.cls} {it.score:.2f}')], e.alpha,
                 f'original {g0.shape[1]}x{g0.shape[0]}, {it.cls}', extent=g0.shape)
         f = out / f'original-{n}.png'; fig.savefig(f, dpi=90); plt.close(fig); origs.append(f.name)
-    res = dict(run=rd.name, split=e.split, threshold=thr, methods=list(e.methods), layers=list(e.layers),
+    res = dict(run=rd.name, split=e.split, threshold=thr, methods=list(e.methods), layers=list(ex.layers),
                outcomes=O.outcome.value_counts().to_dict(), lesions_scored=int(les.shape[0]),
                galleries=figs, originals=origs)
     (out / 'explain.json').write_text(json.dumps(res, indent=1, default=str))

@@ -108,8 +108,13 @@ SCHEMA = {
                        '(1: no cross-validation); does not change the version', min=1, max=20),
     },
     'train': {
-        'model': Field((str, list), 'yolov8n.yaml', 'ultralytics model: a `.yaml` (from scratch) or a local `.pt`; '
-                       'a list trains each and writes a per-class comparison table', items=str),
+        'model': Field((str, list), 'yolov8n.yaml', 'detector: an ultralytics `.yaml` (from scratch) or local `.pt`, or a '
+                       'torchvision detector by name (`mammo_nb.tvdet.ARCHS`: fasterrcnn_resnet50_fpn_v2, '
+                       'fasterrcnn_mobilenet_v3_large_fpn, retinanet_resnet50_fpn_v2, ...) or its run\'s `.pt`; a list '
+                       'trains each and writes a per-class comparison table', items=str),
+        'weights': Field((str, dict), None, "local state dict (.pth) a torchvision detector starts from: a COCO detector's "
+                         "(its class-dependent head left out) or an ImageNet backbone's; with several, {name: .pth} "
+                         "(None: random weights; nothing is downloaded)"),
         'imgsz': Field(int, 640, 'training and inference image size (long side, pixels)', min=32),
         'epochs': Field(int, 100, 'training epochs', min=1),
         'batch': Field(int, 16, 'images per batch (over all GPUs)', min=1),
@@ -330,6 +335,13 @@ def _cross_check(p: dict, errs: list):
         errs.append(f"'classify.weights' names {sorted(set(w) - set(tv))}, not torchvision networks of 'classify.model' "
                     "(a .pt carries its own weights)")
     if len(set(map(str, cms))) < len(cms): errs.append(f"'classify.model' repeats a model: {cms}")
+    t = p.get('train') or {}
+    tms = t.get('model') if isinstance(t.get('model'), list) else [t.get('model', '')]
+    tv = [m for m in tms if not str(m).endswith(('.yaml', '.pt'))]
+    if isinstance(t.get('weights'), str) and len(tv) != 1:
+        errs.append(f"'train.weights' as one file needs one torchvision detector in 'train.model', got {tv}; with several give {{name: .pth}}")
+    if isinstance(t.get('weights'), dict) and sorted(set(t['weights']) - set(tv)):
+        errs.append(f"'train.weights' names {sorted(set(t['weights']) - set(tv))}, not torchvision detectors of 'train.model'")
     bad = sorted(set(ev.get('splits') or []) - {'train', 'val', 'test'})
     if bad: errs.append(f"'evaluate.splits' must be train/val/test, got {bad}")
     if sp.get('val_frac', 0) + sp.get('test_frac', 0) >= 1:

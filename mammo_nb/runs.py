@@ -10,6 +10,7 @@ from pathlib import Path
 from .prepare import version_dir
 
 _NOT_LEARNING = ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'resume', 'evaluate', 'run_name', 'plots')
+_ADDED = {'weights': None}       # settings added later enter the hash only when set: earlier runs keep their names
 
 def models(p) -> list[str]:
     "The recipe's model(s) as a list."
@@ -18,7 +19,7 @@ def models(p) -> list[str]:
 def run_name(p, model: str) -> str:
     "`train.run_name`, else `<model stem>-<8 hex of the learning params>`."
     if p.train.run_name: return p.train.run_name if len(models(p)) == 1 else f'{p.train.run_name}-{Path(model).stem}'
-    t = {k: v for k, v in p.train.items() if k not in _NOT_LEARNING}
+    t = {k: v for k, v in p.train.items() if k not in _NOT_LEARNING and not (k in _ADDED and v == _ADDED[k])}
     t['model'] = model
     h = hashlib.sha256(json.dumps(t, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f'{Path(model).stem}-{h}'

@@ -36,7 +36,6 @@ def sniff(head: bytes) -> str | None:
 class Predictor:
     "A trained run ready to score one image at a time: weights, classes, threshold and the version's preprocessing."
     def __init__(self, run_dir: str | Path, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21), threads: int | None = None):
-        from ultralytics import YOLO
         self.rd = Path(run_dir)
         self.weights = self.rd / 'weights' / 'best.pt'
         man_f = self.rd.parent.parent / 'manifest.json'
@@ -57,7 +56,10 @@ class Predictor:
         self.device, self.conf, self.layers, self.threads = device, conf, list(layers), threads
         self.ids = dict(run=self.rd.name, version=man['version'], manifest_sha256=file_sha256(man_f), weights_sha256=file_sha256(self.weights),
                         classes=self.classes, imgsz=self.imgsz, threshold=self.threshold, threshold_source=self.threshold_source)
-        self.yolo, self._det, self.lock = YOLO(str(self.weights)), None, threading.Lock()
+        from mammo_nb.detectors import family_of_weights
+        self.family = family_of_weights(self.weights)
+        self.run = self.family.runner(self.weights, self.imgsz, device, conf, 0.6, 100, threads)
+        self._ex, self.lock = None, threading.Lock()
 
     def preprocess(self, path: str | Path):
         "`ingest` + `render` with the version's settings: (ingested, network image uint8, geometry)."
@@ -73,22 +75,16 @@ class Predictor:
 
     def _predict(self, path: str | Path):
         "The ingested image, the network's input and the /predict answer (read and decoded once)."
-        from mammo_nb.evaluate import MultiLabelPredictor
-        from mammo_nb.train import threaded
         t0 = time.perf_counter()
         g, img, geo = self.preprocess(path)
         t1 = time.perf_counter()
-        with self.lock:
-            r = self.yolo.predict(np.repeat(img[..., None], 3, 2), imgsz=self.imgsz, conf=self.conf, iou=0.6, max_det=100,
-                                  device=self.device, verbose=False,
-                                  predictor=threaded(MultiLabelPredictor, self.threads))[0]
+        with self.lock: xyxy, cls, conf = self.run(img)             # the run's family, one image
         t2 = time.perf_counter()
-        xyxy = r.boxes.xyxy.cpu().numpy().reshape(-1, 4)
         orig = to_original(xyxy, g.crop, geo['scale'])
         H, W = g.shape
         boxes = [dict(cls=self.classes[c], class_id=int(c), score=round(float(s), 5),
                       box=[round(float(np.clip(v, 0, lim)), 1) for v, lim in zip(b, (W, H, W, H))], above_threshold=bool(s >= self.threshold))
-                 for b, c, s in zip(orig, r.boxes.cls.int().tolist(), r.boxes.conf.tolist())]
+                 for b, c, s in zip(orig, cls, conf)]
         boxes.sort(key=lambda b: -b['score'])
         scores = {c: max([b['score'] for b in boxes if b['cls'] == c], default=0.0) for c in self.classes}
         out = dict(notice=NOTICE, model=self.ids, image=dict(rows=H, cols=W, format=g.record.get('transfer_syntax'), crop=list(g.crop)),
@@ -117,13 +113,12 @@ class Predictor:
         return cv2.imencode('.png', rgb)[1].tobytes()
 
     def explain(self, path: str | Path) -> tuple[bytes, dict]:
-        "Overlay PNG (breast crop, EigenCAM of the neck layers, boxes above threshold) and the prediction it shows."
-        from mammo_nb.explain import Detector, cam, letterbox, unletterbox
+        "Overlay PNG (breast crop, EigenCAM of the run's layers: YOLOv8's neck, or the FPN outputs), boxes above threshold, and the prediction it shows."
         g, img, res = self._predict(path)
         with self.lock:
-            if self._det is None: self._det = Detector(self.weights)
-            x, lb = letterbox(img, self.imgsz)
-            m = unletterbox(cam(self._det, x, 'eigencam', self.layers), lb, img.shape)
+            if self._ex is None: self._ex = self.family.explainer(self.weights, self.imgsz, self.layers)
+            self._ex.set_image(img)
+            m = self._ex.map('eigencam')
         return self.draw(g, res['boxes'], m), res
 
 # %% ../nbs/13_serve.ipynb #545b4551

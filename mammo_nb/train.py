@@ -28,7 +28,7 @@ from .runs import _NOT_LEARNING, models, run_name, run_dir, run_dirs
 # %% auto #0
 __all__ = ['NegativeSampler', 'class_weights', 'FocalBCE', 'MammoDetectionLoss', 'cpu_threads', 'CPUThreads', 'threaded',
            'MammoTrainer', 'TrainError', 'check_version', 'check_device', 'weights_classes', 'check_classes',
-           'write_run_data', 'yolo_args', 'train_run', 'train', 'negatives_summary']
+           'write_run_data', 'yolo_args', 'train_run', 'yolo_train_run', 'train', 'negatives_summary']
 
 # %% ../nbs/07_train.ipynb #73ef8958
 class NegativeSampler(torch.utils.data.Sampler):
@@ -211,12 +211,11 @@ def check_device(device) -> str:
     return ','.join(map(str, ids))
 
 def weights_classes(model: str) -> list[str] | None:
-    "Class names stored in `.pt` weights (None for a `.yaml`, which has no trained head)."
+    "Class names stored in `.pt` weights, of any detector family (None for a `.yaml` or a name: no trained head)."
     if not str(model).endswith('.pt'): return None
     if not Path(model).exists(): raise TrainError(f"'train.model': weights file '{model}' not found")
-    from ultralytics import YOLO
-    names = YOLO(model).names
-    return [names[i] for i in sorted(names)]
+    from mammo_nb.detectors import family_of_weights
+    return family_of_weights(model).weights_classes(model)
 
 def check_classes(model: str, classes: list[str], what: str = "'train.model'"):
     "Raise `TrainError` when weights were trained on a different class list than the dataset version's."
@@ -280,12 +279,16 @@ def _resumable(rd: Path) -> Path | None:
 
 def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -> Path:
     """Train (or resume, or find finished) the run of `model` on the recipe's version (or on `V`, e.g. a derived
-    self-training version, into `rd` = `<V.dir>/runs/<name>`); returns the run folder."""
-    from ultralytics import YOLO
+    self-training version, into `rd` = `<V.dir>/runs/<name>`) with its detector family; returns the run folder."""
+    from mammo_nb.detectors import family_of
     V = V or check_version(p)
-    device = check_device(p.train.device)
     if not p.train.reset_head: check_classes(model, V.manifest['classes'])
-    rd = Path(rd) if rd else run_dir(p, model)
+    return family_of(model).train(p, model, V, Path(rd) if rd else run_dir(p, model))
+
+def yolo_train_run(p, model: str, V: Version, rd: Path) -> Path:
+    "`train_run` of the ultralytics family: `MammoTrainer`, resumed from `last.pt` (or `best.pt`) after a kill."
+    from ultralytics import YOLO
+    device = check_device(p.train.device)
     if _done(rd): return rd
     data = write_run_data(p, V, rd)
     args = yolo_args(p, model, data, device)
@@ -299,7 +302,7 @@ def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -
         y = YOLO(model); y.train(trainer=MammoTrainer, **args)
     res = (rd / 'results.csv').read_text().splitlines()[1:]
     times = np.diff([0.0] + [float(l.split(',')[1]) for l in res])
-    rec = dict(status='done', version=V.manifest['version'], model=model, run=rd.name,
+    rec = dict(status='done', family='ultralytics', version=V.manifest['version'], model=model, run=rd.name,
                manifest_sha256=hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest(),
                args={k: v for k, v in args.items() if k not in ('project',)}, mammo=yaml.safe_load(data.read_text())['mammo'],
                epochs_done=len(res), wall_s=round(time.time() - t0, 1), s_per_epoch=round(float(np.median(times)), 2) if len(times) else None,

@@ -1,0 +1,128 @@
+"""A second detector family: torchvision Faster R-CNN (and RetinaNet) trained on the session's tiny version beside
+its YOLOv8 run, scored by the same evaluation into the same metrics.json and comparison table, resumed after a kill
+to the same weights, explained on the FPN outputs and served."""
+import json, os, signal, subprocess, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import BIN, EXPLAIN, TRAIN, run_here, tiny_recipe
+from mammo_nb.params import load_params
+from mammo_nb.prepare import version_dir
+from mammo_nb.train import check_version, run_dir
+
+ARCH = 'fasterrcnn_mobilenet_v3_large_fpn'
+TV = {'epochs': 2, 'imgsz': 64}
+
+
+@pytest.fixture(scope='module')
+def both(tiny_run, tmp_path_factory):
+    """`mammo train` on a list mixing YOLOv8 and Faster R-CNN, on the session's tiny version (2 epochs at 64 px: the
+    mechanics, not the learning), each trained and evaluated."""
+    f0, _ = tiny_run
+    p0 = load_params(f0)
+    tmp = tmp_path_factory.mktemp('tvdet')
+    f = tiny_recipe(tmp, p0.source.root, p0.prepare.out, train={**TRAIN, **TV, 'model': ['yolov8n.yaml', ARCH]},
+                    explain={**EXPLAIN, 'methods': ['gradcam', 'eigencam'], 'max_lesions': 6, 'per_class': 1, 'n_original': 0})
+    r = run_here('train', f)
+    p = load_params(f)
+    return tmp, f, p, r, run_dir(p, ARCH), run_dir(p, 'yolov8n.yaml')
+
+
+def test_trained_and_scored_like_yolo(both):
+    tmp, f, p, r, rd, yd = both
+    V = check_version(p)
+    tj = json.loads((rd / 'train.json').read_text())
+    assert tj['family'] == 'torchvision' and tj['arch'] == ARCH and tj['epochs_done'] == 2 and tj['s_per_epoch'] > 0
+    assert tj['mammo']['loss'] == 'cross-entropy' and len(tj['mammo']['class_weight']) == len(V.manifest['classes']) + 1
+    res = pd.read_csv(rd / 'results.csv')
+    assert res.epoch.tolist() == [1, 2] and res['val/fitness'].notna().all()
+    # the per-epoch No-Finding draw is the YOLOv8 run's: same sampler, same seed, same images
+    neg = lambda d: {json.loads(l)['epoch']: sorted(json.loads(l)['negatives']) for l in (d / 'negatives.jsonl').read_text().splitlines()}
+    assert neg(rd) == neg(yd) and len(neg(rd)) == 2
+    # same predictions CSV, same metrics.json structure and conventions; no ultralytics cross-check for this family
+    a, b = (pd.read_csv(d / 'eval' / 'predictions-test.csv') for d in (rd, yd))
+    assert list(a.columns) == list(b.columns) and len(a) and set(a.cls) <= set(V.manifest['classes'])
+    test_ids = set(V.images.image_id[V.images.split == 'test'])
+    assert set(a.image_id.astype(str)) <= test_ids
+    m, my = (json.loads((d / 'eval' / 'metrics.json').read_text()) for d in (rd, yd))
+    assert m['conventions'] == my['conventions'] and m['operating_point']['chosen_on'] == 'val'
+    s = m['splits']['test']
+    assert set(s['per_class']) == set(my['splits']['test']['per_class']) and s['ultralytics'] is None
+    assert {'value', 'lo', 'hi'} <= set(s['all_lesions']['froc']['1']) and 'roc_auc' in s['image']
+    assert (rd / 'eval' / 'test' / 'froc_roc.png').is_file()
+    # side by side with YOLOv8, per class, with the family and seconds per epoch
+    cmp = pd.read_csv(version_dir(p) / 'runs' / 'comparison-test.csv', index_col=0)
+    assert list(cmp.columns) == [yd.name, rd.name] and cmp.loc['family'].tolist() == ['ultralytics', 'torchvision']
+    assert float(cmp.loc['s / epoch', rd.name]) == tj['s_per_epoch']
+    assert f'== {rd.name}' in r.stdout or rd.name in r.stdout
+
+
+def test_resumed_after_kill_to_the_same_weights(both):
+    """Killed after its first epoch and started again, the run continues at epoch 2 and ends with the weights of
+    the uninterrupted run (same draws: the No-Finding sample and flips by epoch, torch's RNG in last.pt)."""
+    tmp, f, p, r, rd, yd = both
+    import yaml
+    d = yaml.safe_load(f.read_text())
+    d['train'] = {**d['train'], 'model': ARCH, 'run_name': 'killed', 'evaluate': False}
+    g = tmp / 'killed.yaml'; g.write_text(yaml.safe_dump(d))
+    kd = run_dir(load_params(g), ARCH)
+    proc = subprocess.Popen([str(BIN / 'mammo'), 'train', str(g)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (kd / 'results.csv').exists() and (kd / 'weights' / 'last.pt').exists(): break
+        assert proc.poll() is None, 'training ended before it could be killed'
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    assert not (kd / 'train.json').exists()
+    out = run_here('train', g)
+    assert 'resuming from epoch' in out.stderr
+    tj = json.loads((kd / 'train.json').read_text())
+    assert tj['resumed_at_epoch'] in (1, 2) and tj['epochs_done'] == 2
+    assert pd.read_csv(kd / 'results.csv').epoch.tolist() == [1, 2]
+    a, b = (torch.load(x / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['model'] for x in (kd, rd))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_explained_on_the_fpn_and_served(both, tiny_set):
+    from fastapi.testclient import TestClient
+    from mammo_nb.serve import create_app
+    tmp, f, p, r, rd, yd = both
+    run_here('explain', f, '--run', rd)
+    ex = json.loads((rd / 'explain' / 'explain.json').read_text())
+    assert ex['layers'] and all(l.startswith('backbone.fpn.layer_blocks') for l in ex['layers'])
+    L = pd.read_csv(rd / 'explain' / 'lesions.csv')
+    assert len(L) and set(L.method) == set(p.explain.methods) and L.energy_in.dropna().between(0, 1).all()
+    assert (L.groupby('method').energy_in.count() > 0).all()           # maps with energy, not all flat
+    assert ex['galleries'] and all((rd / 'explain' / g).is_file() for g in ex['galleries'])
+    V = check_version(p)
+    row = V.images[V.images.role == 'positive'].iloc[0]
+    c = TestClient(create_app(rd, conf=0.001))
+    j = c.post('/predict', files={'file': ('x.dcm', (Path(tiny_set) / row.path).read_bytes(), 'application/dicom')}).json()
+    assert j['model']['run'] == rd.name and set(j['image_scores']) == set(V.manifest['classes']) and j['boxes']
+    e = c.post('/explain', files={'file': ('x.dcm', (Path(tiny_set) / row.path).read_bytes(), 'application/dicom')})
+    assert e.status_code == 200 and e.headers['content-type'] == 'image/png'
+
+
+def test_retinanet_focal_loss_and_weights(both):
+    """RetinaNet: the focal loss with class weights, one epoch, predictions in the shared CSV; a local detector state
+    dict (here Faster R-CNN's own weights) starts a new run, its class-dependent head left out."""
+    from mammo_nb.evaluate import predict
+    from mammo_nb.tvdet import build
+    tmp, f, p, r, rd, yd = both
+    V = check_version(p)
+    net = build('retinanet_resnet50_fpn', len(V.manifest['classes']), 64)
+    torch.save(net.state_dict(), tmp / 'retina.pth')
+    q = load_params(f, {'train': {'model': 'retinanet_resnet50_fpn', 'epochs': 1, 'imgsz': 64, 'weights': str(tmp / 'retina.pth'),
+                                  'focal_gamma': 1.5, 'evaluate': False}})
+    from mammo_nb.train import train_run
+    qd = train_run(q, 'retinanet_resnet50_fpn')
+    tj = json.loads((qd / 'train.json').read_text())
+    assert tj['mammo']['loss'] == 'sigmoid focal' and tj['mammo']['focal_gamma'] == 1.5
+    assert tj['weights']['kind'] == 'detector' and tj['weights']['left'] == [] and tj['weights']['sha256']
+    pr = predict(qd / 'weights' / 'best.pt', V, 'val', 64, progress=False)
+    assert list(pr.columns) == ['image_id', 'cls', 'class_id', 'score', 'x0', 'y0', 'x1', 'y1']
+    assert len(pr) and (pr.x1 >= pr.x0).all() and (pr.y1 >= pr.y0).all() and pr.score.between(0, 1).all()
