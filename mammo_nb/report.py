@@ -167,7 +167,7 @@ def detector_findings(M: dict, tj: dict, recipe: str):
 
 # %% ../nbs/09a_report.ipynb #9a66f87e
 def plot_epochs(results_csv: str | Path, axs=None):
-    "Training losses per epoch and validation mAP at the validated epochs, from an ultralytics `results.csv`."
+    "Training losses per epoch and validation mAP at the validated epochs, from a run's `results.csv` (either family)."
     import matplotlib.pyplot as plt, seaborn as sns
     r = pd.read_csv(results_csv)
     r.columns = [c.strip() for c in r.columns]
@@ -175,12 +175,14 @@ def plot_epochs(results_csv: str | Path, axs=None):
     loss = r.melt('epoch', [c for c in r if c.startswith('train/')], var_name='loss', value_name='value')
     sns.lineplot(loss.assign(loss=loss.loss.str.removeprefix('train/')), x='epoch', y='value', hue='loss', ax=axs[0])
     axs[0].set(xlabel='epoch', ylabel='training loss (mean per batch)', title='training losses')
-    m = [c for c in ('metrics/mAP50(B)', 'metrics/mAP50-95(B)') if c in r]
+    m = [c for c in ('metrics/mAP50(B)', 'metrics/mAP50-95(B)') if c in r]        # ultralytics' validator
+    tv = [c for c in ('val/map50', 'val/map50_95') if c in r]                      # torchvision family: our COCO AP
+    m, who = (m, 'ultralytics') if m else (tv, 'COCO AP of the evaluation, classes with val lesions')
     val = r.dropna(subset=m[:1]).melt('epoch', m, var_name='metric', value_name='value') if m else pd.DataFrame(columns=['epoch', 'metric', 'value'])
     if len(val):
-        sns.lineplot(val.assign(metric=val.metric.str.removeprefix('metrics/').str.removesuffix('(B)')), x='epoch', y='value',
-                     hue='metric', marker='o', ax=axs[1])
-    axs[1].set(xlabel='epoch', ylabel='mAP (val, all classes)', title='validation (ultralytics)', ylim=(0, None))
+        sns.lineplot(val.assign(metric=val.metric.str.removeprefix('metrics/').str.removeprefix('val/').str.removesuffix('(B)')),
+                     x='epoch', y='value', hue='metric', marker='o', ax=axs[1])
+    axs[1].set(xlabel='epoch', ylabel='mAP (val)', title=f'validation ({who})', ylim=(0, None))
     return axs
 
 
