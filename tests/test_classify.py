@@ -181,10 +181,11 @@ def test_cams_of_the_classifier(patches):
 
 
 def test_every_backbone_trains_and_compares(patches):
-    """Each named torchvision architecture builds, trains on the patches with BCE and pos_weight (head only, then the
-    top half of its stages: the logged trainable-parameter count rises, short of the whole) and is scored; the list
-    writes one comparison table with a column each. resnet18 starts from a local state dict: the weights reach the
-    backbone, its stem stays frozen (the last block group to unfreeze, never reached here) and layer4 trains."""
+    """Each named torchvision architecture builds, trains one epoch on the patches with BCE and pos_weight (the head
+    and the top half of its stages, the first of two unfreezing steps: fewer trainable parameters than in all) and is
+    scored; the list writes one comparison table with a column each. resnet18 starts from a local state dict: the
+    weights reach the backbone, its stem stays frozen (the last block group to unfreeze) and layer4 trains. (The
+    schedule over epochs is checked on YOLOv8-cls above.)"""
     import torch, torchvision
     from mammo_nb.classify import BACKBONES
     tmp, raw, f, p, _, _ = patches
@@ -192,7 +193,7 @@ def test_every_backbone_trains_and_compares(patches):
     net = torchvision.models.resnet18(weights=None)
     torch.save(net.state_dict(), tmp / 'r18.pth')
     g = recipe(tmp, raw, 'all', Path(p.prepare.out), model=nets, weights={'resnet18': str(tmp / 'r18.pth')}, loss='bce',
-               epochs=2, warmup_balanced=0, freeze_epochs=1, unfreeze_steps=2, unfreeze_every=1, cams=0)
+               epochs=1, warmup_balanced=0, freeze_epochs=0, unfreeze_steps=2, unfreeze_every=1, cams=0)
     out = run_here('classify', g)
     d = next((version_dir(load_params(g)) / 'classify').glob('patch-binary-*/runs/comparison-test.csv')).parent
     cmp = pd.read_csv(d / 'comparison-test.csv', index_col=0)
@@ -203,18 +204,17 @@ def test_every_backbone_trains_and_compares(patches):
         (mf,) = d.glob(f'{name}-*/metrics.json')
         m = json.loads(mf.read_text())
         sch = pd.DataFrame(m['schedule']).drop_duplicates('epoch', keep='last').set_index('epoch')
-        t = sch.trainable_params.tolist()
-        assert t[0] < t[1] < sch.total_params.iloc[0], (name, t)            # head only | + the top half of the stages
-        assert sch.unfrozen_layers.iloc[0] == [] and 0 < len(sch.unfrozen_layers.iloc[1]) < sch.blocks.iloc[1], name
+        assert 0 < len(sch.unfrozen_layers.iloc[0]) < sch.blocks.iloc[0], name                 # the top half of the stages
+        assert 0 < sch.trainable_params.iloc[0] < sch.total_params.iloc[0], name
         assert (sch.loss == 'bce').all() and sch.pos_weight.iloc[0] == pytest.approx(tr['normal'] / tr['abnormal'])
-        assert m['training']['epochs_done'] == 2 and m['training']['s_per_epoch'] > 0
+        assert m['training']['epochs_done'] == 1 and m['training']['s_per_epoch'] > 0
         assert m['splits']['test']['items']['n'] == int(cmp.loc['n', Path(m['run']).name])
     m = json.loads(next(d.glob('resnet18-*/metrics.json')).read_text())
     sch = pd.DataFrame(m['schedule']).drop_duplicates('epoch', keep='last').set_index('epoch')
-    assert (sch.blocks == 8).all() and sch.unfrozen_layers.tolist() == [[], [4, 5, 6, 7]]   # stem (conv1 bn1 relu maxpool) | layer1-4
+    assert (sch.blocks == 8).all() and sch.unfrozen_layers.tolist() == [[4, 5, 6, 7]]   # layer1-4, not the stem (conv1 bn1 relu maxpool)
     ck = torch.load(Path(m['run']) / 'weights' / 'last.pt', map_location='cpu', weights_only=False)
     bb = (ck.get('ema') or ck['model']).float().model[0].m                       # (ultralytics saves float16)
     near = lambda a, b: torch.isclose(a, b.detach(), rtol=2 ** -10, atol=2 ** -24)  # within float16 rounding
     assert near(bb[0].weight, net.conv1.weight).all()                            # loaded, and frozen throughout
-    assert not near(bb[7][1].conv2.weight, net.layer4[1].conv2.weight).all()     # layer4 trained in epoch 1
+    assert not near(bb[7][1].conv2.weight, net.layer4[1].conv2.weight).all()     # layer4 trained
     assert 'comparison' in out.stdout

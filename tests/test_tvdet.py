@@ -67,7 +67,7 @@ def test_resumed_after_kill_to_the_same_weights(both):
     tmp, f, p, r, rd, yd = both
     import yaml
     d = yaml.safe_load(f.read_text())
-    d['train'] = {**d['train'], 'model': ARCH, 'run_name': 'killed', 'evaluate': False}
+    d['train'] = {**d['train'], 'model': ARCH, 'run_name': 'tv-killed', 'evaluate': False}
     g = tmp / 'killed.yaml'; g.write_text(yaml.safe_dump(d))
     kd = run_dir(load_params(g), ARCH)
     proc = subprocess.Popen([str(BIN / 'mammo'), 'train', str(g)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
