@@ -23,7 +23,7 @@ from .adapters import BENIGN
 from .metrics import _clean, average_precision, bootstrap, choose_threshold, fmt_ci, roc_auc, unit_name
 from .split import group_keys
 from .prepare import SPLITS, Version, _json, file_sha256
-from .train import TrainError, check_device, check_version, cpu_threads, threaded
+from .train import TrainError, check_device, check_version, cpu_threads, epoch_seconds, threaded
 
 # %% auto #0
 __all__ = ['KIND', 'BACKBONES', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset',
@@ -506,13 +506,6 @@ def cls_weights(c, model: str) -> str | None:
     if model not in BACKBONES or not c.weights: return None
     return c.weights.get(model) if isinstance(c.weights, dict) else c.weights
 
-def _train_time(run: Path) -> dict:
-    "Epochs done and median seconds per epoch, from ultralytics' `results.csv` (its `time` column is cumulative)."
-    f = run / 'results.csv'
-    if not f.exists(): return dict(epochs_done=0, s_per_epoch=None)
-    t = pd.read_csv(f, skipinitialspace=True)['time'].to_numpy(float)
-    return dict(epochs_done=len(t), s_per_epoch=round(float(np.median(np.diff(np.r_[0.0, t]))), 2) if len(t) else None)
-
 def classify(p, model: str | None = None) -> dict:
     """Build the recipe's classification dataset, train classifier `model` (one of `classify.model`, YOLOv8-cls or a
     torchvision network; None: the recipe's only one) on it and score val/test; returns metrics (also `metrics.json`)."""
@@ -552,7 +545,7 @@ def classify(p, model: str | None = None) -> dict:
     classes = [names[i] for i in sorted(names)]
     tj = json.loads((run / 'train.json').read_text()) if (run / 'train.json').exists() else {}
     out = dict(dataset=str(d), run=str(run), model=model, weights=w, loss=c.loss, classes=classes,
-               training=dict(epochs=c.epochs, params=sum(x.numel() for x in y8.model.parameters()), wall_s=tj.get('wall_s'), **_train_time(run)),
+               training=dict(epochs=c.epochs, params=sum(x.numel() for x in y8.model.parameters()), wall_s=tj.get('wall_s'), **epoch_seconds(run / 'results.csv')),
                positive=[classes[i] for i in _positive(classes)], task=c.task, labels=c.labels,
                rule=f'threshold: Youden J on val, applied unchanged to test; intervals: {p.evaluate.ci:.0%} bootstrap of the split groups '
                     f'(patients, else studies), {p.evaluate.bootstrap} resamples, undefined replicates dropped per figure', splits={})

@@ -28,7 +28,7 @@ from .runs import _NOT_LEARNING, models, run_name, run_dir, run_dirs
 # %% auto #0
 __all__ = ['NegativeSampler', 'class_weights', 'FocalBCE', 'MammoDetectionLoss', 'cpu_threads', 'CPUThreads', 'threaded',
            'MammoTrainer', 'TrainError', 'check_version', 'check_device', 'weights_classes', 'check_classes',
-           'write_run_data', 'yolo_args', 'train_run', 'yolo_train_run', 'train', 'negatives_summary']
+           'write_run_data', 'yolo_args', 'epoch_seconds', 'train_run', 'yolo_train_run', 'train', 'negatives_summary']
 
 # %% ../nbs/07_train.ipynb #73ef8958
 class NegativeSampler(torch.utils.data.Sampler):
@@ -261,6 +261,12 @@ def _done(rd: Path) -> bool:
     f = rd / 'train.json'
     return f.exists() and json.loads(f.read_text()).get('status') == 'done' and (rd / 'weights' / 'best.pt').exists()
 
+def epoch_seconds(results_csv: Path) -> dict:
+    "Epochs done and median seconds per epoch from a run's `results.csv` (either family; its `time` column is cumulative)."
+    f = Path(results_csv)
+    t = pd.read_csv(f, skipinitialspace=True)['time'].to_numpy(float) if f.exists() else np.zeros(0)
+    return dict(epochs_done=len(t), s_per_epoch=round(float(np.median(np.diff(np.r_[0.0, t]))), 2) if len(t) else None)
+
 def _trim_results(f: Path, done: int):
     "Drop results.csv rows of epochs after `done`: a kill between the row and `last.pt` would repeat that epoch."
     if not f.exists(): return
@@ -300,13 +306,10 @@ def yolo_train_run(p, model: str, V: Version, rd: Path) -> Path:
     else:
         for f in ('results.csv', 'negatives.jsonl'): (rd / f).unlink(missing_ok=True)
         y = YOLO(model); y.train(trainer=MammoTrainer, **args)
-    res = (rd / 'results.csv').read_text().splitlines()[1:]
-    times = np.diff([0.0] + [float(l.split(',')[1]) for l in res])
     rec = dict(status='done', family='ultralytics', version=V.manifest['version'], model=model, run=rd.name,
                manifest_sha256=hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest(),
                args={k: v for k, v in args.items() if k not in ('project',)}, mammo=yaml.safe_load(data.read_text())['mammo'],
-               epochs_done=len(res), wall_s=round(time.time() - t0, 1), s_per_epoch=round(float(np.median(times)), 2) if len(times) else None,
-               device=device, cpu=getattr(y.trainer, 'cpu', None), torch=torch.__version__, ultralytics=__import__('ultralytics').__version__,
+               **epoch_seconds(rd / 'results.csv'), wall_s=round(time.time() - t0, 1), device=device, cpu=getattr(y.trainer, 'cpu', None), torch=torch.__version__, ultralytics=__import__('ultralytics').__version__,
                code=dict(version=mammo_nb.__version__, git_commit=_git_commit()))
     (rd / 'train.json').write_text(json.dumps(rec, indent=1, default=str))
     return rd
