@@ -234,20 +234,80 @@ def start_weights(p, model: str) -> tuple[str | None, str | None]:
     if m is None: raise TrainError(f"'train.model' '{model}' is not a torchvision detector of {sorted(ARCHS)} nor one of their checkpoints")
     return m['arch'], str(model)
 
-def fit(p, model: str, V: Version, rd: Path, progress: bool = True) -> Path:
-    """Train (or resume, or find finished) torchvision detector `model` on version `V` into run folder `rd`: the
-    version's training images (`train.txt`) and boxes, the per-epoch No-Finding draw and class weights as for YOLOv8,
-    a seeded horizontal flip, SGD with warm-up and linear decay, AMP on CUDA, val AP every `train.val_every` epochs,
-    torch's RNG state kept with the optimiser's (a resumed run makes the same draws as an uninterrupted one),
-    `weights/last.pt` (training state, every epoch) and `best.pt`, `results.csv`, `negatives.jsonl`, `train.json`."""
-    t, e = p.train, p.evaluate
+def fit(p, model: str, V: Version, rd: Path, progress: bool = True, devices: list[str] | None = None) -> Path:
+    """Train (or resume, or find finished) torchvision detector `model` on version `V` into run folder `rd`.
+    `train.device: '0,1'` (or `devices`, e.g. `['cpu', 'cpu']`) trains one process per device under torch DDP
+    (NCCL on GPUs, gloo on CPUs); `train.batch` is the batch over all of them, as in ultralytics."""
     if _done(rd): return rd
-    device = check_device(t.device)
-    if ',' in device:
-        raise TrainError(f"'train.device' {device!r}: torchvision detectors train on one device here (set one GPU index, e.g. '0'); "
-                         "multi-GPU DDP is built for the ultralytics family only")
+    devs = [str(d) for d in devices] if devices else check_device(p.train.device).split(',')
+    if len(devs) == 1: return _fit(p, model, V, rd, progress, devs)
+    return _ddp(p, model, V, rd, progress, devs)
+
+def _ddp(p, model, V, rd, progress, devs) -> Path:
+    """One process per device, each `python -c` importing this module (not re-running the caller's script, as
+    multiprocessing's spawn would), rendezvous on a free loopback port. When one rank fails the others are stopped
+    (they would wait in a collective) and its `TrainError` message is raised here."""
+    import pickle, socket, subprocess
+    rd.mkdir(parents=True, exist_ok=True)
+    for f in rd.glob('.rank*.error'): f.unlink()                 # a killed run's
+    job = rd / '.ddp.pkl'
+    job.write_bytes(pickle.dumps((p, model, V, rd, progress, devs)))
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE=str(len(devs)))
+    code = f'from mammo_nb.tvdet import _ddp_rank; _ddp_rank({str(job)!r})'
+    procs = [subprocess.Popen([sys.executable, '-c', code], env=dict(env, RANK=str(r)),
+                              stdout=None if r == 0 else subprocess.DEVNULL) for r in range(len(devs))]
+    try:
+        while any(q.poll() is None for q in procs) and not any(q.returncode for q in procs): time.sleep(0.5)
+    finally:
+        for q in procs:
+            if q.poll() is None: q.kill()
+        for q in procs: q.wait()
+        job.unlink(missing_ok=True)
+    errs = sorted(rd.glob('.rank*.error'))
+    if errs or any(q.returncode for q in procs):
+        msg = errs[0].read_text().strip() if errs else f"{rd.name}: DDP ranks exited with {[q.returncode for q in procs]}"
+        for f in errs: f.unlink()
+        raise TrainError(msg)
+    return rd
+
+def _ddp_rank(job: str):
+    "One DDP process (rank from `RANK`): joins the group on its device (NCCL on GPUs, gloo on CPUs) and trains its shard."
+    import datetime, pickle, torch.distributed as dist
+    p, model, V, rd, progress, devs = pickle.loads(Path(job).read_bytes())
+    rank = int(os.environ['RANK'])
+    cuda = devs[rank] != 'cpu'
+    if cuda: torch.cuda.set_device(int(devs[rank]))
+    dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=len(devs),
+                            timeout=datetime.timedelta(hours=3))        # the other ranks wait while rank 0 validates
+    try: _fit(p, model, V, rd, progress and rank == 0, devs, rank)
+    except Exception as ex:
+        (rd / f'.rank{rank}.error').write_text(str(ex) if isinstance(ex, TrainError) else f'{rd.name}: DDP rank {rank} failed: {type(ex).__name__}: {ex}')
+        raise SystemExit(1)
+    finally: dist.destroy_process_group()
+
+def _rng(dev) -> dict:
+    "torch's RNG state (CPU, and this rank's GPU): RPN / RoI sampling draw from it."
+    return {'cpu': torch.get_rng_state(), **({'cuda': torch.cuda.get_rng_state(dev)} if dev.type == 'cuda' else {})}
+
+def _set_rng(s, dev):
+    s = s if isinstance(s, dict) else {'cpu': s}
+    torch.set_rng_state(s['cpu'])
+    if dev.type == 'cuda' and 'cuda' in s: torch.cuda.set_rng_state(s['cuda'], dev)
+
+def _fit(p, model: str, V: Version, rd: Path, progress: bool, devs: list[str], rank: int = 0) -> Path:
+    """The training loop of one process (rank `rank` of one per device in `devs`): the version's training images (`train.txt`) and
+    boxes, the per-epoch No-Finding draw and class weights as for YOLOv8, a seeded horizontal flip, SGD with warm-up
+    and linear decay, AMP on CUDA, val AP every `train.val_every` epochs, torch's RNG state kept with the optimiser's
+    (a resumed run makes the same draws as an uninterrupted one), `weights/last.pt` (training state, every epoch) and
+    `best.pt`, `results.csv`, `negatives.jsonl`, `train.json`. Under DDP each rank trains its `NegativeSampler` shard
+    of the epoch; rank 0 alone validates, logs and writes."""
+    import torch.distributed as dist
+    t, e = p.train, p.evaluate
+    world, device = len(devs), devs[rank]
+    ddp, lead = world > 1, rank == 0
     dev = torch.device('cpu' if device == 'cpu' else f'cuda:{device}')
-    threads = cpu_threads(t.threads) if dev.type == 'cpu' else None
+    threads = cpu_threads(t.threads or max(1, len(os.sched_getaffinity(0)) // world)) if dev.type == 'cpu' else None
     arch, w = start_weights(p, model)
     kind, names = ARCHS[arch], list(V.manifest['classes'])       # (train_run has checked a checkpoint's classes)
     torch.manual_seed(t.seed)
@@ -256,71 +316,97 @@ def fit(p, model: str, V: Version, rd: Path, progress: bool = True) -> Path:
     counts = {c: d.get('train', 0) for c, d in V.manifest['counts']['boxes_per_class'].items()}
     cw = class_weights(counts, names, t.class_weight_power)
     losses = set_losses(net, kind, cw, t.focal_gamma)
+    if ddp and dev.type == 'cuda': net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net.to(dev)
     flip = float((t.hyp or {}).get('fliplr', 0.5))
     ds = BoxDataset(V, train_images(V), t.imgsz, flip, t.seed, 1 if kind == 'rcnn' else 0)
-    sampler = NegativeSampler(ds.negative(), t.negative_ratio, V.manifest['negative_sampling_seed'])
+    sampler = NegativeSampler(ds.negative(), t.negative_ratio, V.manifest['negative_sampling_seed'], rank=rank, world=world)
     nw = t.workers if dev.type == 'cuda' else t.cpu_workers
-    loader = torch.utils.data.DataLoader(ds, batch_size=min(t.batch, len(sampler)), sampler=sampler, collate_fn=collate,
-                                         num_workers=nw, pin_memory=dev.type == 'cuda')
+    loader = torch.utils.data.DataLoader(ds, batch_size=min(max(1, t.batch // world), len(sampler)), sampler=sampler,
+                                         collate_fn=collate, num_workers=nw, pin_memory=dev.type == 'cuda')
     opt = optimizer(t, [q for q in net.parameters() if q.requires_grad])
     n_it = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(round(t.warmup_epochs * n_it), n_it * t.epochs))
     amp = dev.type == 'cuda' and t.amp is not False
     scaler = torch.amp.GradScaler('cuda', enabled=amp)
-    res, neg_log = rd / 'results.csv', rd / 'negatives.jsonl'
+    res, neg_log, last = rd / 'results.csv', rd / 'negatives.jsonl', rd / 'weights' / 'last.pt'
     start, best, best_epoch, elapsed, resumed = 0, -math.inf, -1, 0.0, None
-    ck = _resume_point(rd) if t.resume else None
+    ck = _resume_point(rd) if t.resume and lead else None       # rank 0 decides (it may set a torn file aside)
+    if ddp:
+        has = [ck is not None]; dist.broadcast_object_list(has, 0)
+        if has[0] and not lead: ck = torch.load(last, map_location='cpu', weights_only=True)
     if ck is not None:
         net.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
-        scaler.load_state_dict(ck['scaler']); torch.set_rng_state(ck['rng'])        # RPN / RoI sampling draw from torch's RNG
+        scaler.load_state_dict(ck['scaler'])
+        rngs = ck['rng'] if isinstance(ck['rng'], list) else [ck['rng']]
+        if len(rngs) == world: _set_rng(rngs[rank], dev)
+        elif lead: print(f"{rd.name}: last.pt was written by {len(rngs)} processes, this run has {world}: the RPN / RoI "
+                         "draws will differ from an uninterrupted run's", file=sys.stderr, flush=True)
         start, best, best_epoch, elapsed, resumed = ck['epoch'] + 1, ck['best_fitness'], ck['best_epoch'], ck['elapsed'], ck['epoch'] + 1
-        _trim_results(res, start)
-        print(f"{rd.name}: resuming from epoch {start + 1} of {t.epochs} (weights/last.pt)", file=sys.stderr, flush=True)
-    else:
+        if lead:
+            _trim_results(res, start)
+            print(f"{rd.name}: resuming from epoch {start + 1} of {t.epochs} (weights/last.pt)", file=sys.stderr, flush=True)
+    elif lead:
         for f in (res, neg_log): f.unlink(missing_ok=True)
     rd.mkdir(parents=True, exist_ok=True)
+    step = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == 'cuda' else None) if ddp else net
     head = dict(family='torchvision', arch=arch, names=names, imgsz=t.imgsz, version=V.manifest['version'])
-    t0 = time.time()
+    t0, seen = time.time(), 0
     from tqdm import tqdm
     for ep in range(start, t.epochs):
         sampler.epoch = ds.epoch = ep
-        with open(neg_log, 'a') as f:
-            f.write(json.dumps(dict(epoch=ep, finding=len(sampler.pos), negatives=[Path(ds.ims.png[i]).stem for i in sampler.negatives(ep)])) + '\n')
+        if lead:
+            with open(neg_log, 'a') as f:
+                f.write(json.dumps(dict(epoch=ep, finding=len(sampler.pos), negatives=[Path(ds.ims.png[i]).stem for i in sampler.negatives(ep)])) + '\n')
         net.train()
-        te, sums = time.time(), {}
+        te, sums, seen = time.time(), {}, 0
         for xs, ys in tqdm(loader, desc=f'{arch} epoch {ep + 1}/{t.epochs}', disable=not progress, mininterval=5):
             xs = [x.to(dev, non_blocking=True) for x in xs]
             ys = [{k: v.to(dev) for k, v in y.items()} for y in ys]
             with torch.autocast(dev.type, enabled=amp):
-                L = net(xs, ys)
+                L = step(xs, ys)
             loss = sum(L.values())
-            if not torch.isfinite(loss): raise TrainError(f"{rd.name}: the loss became {float(loss)} in epoch {ep + 1}; lower train.lr0")
+            bad = torch.tensor([float(not torch.isfinite(loss))], device=dev)
+            if ddp: dist.all_reduce(bad)                          # every rank stops together
+            if bad.item(): raise TrainError(f"{rd.name}: the loss became {float(loss.detach())} in epoch {ep + 1}; lower train.lr0")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()                         # DDP averages the gradients over the ranks here
             scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
             scaler.step(opt); scaler.update(); sched.step()
             for k, v in L.items(): sums[k] = sums.get(k, 0.0) + float(v.detach())
+            seen += len(xs)
         elapsed += time.time() - te
-        row = {'epoch': ep + 1, 'time': round(elapsed, 3), **{f'train/{k}': round(v / n_it, 5) for k, v in sums.items()},
-               'lr/pg0': opt.param_groups[0]['lr']}
-        validated = (ep + 1) % t.val_every == 0 or ep + 1 == t.epochs
-        row.update(val_fitness(net, kind, names, V, t.imgsz, e, e.batch) if validated else
-                   {'val/map50': float('nan'), 'val/map50_95': float('nan'), 'val/fitness': float('nan')})
-        new = not res.exists()
-        with open(res, 'a') as f:
-            if new: f.write(','.join(row) + '\n')
-            f.write(','.join(str(v) for v in row.values()) + '\n')
-        improved = validated and row['val/fitness'] > best
-        if improved: best, best_epoch = row['val/fitness'], ep
-        state = dict(head, epoch=ep, model=net.state_dict(), best_fitness=best, best_epoch=best_epoch, elapsed=elapsed)
-        if improved: _save(dict(state, optimizer=None), rd / 'weights' / 'best.pt')
-        _save(dict(state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state()),
-              rd / 'weights' / 'last.pt')
-        if ep - best_epoch >= t.patience: break
-    ck = torch.load(rd / 'weights' / 'last.pt', map_location='cpu', weights_only=True)
-    _save(dict(ck, optimizer=None, scheduler=None, scaler=None, rng=None), rd / 'weights' / 'last.pt')     # done: no state needed
-    if not (rd / 'weights' / 'best.pt').exists(): shutil.copy(rd / 'weights' / 'last.pt', rd / 'weights' / 'best.pt')
+        if ddp:                                                   # log the mean over the ranks
+            s = torch.tensor(list(sums.values()), dtype=torch.float64, device=dev); dist.all_reduce(s)
+            sums = dict(zip(sums, (s / world).tolist()))
+        stop = [False]
+        if lead:
+            row = {'epoch': ep + 1, 'time': round(elapsed, 3), **{f'train/{k}': round(v / n_it, 5) for k, v in sums.items()},
+                   'lr/pg0': opt.param_groups[0]['lr']}
+            validated = (ep + 1) % t.val_every == 0 or ep + 1 == t.epochs
+            row.update(val_fitness(net, kind, names, V, t.imgsz, e, e.batch) if validated else
+                       {'val/map50': float('nan'), 'val/map50_95': float('nan'), 'val/fitness': float('nan')})
+            new = not res.exists()
+            with open(res, 'a') as f:
+                if new: f.write(','.join(row) + '\n')
+                f.write(','.join(str(v) for v in row.values()) + '\n')
+            improved = validated and row['val/fitness'] > best
+            if improved: best, best_epoch = row['val/fitness'], ep
+            stop = [ep - best_epoch >= t.patience]
+        rngs = [_rng(dev)] * world                               # every rank's, in rank order
+        if ddp: dist.all_gather_object(rngs, _rng(dev)); dist.broadcast_object_list(stop, 0)
+        if lead:
+            state = dict(head, epoch=ep, model=net.state_dict(), best_fitness=best, best_epoch=best_epoch, elapsed=elapsed)
+            if improved: _save(dict(state, optimizer=None), rd / 'weights' / 'best.pt')
+            _save(dict(state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                       rng=rngs), last)
+        if stop[0]: break
+    if ddp:
+        seen_all = [None] * world; dist.all_gather_object(seen_all, seen)
+    if not lead: return rd
+    ck = torch.load(last, map_location='cpu', weights_only=True)
+    _save(dict(ck, optimizer=None, scheduler=None, scaler=None, rng=None), last)     # done: no state needed
+    if not (rd / 'weights' / 'best.pt').exists(): shutil.copy(last, rd / 'weights' / 'best.pt')
     rec = dict(status='done', family='torchvision', version=V.manifest['version'], model=model, arch=arch, run=rd.name,
                manifest_sha256=file_sha256(V.dir / 'manifest.json'),
                args=dict(imgsz=t.imgsz, epochs=t.epochs, batch=t.batch, lr0=t.lr0, optimizer=opt.__class__.__name__,
@@ -328,7 +414,10 @@ def fit(p, model: str, V: Version, rd: Path, progress: bool = True) -> Path:
                mammo=dict(negative_ratio=t.negative_ratio, negative_seed=V.manifest['negative_sampling_seed'], **losses,
                           class_weight_power=t.class_weight_power),
                weights=loaded, resumed_at_epoch=resumed, best_epoch=best_epoch + 1, **epoch_seconds(res),
-               wall_s=round(time.time() - t0, 1), device=device, cpu=dict(threads=threads) if threads else None, torch=torch.__version__,
+               wall_s=round(time.time() - t0, 1), device=','.join(devs),
+               ddp=dict(world_size=world, backend=dist.get_backend(), batch_per_rank=loader.batch_size,
+                        images_last_epoch_per_rank=seen_all) if ddp else None,
+               cpu=dict(threads=threads) if threads else None, torch=torch.__version__,
                torchvision=torchvision.__version__, code=dict(version=mammo_nb.__version__, git_commit=_git_commit()),
                not_used={k: v for k, v in (t.hyp or {}).items() if k != 'fliplr'} or None)
     (rd / 'train.json').write_text(json.dumps(rec, indent=1, default=str))

@@ -1,6 +1,6 @@
 """A second detector family: torchvision Faster R-CNN (and RetinaNet) trained on the session's tiny version beside
 its YOLOv8 run, scored by the same evaluation into the same metrics.json and comparison table, resumed after a kill
-to the same weights, explained on the FPN outputs and served."""
+to the same weights (two DDP ranks on the CPU), explained on the FPN outputs and served."""
 import json, os, signal, subprocess, time
 from pathlib import Path
 
@@ -61,32 +61,6 @@ def test_trained_and_scored_like_yolo(both):
     assert f'== {rd.name}' in r.stdout or rd.name in r.stdout
 
 
-def test_resumed_after_kill_to_the_same_weights(both):
-    """Killed after its first epoch and started again, the run continues at epoch 2 and ends with the weights of
-    the uninterrupted run (same draws: the No-Finding sample and flips by epoch, torch's RNG in last.pt)."""
-    tmp, f, p, r, rd, yd = both
-    import yaml
-    d = yaml.safe_load(f.read_text())
-    d['train'] = {**d['train'], 'model': ARCH, 'run_name': 'tv-killed', 'evaluate': False}
-    g = tmp / 'killed.yaml'; g.write_text(yaml.safe_dump(d))
-    kd = run_dir(load_params(g), ARCH)
-    proc = subprocess.Popen([str(BIN / 'mammo'), 'train', str(g)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (kd / 'results.csv').exists() and (kd / 'weights' / 'last.pt').exists(): break
-        assert proc.poll() is None, 'training ended before it could be killed'
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
-    assert not (kd / 'train.json').exists()
-    out = run_here('train', g)
-    assert 'resuming from epoch' in out.stderr
-    tj = json.loads((kd / 'train.json').read_text())
-    assert tj['resumed_at_epoch'] in (1, 2) and tj['epochs_done'] == 2
-    assert pd.read_csv(kd / 'results.csv').epoch.tolist() == [1, 2]
-    a, b = (torch.load(x / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['model'] for x in (kd, rd))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_explained_on_the_fpn_and_served(both, tiny_set):
     from fastapi.testclient import TestClient
     from mammo_nb.serve import create_app
@@ -126,3 +100,50 @@ def test_retinanet_focal_loss_and_weights(both):
     pr = predict(qd / 'weights' / 'best.pt', V, 'val', 64, progress=False)
     assert list(pr.columns) == ['image_id', 'cls', 'class_id', 'score', 'x0', 'y0', 'x1', 'y1']
     assert len(pr) and (pr.x1 >= pr.x0).all() and (pr.y1 >= pr.y0).all() and pr.score.between(0, 1).all()
+
+
+DDP_FIT = ("import sys; from pathlib import Path; from mammo_nb.params import load_params; from mammo_nb.train import check_version; "
+           "from mammo_nb.tvdet import fit; p = load_params(sys.argv[1]); fit(p, sys.argv[2], check_version(p), Path(sys.argv[3]), False, ['cpu', 'cpu'])")
+
+
+def test_ddp_two_ranks_and_resume_after_kill(both, capfd):
+    """torch DDP with two gloo ranks on the CPU (a GPU node runs the same code over NCCL): each rank trains its half of
+    the epoch's draw at half the batch, rank 0 logs the ranks' mean and writes; killed after its first epoch and run
+    again, every rank gets its own RNG state back from last.pt and the weights end bit-identical to an uninterrupted
+    DDP run's. A rank whose loss diverges stops all of them with the message, not a hang."""
+    import sys, yaml
+    from mammo_nb.train import TrainError
+    from mammo_nb.tvdet import fit
+    tmp, f, p, r, rd, yd = both
+    d = yaml.safe_load(f.read_text())
+    d['train'] = {**d['train'], 'model': ARCH, 'evaluate': False}
+    g = tmp / 'ddp.yaml'; g.write_text(yaml.safe_dump(d))
+    q = load_params(g)
+    whole, kd = tmp / 'ddp-whole', tmp / 'ddp-killed'
+    fit(q, ARCH, check_version(q), whole, False, ['cpu', 'cpu'])
+    tj = json.loads((whole / 'train.json').read_text())
+    draws = [json.loads(l) for l in (whole / 'negatives.jsonl').read_text().splitlines()]
+    n = draws[-1]['finding'] + len(draws[-1]['negatives'])
+    assert tj['ddp']['world_size'] == 2 and tj['ddp']['backend'] == 'gloo' and tj['ddp']['batch_per_rank'] == p.train.batch // 2
+    assert tj['ddp']['images_last_epoch_per_rank'] == [-(-n // 2)] * 2 and tj['device'] == 'cpu,cpu'
+    neg = lambda x: {json.loads(l)['epoch']: json.loads(l)['negatives'] for l in (x / 'negatives.jsonl').read_text().splitlines()}
+    assert neg(whole) == neg(rd)                                         # the single-process run's draws, split between ranks
+    assert pd.read_csv(whole / 'results.csv').epoch.tolist() == [1, 2] and not list(whole.glob('.ddp*'))
+
+    proc = subprocess.Popen([sys.executable, '-c', DDP_FIT, str(g), ARCH, str(kd)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((kd / 'results.csv').exists() and (kd / 'weights' / 'last.pt').exists()):
+        assert proc.poll() is None, 'training ended before it could be killed'
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    assert not (kd / 'train.json').exists()
+    capfd.readouterr()
+    fit(q, ARCH, check_version(q), kd, False, ['cpu', 'cpu'])
+    assert 'resuming from epoch 2' in capfd.readouterr().err and json.loads((kd / 'train.json').read_text())['resumed_at_epoch'] == 1      # epochs done before the kill
+    a, b = (torch.load(x / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['model'] for x in (kd, whole))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    q = load_params(g, {'train': {'lr0': 1e12}})
+    with pytest.raises(TrainError, match='the loss became nan'):
+        fit(q, ARCH, check_version(q), tmp / 'ddp-nan', False, ['cpu', 'cpu'])
