@@ -13,7 +13,7 @@ import numpy as np
 from .ingest import Ingested, mask_crop
 
 # %% auto #0
-__all__ = ['output_size', 'to_output', 'to_original', 'resize_crop', 'clahe', 'render', 'write_png']
+__all__ = ['output_size', 'to_output', 'to_original', 'resize_crop', 'clahe', 'render', 'settings', 'write_png']
 
 # %% ../nbs/03_clahe.ipynb #e78c370a
 def output_size(crop: tuple, long_side: int) -> tuple[int, int]:
@@ -56,10 +56,21 @@ def clahe(img: np.ndarray, mask: np.ndarray | None = None, clip_limit: float = 2
     return out
 
 def render(ing: Ingested, clip_limit: float = 2.0, tile_grid: int = 8, long_side: int = 1024,
-           bit_depth: int = 8) -> tuple[np.ndarray, dict]:
-    "Crop -> resize -> CLAHE: the image a detector trains on, and its geometry (`size`, `scale`)."
+           bit_depth: int = 8, equalise: bool = True) -> tuple[np.ndarray, dict]:
+    "Crop -> resize -> CLAHE (unless not `equalise`): the image a detector trains on, and its geometry (`size`, `scale`)."
     img, m, geo = resize_crop(ing, long_side)
-    return clahe(img, m, clip_limit, tile_grid, bit_depth), geo
+    if equalise: return clahe(img, m, clip_limit, tile_grid, bit_depth), geo
+    out = (img >> 8).astype(np.uint8) if bit_depth == 8 else img.copy()
+    out[m == 0] = 0
+    return out, geo
+
+def settings(c: dict, image_id: str | None = None) -> dict:
+    """`render` arguments for one image from the recipe's `clahe` section: `off_rate` of the images (picked by a hash
+    of `image_id`, so every run picks the same) are written without CLAHE, a pretraining set's domain randomisation;
+    an image without an id (serving) is always equalised."""
+    c = dict(c); off = c.pop('off_rate', 0.0) or 0.0
+    u = int(hashlib.sha256(str(image_id).encode()).hexdigest()[:8], 16) / 2 ** 32 if image_id is not None else 1.0
+    return dict(c, equalise=u >= off)
 
 # %% ../nbs/03_clahe.ipynb #6abacbb5
 def write_png(path: str | Path, img: np.ndarray, level: int = 1) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 from fastcore.basics import AttrDict
 
+from .looks import look_spec
+
 # %% auto #0
 __all__ = ['REQUIRED', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'SCHEMA', 'ParamsError', 'Field', 'validate',
            'load_params']
@@ -63,6 +65,9 @@ SCHEMA = {
         'lesion_size': Field(float, None, 'multiplier on every lesion size', min=0.1),
         'unboxed_rate': Field(float, None, 'share of findings annotated at image level only (no box)', min=0, max=1),
         'test_frac': Field(float, None, "share of patients in the official 'test' split", min=0, max=1),
+        'randomize': Field((bool, dict), None, 'domain randomisation (`mammo_nb.looks`): true for the default ranges of '
+                           'vendor curves, noise, contrast, MONOCHROME1/2, scanned film, breast size and density, lesion '
+                           'contrast and size, or a mapping overriding some of them'),
     },
     'source': {
         'layout': Field(str, 'vindr', 'dataset layout read by `prepare` (without `root`: the layout the synthetic '
@@ -98,6 +103,8 @@ SCHEMA = {
         'tile_grid': Field(int, 8, 'CLAHE tiles per side', min=1),
         'long_side': Field(int, 1024, 'output long side in pixels (the breast crop is resized to it)', min=32),
         'bit_depth': Field(int, 8, 'PNG bit depth', (8, 16)),
+        'off_rate': Field(float, 0.0, 'share of the images written without CLAHE (picked by image id): domain '
+                          'randomisation for a pretraining set', min=0, max=1),
     },
     'split': {
         'seed': Field(int, 0, 'seed of the iterative stratification'),
@@ -144,6 +151,10 @@ SCHEMA = {
         'focal_gamma': Field(float, 0.0, 'focal-loss gamma on the classification loss (0: plain BCE)', min=0),
         'hyp': Field(dict, None, 'any other ultralytics train argument (e.g. `mosaic: 0.5`), passed through'),
         'reset_head': Field(bool, False, 'allow `.pt` weights trained on another class list (a new head is fitted)'),
+        'freeze': Field(int, 0, 'fine-tuning: keep the first N layers as loaded (YOLOv8: modules, 10 = its backbone; '
+                        'torchvision: blocks of the backbone body)', min=0),
+        'transfer_lr': Field(float, 1.0, 'fine-tuning: the layers loaded from `.pt` / `train.weights` learn at lr x this; '
+                             'new layers (a rebuilt head) at lr', min=0, max=1),
         'run_name': Field(str, None, 'run folder under `<version>/runs/`; None: `<model>-<hash of train params>`'),
         'resume': Field(bool, True, 'resume an interrupted run from its `last.pt`'),
         'evaluate': Field(bool, True, '`mammo train` evaluates each run when it finishes'),
@@ -342,6 +353,8 @@ def _cross_check(p: dict, errs: list):
         errs.append(f"'train.weights' as one file needs one torchvision detector in 'train.model', got {tv}; with several give {{name: .pth}}")
     if isinstance(t.get('weights'), dict) and sorted(set(t['weights']) - set(tv)):
         errs.append(f"'train.weights' names {sorted(set(t['weights']) - set(tv))}, not torchvision detectors of 'train.model'")
+    try: look_spec((p.get('synth') or {}).get('randomize'))
+    except ValueError as e: errs.append(str(e))
     bad = sorted(set(ev.get('splits') or []) - {'train', 'val', 'test'})
     if bad: errs.append(f"'evaluate.splits' must be train/val/test, got {bad}")
     if sp.get('val_frac', 0) + sp.get('test_frac', 0) >= 1:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import mammo_nb
 from .adapters import LAYOUT_REVISION, expand_masks, mask_boxes, read_layout
 from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class, write_yolo
-from .clahe import render, write_png
+from .clahe import render, settings, write_png
 from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym
 from .params import SYNTH_REVISION
 from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets
@@ -39,9 +39,10 @@ SPLITS = ('train', 'val', 'test')
 def data_params(p) -> dict:
     "The parameters that change a dataset version's content (and so its name)."
     d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'}, prepare={k: v for k, v in p.prepare.items() if k not in ('out', 'workers', 'pseudonym_key')},
-             clahe=dict(p.clahe), package=mammo_nb.__version__,
+             clahe={k: v for k, v in p.clahe.items() if k != 'off_rate' or v}, package=mammo_nb.__version__,
              split={**{k: v for k, v in p.split.items() if k != 'folds'}, 'revision': SPLIT_REVISION})   # folds: derived versions
-    if p.source.root is None: d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers')}, 'revision': SYNTH_REVISION}
+    if p.source.root is None:                              # (no randomisation: the names versions had before it existed)
+        d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers') and (k != 'randomize' or v)}, 'revision': SYNTH_REVISION}
     if p.source.layout in LAYOUT_REVISION: d['source']['revision'] = LAYOUT_REVISION[p.source.layout]
     return d
 
@@ -157,7 +158,7 @@ def ingest_images(p, shard: str | None = None, progress: bool = True) -> dict:
     mine = images.iloc[i::n]
     todo = [r for r in mine.itertuples() if not (r.image_id in done and (not done[r.image_id]['ok'] or (out / done[r.image_id]['png']).exists()))]
     jobs = [dict(image_id=r.image_id, src=str(root / r.path), png=f'images/{r.study_id}/{r.image_id}.png',
-                 dst=str(out / f'images/{r.study_id}/{r.image_id}.png'), margin=p.prepare.margin, clahe=dict(p.clahe),
+                 dst=str(out / f'images/{r.study_id}/{r.image_id}.png'), margin=p.prepare.margin, clahe=settings(p.clahe, r.image_id),
                  for_processing=p.prepare.for_processing, key=key.hex(), need=decode_need(p),
                  root=str(root), masks=masks.get(r.image_id, []))
             for r in todo]

@@ -10,7 +10,7 @@ from pathlib import Path
 from .prepare import version_dir
 
 _NOT_LEARNING = ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'resume', 'evaluate', 'run_name', 'plots')
-_ADDED = {'weights': None}       # settings added later enter the hash only when set: earlier runs keep their names
+_ADDED = {'weights': None, 'freeze': 0, 'transfer_lr': 1.0}       # settings added later enter the hash only when set: earlier runs keep their names
 
 def models(p) -> list[str]:
     "The recipe's model(s) as a list."

@@ -14,7 +14,7 @@ from fastapi import FastAPI, File, HTTPException, Request, UploadFile     # modu
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from .clahe import render, to_original
+from .clahe import render, settings, to_original
 from .ingest import IngestError, ingest
 from .prepare import file_sha256
 
@@ -64,7 +64,7 @@ class Predictor:
     def preprocess(self, path: str | Path):
         "`ingest` + `render` with the version's settings: (ingested, network image uint8, geometry)."
         g = ingest(path, self.margin, self.for_processing, need=self.need)
-        img, geo = render(g, **self.clahe)
+        img, geo = render(g, **settings(self.clahe))
         return g, (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img, geo
 
     def predict(self, path: str | Path, preview: bool = False) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .looks import draw_look, film_look, look_spec, look_vendor, tissue_look
 from .params import SYNTH_REVISION
 
 # %% auto #0
@@ -44,6 +45,7 @@ class SynthConfig:
     multilabel_rate: float = 0.2        # share of masses with calcifications (box labelled with both)
     spiculated_rate: float = 0.35       # share of masses that are spiculated (-> Spiculation layer)
     test_frac: float = 0.2              # share of patients in the official test split
+    randomize: dict | None = None       # domain randomisation: a `looks.look_spec` (None: the generator's one look)
     class_weights: tuple = (('Mass', 8), ('Suspicious Calcification', 4), ('Asymmetry', 1.5),
                             ('Focal Asymmetry', 1.5), ('Global Asymmetry', 1), ('Architectural Distortion', 2),
                             ('Skin Thickening', 1), ('Skin Retraction', 1), ('Nipple Retraction', 1),
@@ -63,6 +65,7 @@ PRESETS = {
 def get_config(preset: str = 'tiny', **overrides) -> SynthConfig:
     "The `SynthConfig` of `preset` with `overrides` (None values ignored)."
     if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+    if 'randomize' in overrides: overrides['randomize'] = look_spec(overrides['randomize'])
     return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 # %% ../nbs/01_synth.ipynb #e26ed893
@@ -142,7 +145,7 @@ def plan_dataset(cfg: SynthConfig, seed: int = 0) -> list[dict]:
         birth = date(1945, 1, 1) + timedelta(days=int(rng.integers(0, 365 * 35)))
         person = dict(patient_key=f'P{p:05d}', PatientName=f'{_SURNAMES[rng.integers(10)]}^{_GIVEN[rng.integers(10)]}',
                       PatientID=f'{rng.integers(10**7, 10**8)}', PatientBirthDate=birth.strftime('%Y%m%d'))
-        dens = str(rng.choice(list(DENSITY_P), p=list(DENSITY_P.values())))
+        dens = str(rng.choice(list(DENSITY_P), p=cfg.randomize['density'] if cfg.randomize else list(DENSITY_P.values())))
         density = {lat: dens for lat in 'LR'}      # density is a property of the patient's breasts
         first_day = date(2018, 1, 1) + timedelta(days=int(rng.integers(0, 700)))
         for s in range(2 if p in second else 1):
@@ -156,15 +159,21 @@ def plan_dataset(cfg: SynthConfig, seed: int = 0) -> list[dict]:
                 if rng.random() < cfg.finding_rate:
                     for _ in range(1 + int(rng.random() < 0.25)):
                         fs.append(_sample_finding(str(rng.choice(names, p=weights)), cfg, rng))
+                        if cfg.randomize:               # wider lesion contrast and size, from the finding's own seed
+                            r = np.random.default_rng([fs[-1]['seed'], 5])
+                            fs[-1]['size_mm'] *= float(r.uniform(*cfg.randomize['lesion_size']))
+                            fs[-1]['contrast'] *= float(r.uniform(*cfg.randomize['lesion_contrast']))
                 findings[lat] = fs
             for lat, view in VIEWS:
                 image_seed = int(rng.integers(2**31))
+                look = draw_look(cfg.randomize, image_seed) if cfg.randomize else None
                 jobs.append(dict(
                     **person, study_id=study_id, series_id=_hex(seed, 'series', p, s, lat, view),
                     image_id=_hex(seed, 'image', p, s, lat, view), laterality=lat, view_position=view,
                     split='test' if p in test else 'training', density=density[lat],
                     findings=[f for f in findings[lat] if view in f['views']],
-                    breast_findings=findings[lat], vendor=vendor, study_date=day.strftime('%Y%m%d'), age=age,
+                    breast_findings=findings[lat], vendor=look_vendor(vendor, look), look=look,
+                    study_date=day.strftime('%Y%m%d'), age=age,
                     uids=dict(study=_uid(seed, 'st', p, s), series=_uid(seed, 'se', p, s, lat, view),
                               sop=_uid(seed, 'sop', p, s, lat, view)),
                     height=cfg.height, width=cfg.width, spacing=cfg.spacing, seed=image_seed))
@@ -405,11 +414,11 @@ def _annotator_box(b, H, W, px_mm, rng):
     out = [max(out[0], -6 * px_mm), max(out[1], -6 * px_mm), min(out[2], W + 6 * px_mm), min(out[3], H + 6 * px_mm)]
     return [round(v, 2) for v in out]
 
-def detector(att: np.ndarray, bits: int, photometric: str, rng) -> np.ndarray:
-    "Attenuation -> stored values: gain, offset, signal-dependent noise, clipping, MONOCHROME1 inversion."
+def detector(att: np.ndarray, bits: int, photometric: str, rng, noise: float = 1.0) -> np.ndarray:
+    "Attenuation -> stored values: gain, offset, signal-dependent noise (x `noise`), clipping, MONOCHROME1 inversion."
     top = 2 ** bits - 1
     sig = 0.04 + 0.88 * np.clip(att / 1.25, 0, 1.2)
-    noisy = sig + rng.standard_normal(att.shape, dtype=np.float32) * (0.004 + 0.006 * np.sqrt(sig))
+    noisy = sig + rng.standard_normal(att.shape, dtype=np.float32) * ((0.004 + 0.006 * np.sqrt(sig)) * noise)
     v = np.clip(noisy * top, 0, top)
     if photometric == 'MONOCHROME1': v = top - v
     return v.round().astype(np.uint16)
@@ -441,6 +450,9 @@ def synth_image(job: dict) -> tuple[np.ndarray, list[dict]]:
     H, W, px = job['height'], job['width'], 1 / job['spacing']
     view = job['view_position']
     prof = breast_profile(H, W, view, rng)
+    look = job.get('look')
+    if look:
+        prof['x'] = prof['x'] * look['breast_size']; prof['nipple'] = (prof['nipple'][0] * look['breast_size'], prof['nipple'][1])
     xn, yn = prof['nipple']
     # contour-changing findings act on the profile before anything is rendered
     contour = {}
@@ -481,7 +493,9 @@ def synth_image(job: dict) -> tuple[np.ndarray, list[dict]]:
                          spiculation=_bbox(extra['spiculation']) if 'spiculation' in extra else None))
     # detector, then mirror right breasts so the chest wall is on the right
     v = job['vendor']
-    stored = detector(A['att'], v['bits'], v['photometric'], rng)
+    if look: A['att'] = tissue_look(A['att'], A['mask'], look)
+    stored = detector(A['att'], v['bits'], v['photometric'], rng, look['noise'] if look else 1.0)
+    if look and look['film']: stored = film_look(stored, look, px, np.random.default_rng([job['seed'], 17]), float(prof['x'].max()))
     if job['laterality'] == 'R':
         stored = stored[:, ::-1].copy()
         for r in rows:

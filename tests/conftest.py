@@ -1,4 +1,4 @@
-import os, shutil, subprocess, sys
+import os, shutil, subprocess, sys, tempfile
 from pathlib import Path
 import pytest
 
@@ -138,3 +138,22 @@ def layout_version(tmp_path_factory, layout: str):
         (d / 'prepare.out').write_text(mammo('prepare', f, '--quiet').stdout)
     d = shared(tmp_path_factory, f'layout-{layout}', build)
     return d, d / 'r.yaml', (d / 'dry.out').read_text(), (d / 'prepare.out').read_text()
+
+
+def chromium():
+    """Paths of chromium and chromedriver, installed with apt when missing (None when that is impossible). One
+    installer at a time: the two pytest-xdist workers' browser tests would otherwise race for dpkg's lock."""
+    import fcntl
+    with open(Path(tempfile.gettempdir()) / 'mammo-nb-apt.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _chromium()
+
+
+def _chromium():
+    if not (shutil.which('chromium') and shutil.which('chromedriver')) and os.geteuid() == 0 and shutil.which('apt-get'):
+        env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+        subprocess.run(['apt-get', 'install', '-y', '-q', 'chromium', 'chromium-driver'], env=env, capture_output=True, timeout=900)
+        if not shutil.which('chromium'):
+            subprocess.run(['apt-get', 'update', '-q'], env=env, capture_output=True, timeout=600)
+            subprocess.run(['apt-get', 'install', '-y', '-q', 'chromium', 'chromium-driver'], env=env, capture_output=True, timeout=900)
+    return (shutil.which('chromium'), shutil.which('chromedriver')) if shutil.which('chromium') and shutil.which('chromedriver') else None

@@ -76,7 +76,8 @@ def test_reports_open_with_their_findings(chain, tmp_path):
     near the top, a figure of the prepare report on the first screen, no code shown until opened; `mammo screenshot`
     writes that screen as a PNG."""
     import shutil
-    if not (shutil.which('chromium') and shutil.which('chromedriver')): pytest.skip('no chromium / chromedriver here')
+    from conftest import chromium
+    if chromium() is None: pytest.skip('chromium / chromedriver not installable here (needs root and apt)')
     import cv2
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

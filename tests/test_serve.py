@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, mammo
+from conftest import BIN, ROOT, chromium, mammo
 from mammo_nb.clahe import to_original
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
@@ -113,21 +113,10 @@ def test_bad_uploads_get_4xx_and_the_server_stays_up(client, trained):
     assert client.get('/health').status_code == 200
 
 
-def _chromium():
-    "Paths of chromium and chromedriver, installed with apt when missing (None when that is impossible)."
-    if not (shutil.which('chromium') and shutil.which('chromedriver')) and os.geteuid() == 0 and shutil.which('apt-get'):
-        env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
-        subprocess.run(['apt-get', 'install', '-y', '-q', 'chromium', 'chromium-driver'], env=env, capture_output=True, timeout=900)
-        if not shutil.which('chromium'):
-            subprocess.run(['apt-get', 'update', '-q'], env=env, capture_output=True, timeout=600)
-            subprocess.run(['apt-get', 'install', '-y', '-q', 'chromium', 'chromium-driver'], env=env, capture_output=True, timeout=900)
-    return (shutil.which('chromium'), shutil.which('chromedriver')) if shutil.which('chromium') and shutil.which('chromedriver') else None
-
-
 def test_browser_upload_shows_overlay(trained, tmp_path):
     """The real CLI server on 127.0.0.1, and headless chromium uploading a synthetic DICOM through the page."""
     p, rd, V, raw = trained
-    paths = _chromium()
+    paths = chromium()
     if paths is None: pytest.skip('chromium / chromedriver not installable here (needs root and apt)')
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
