@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb #731774a1
 from __future__ import annotations
-import argparse, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 
 from .params import ParamsError, load_params, validate
@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument('params', help='recipe with a selftrain section, e.g. params/demo-selftrain.yaml')
     st.add_argument('--rounds', type=int, help='overrides selftrain.rounds')
     st.add_argument('--device', help="overrides train.device")
+    pt = sub.add_parser('pretrain', help='render a randomised synthetic set, prepare it, train on it: weights + pretrain.json to fine-tune from')
+    pt.add_argument('params', help='recipe, e.g. params/pretrain.yaml')
     cl = sub.add_parser('classify', help='classification track: patch / whole-image dataset, YOLOv8-cls, ROC/PR with CIs')
     cl.add_argument('params', help='recipe with a classify section, e.g. params/demo-classify.yaml')
     cl.add_argument('--on', metavar='OTHER', help="external validation: score the classifier on the version of recipe OTHER")
@@ -173,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"self-training {S['id']} on {S['base_version']}: {S['dir']}")
             print(rounds_table(S).to_string())
             print(f"best round: {S['best_round']} ({S['rule']})")
+        elif a.cmd == 'pretrain':
+            from mammo_nb.pretrain import pretrain
+            for rd in pretrain(load_params(a.params)):
+                m = json.loads((rd / 'pretrain.json').read_text())
+                print(f"run {rd}\nversion {m['version']} ({sum(m['images'].values())} images), {m['epochs_done']} epochs, "
+                      f"{m['s_per_epoch']} s/epoch, last val {m['last_val']}")
+                print(f"weights {rd / 'weights' / 'best.pt'} (sha256 {m['weights']['best.pt']['sha256'][:12]}...)")
+                print(f"fine-tune: train.model: {rd / 'weights' / 'best.pt'}, train.reset_head: true")
         elif a.cmd == 'classify':
             from mammo_nb.classify import classify_all, classify_external, cls_models, compare_classifiers, metrics_table
             from mammo_nb.metrics import fmt_ci

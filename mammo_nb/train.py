@@ -22,13 +22,14 @@ from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
 import mammo_nb
-from .prepare import PrepareError, load_version, prepare, version_dir, Version, _git_commit
+from .prepare import PrepareError, file_sha256, load_version, prepare, version_dir, Version, _git_commit
 from .runs import _NOT_LEARNING, models, run_name, run_dir, run_dirs
 
 # %% auto #0
 __all__ = ['NegativeSampler', 'class_weights', 'FocalBCE', 'MammoDetectionLoss', 'cpu_threads', 'CPUThreads', 'threaded',
            'MammoTrainer', 'TrainError', 'check_version', 'check_device', 'weights_classes', 'check_classes',
-           'write_run_data', 'yolo_args', 'epoch_seconds', 'train_run', 'yolo_train_run', 'train', 'negatives_summary']
+           'write_run_data', 'yolo_args', 'epoch_seconds', 'train_run', 'yolo_train_run', 'train', 'transfer_report',
+           'write_transfer', 'read_transfer', 'scale_transferred', 'weights_record', 'negatives_summary']
 
 # %% ../nbs/07_train.ipynb #73ef8958
 class NegativeSampler(torch.utils.data.Sampler):
@@ -146,6 +147,18 @@ class MammoTrainer(DetectionTrainer):
                                        epoch=self.start_epoch, rank=rank, world=self.world_size)
         return _loader(ds, batch_size, self.args.workers, self.sampler, self.device)
 
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        "ultralytics' model (its head rebuilt when the weights have other classes); what was transferred goes to `transfer.json`."
+        model = super().get_model(cfg, weights, verbose)
+        if weights is not None and not self.args.resume and RANK in {-1, 0}:
+            write_transfer(Path(self.save_dir), transfer_report(weights.state_dict(), model.state_dict()))
+        return model
+
+    def build_optimizer(self, model, name='auto', lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        "ultralytics' optimizer, with the transferred layers (`transfer.json`) at lr x `train.transfer_lr`."
+        opt = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        return scale_transferred(opt, unwrap_model(model), read_transfer(Path(self.save_dir), names=True), float(self.mammo.get('transfer_lr', 1.0)))
+
     def set_class_weights(self):
         model = unwrap_model(self.model)
         if getattr(model.model[-1], 'one2one_cv2', None) is not None:    # end-to-end heads (YOLOv10/26): their own loss
@@ -235,7 +248,8 @@ def write_run_data(p, V: Version, rd: Path) -> Path:
                         negative_seed=V.manifest['negative_sampling_seed'], focal_gamma=p.train.focal_gamma,
                         class_weight_power=p.train.class_weight_power,
                         class_weights=class_weights(counts, V.manifest['classes'], p.train.class_weight_power),
-                        threads=p.train.threads, cpu_workers=p.train.cpu_workers, val_every=p.train.val_every))
+                        threads=p.train.threads, cpu_workers=p.train.cpu_workers, val_every=p.train.val_every,
+                        transfer_lr=p.train.transfer_lr))
     rd.mkdir(parents=True, exist_ok=True)
     f = rd / 'data.yaml'
     f.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -248,7 +262,7 @@ def yolo_args(p, model: str, data: Path, device: str) -> dict:
     t = p.train
     a = dict(data=str(data), imgsz=t.imgsz, epochs=t.epochs, batch=t.batch, device=device, seed=t.seed,
              workers=t.workers, cache=t.cache, optimizer=t.optimizer, lr0=t.lr0, warmup_epochs=t.warmup_epochs, patience=t.patience,
-             close_mosaic=t.close_mosaic, amp=(device != 'cpu') if t.amp is None else t.amp, deterministic=True,
+             close_mosaic=t.close_mosaic, amp=(device != 'cpu') if t.amp is None else t.amp, deterministic=True, freeze=t.freeze or None,
              project=str(data.parent.parent.resolve()), name=data.parent.name, exist_ok=True, plots=t.plots, verbose=False)
     for k, v in (t.hyp or {}).items():
         if k not in DEFAULT_CFG_DICT: raise ParamsError(f"'train.hyp.{k}' is not an ultralytics train argument")
@@ -304,11 +318,13 @@ def yolo_train_run(p, model: str, V: Version, rd: Path) -> Path:
         _trim_results(rd / 'results.csv', int(torch.load(ckpt, map_location='cpu', weights_only=False).get('epoch', -1)) + 1)
         y = YOLO(str(ckpt)); y.train(resume=True, trainer=MammoTrainer, device=device, workers=p.train.workers)
     else:
-        for f in ('results.csv', 'negatives.jsonl'): (rd / f).unlink(missing_ok=True)
+        for f in ('results.csv', 'negatives.jsonl', 'transfer.json'): (rd / f).unlink(missing_ok=True)
         y = YOLO(model); y.train(trainer=MammoTrainer, **args)
     rec = dict(status='done', family='ultralytics', version=V.manifest['version'], model=model, run=rd.name,
                manifest_sha256=hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest(),
                args={k: v for k, v in args.items() if k not in ('project',)}, mammo=yaml.safe_load(data.read_text())['mammo'],
+               weights=dict(weights_record(model), **read_transfer(rd), freeze=p.train.freeze, transfer_lr=p.train.transfer_lr)
+               if str(model).endswith('.pt') else None,
                **epoch_seconds(rd / 'results.csv'), wall_s=round(time.time() - t0, 1), device=device, cpu=getattr(y.trainer, 'cpu', None), torch=torch.__version__, ultralytics=__import__('ultralytics').__version__,
                code=dict(version=mammo_nb.__version__, git_commit=_git_commit()))
     (rd / 'train.json').write_text(json.dumps(rec, indent=1, default=str))
@@ -318,6 +334,50 @@ def train(p, V: Version | None = None) -> list[Path]:
     "Train every model of the recipe (`train.model` may be a list); returns their run folders."
     V = V or check_version(p)
     return [train_run(p, m, V) for m in models(p)]
+
+# %% ../nbs/07_train.ipynb #a1dcad8a
+def transfer_report(src: dict, dst: dict) -> dict:
+    """What a model built for the version took from the state dict `src` it starts from: the tensors copied (same name
+    and shape, and equal before the first step) and the layers that are new (a head rebuilt for other classes)."""
+    same = [k for k, v in dst.items() if k in src and src[k].shape == v.shape and torch.equal(src[k].to(v.dtype), v)]
+    kept = set(same)
+    new = sorted({k.rsplit('.', 1)[0] for k in dst if k not in kept})
+    return dict(tensors=len(dst), transferred=len(same), new_layers=new, head='rebuilt' if new else 'kept', transferred_names=same)
+
+def write_transfer(rd: Path, rep: dict):
+    rd.mkdir(parents=True, exist_ok=True); (rd / 'transfer.json').write_text(json.dumps(rep, indent=1))
+
+def read_transfer(rd: Path, names: bool = False) -> dict:
+    "A run's `transfer.json` (without the tensor names unless `names`); {} for a run that started from a `.yaml`."
+    f = Path(rd) / 'transfer.json'
+    d = json.loads(f.read_text()) if f.exists() else {}
+    return d if names else {k: v for k, v in d.items() if k != 'transferred_names'}
+
+def scale_transferred(opt: torch.optim.Optimizer, model: nn.Module, rep: dict, factor: float) -> torch.optim.Optimizer:
+    "Move the transferred parameters of each param group into a copy of the group at lr x `factor`."
+    names = set(rep.get('transferred_names') or ())
+    if factor == 1.0 or not names: return opt
+    ids = {id(q) for n, q in model.named_parameters() if n in names}
+    extra = []
+    for g in opt.param_groups:
+        moved = [q for q in g['params'] if id(q) in ids]
+        if not moved: continue
+        g['params'] = [q for q in g['params'] if id(q) not in ids]
+        extra.append({**{k: v for k, v in g.items() if k != 'params'}, 'params': moved, 'lr': g['lr'] * factor})
+    for g in extra: opt.add_param_group(g)
+    return opt
+
+def weights_record(f: str | Path) -> dict:
+    "A starting weights file: path and SHA-256, and the pretraining manifest (with its hash) when `mammo pretrain` wrote it."
+    f = Path(f).resolve()
+    rec = dict(file=str(f), sha256=file_sha256(f))
+    m = f.parent.parent / 'pretrain.json'
+    if m.exists():
+        man = json.loads(m.read_text())
+        rec['pretrain'] = dict(file=str(m), sha256=file_sha256(m), version=man.get('version'),
+                               version_manifest_sha256=man.get('manifest_sha256'),
+                               **{k: man.get(k) for k in ('generator', 'classes', 'epochs_done')})
+    return rec
 
 # %% ../nbs/07_train.ipynb #084ee445
 def negatives_summary(rd: Path, n_negative: int | None = None) -> pd.DataFrame:

@@ -22,13 +22,13 @@ from .detectors import Family
 from .metrics import BOX, Scored
 from .prepare import Version, file_sha256
 from .prepare import _git_commit
-from .train import NegativeSampler, TrainError, _done, _trim_results, check_device, class_weights, cpu_threads, epoch_seconds
+from .train import NegativeSampler, TrainError, _done, _trim_results, check_device, class_weights, cpu_threads, epoch_seconds, weights_record
 
 # %% auto #0
-__all__ = ['ARCHS', 'build', 'load_weights', 'weighted_fastrcnn_loss', 'WeightedRoIHeads', 'WeightedFocalHead', 'set_losses',
-           'load_image', 'to_input', 'train_images', 'BoxDataset', 'collate', 'set_inference', 'detect', 'meta',
-           'lr_factor', 'optimizer', 'val_fitness', 'start_weights', 'fit', 'load_detector', 'TorchvisionFamily',
-           'BoxScoreTarget', 'TorchvisionExplainer']
+__all__ = ['ARCHS', 'build', 'load_weights', 'freeze_body', 'param_groups', 'weighted_fastrcnn_loss', 'WeightedRoIHeads',
+           'WeightedFocalHead', 'set_losses', 'load_image', 'to_input', 'train_images', 'BoxDataset', 'collate',
+           'set_inference', 'detect', 'meta', 'lr_factor', 'optimizer', 'val_fitness', 'start_weights', 'fit',
+           'load_detector', 'TorchvisionFamily', 'BoxScoreTarget', 'TorchvisionExplainer']
 
 # %% ../nbs/07c_tvdet.ipynb #e5ab5328
 # name -> kind: 'rcnn' (two-stage; class 0 is the background) or 'retina' (one-stage, sigmoid focal loss)
@@ -53,12 +53,25 @@ def load_weights(model: torch.nn.Module, f: str | Path) -> dict:
     det = fit(sd, own)
     if len(det) >= 0.5 * len(sd):
         model.load_state_dict(det, strict=False)
-        return dict(kind='detector', tensors=len(det), left=sorted(k for k in sd if k not in det))
+        return dict(kind='detector', tensors=len(det), left=sorted(k for k in sd if k not in det), names=sorted(det))
     body = model.backbone.body
     bb = fit({k.removeprefix('features.'): v for k, v in sd.items()}, body.state_dict())   # mobilenet: features.N -> N
     if not bb: raise TrainError(f"train.weights '{f}': none of its {len(sd)} tensors fit {type(model).__name__} or its backbone")
     body.load_state_dict(bb, strict=False)
-    return dict(kind='backbone', tensors=len(bb), left=len(sd) - len(bb))
+    return dict(kind='backbone', tensors=len(bb), left=len(sd) - len(bb), names=sorted('backbone.body.' + k for k in bb))
+
+def freeze_body(model: torch.nn.Module, n: int) -> list[str]:
+    "`train.freeze`: the first `n` blocks of the backbone body keep their weights (no gradient); their names."
+    blocks = list(model.backbone.body.named_children())[:n]
+    for _, m in blocks:
+        for q in m.parameters(): q.requires_grad_(False)
+    return [name for name, _ in blocks]
+
+def param_groups(model: torch.nn.Module, loaded: set, lr0: float, factor: float) -> list[dict]:
+    "Trainable parameters in two groups: new ones at `lr0`, those loaded from `train.weights` / a checkpoint at lr0 x `factor`."
+    q = [(n, v) for n, v in model.named_parameters() if v.requires_grad]
+    new, old = [v for n, v in q if n not in loaded], [v for n, v in q if n in loaded]
+    return [g for g in ({'params': new, 'lr': lr0}, {'params': old, 'lr': lr0 * factor}) if g['params']]
 
 # %% ../nbs/07c_tvdet.ipynb #1ad058f4
 def weighted_fastrcnn_loss(class_logits, box_regression, labels, regression_targets, w: torch.Tensor):
@@ -312,7 +325,10 @@ def _fit(p, model: str, V: Version, rd: Path, progress: bool, devs: list[str], r
     kind, names = ARCHS[arch], list(V.manifest['classes'])       # (train_run has checked a checkpoint's classes)
     torch.manual_seed(t.seed)
     net = build(arch, len(names), t.imgsz)
-    loaded = dict(load_weights(net, w), file=str(Path(w).resolve()), sha256=file_sha256(w)) if w else None
+    loaded = dict(load_weights(net, w), **weights_record(w)) if w else None
+    moved = set(loaded.pop('names')) if loaded else set()
+    frozen = freeze_body(net, t.freeze) if t.freeze else []
+    if loaded: loaded.update(freeze=t.freeze, frozen=frozen, transfer_lr=t.transfer_lr)
     counts = {c: d.get('train', 0) for c, d in V.manifest['counts']['boxes_per_class'].items()}
     cw = class_weights(counts, names, t.class_weight_power)
     losses = set_losses(net, kind, cw, t.focal_gamma)
@@ -324,7 +340,7 @@ def _fit(p, model: str, V: Version, rd: Path, progress: bool, devs: list[str], r
     nw = t.workers if dev.type == 'cuda' else t.cpu_workers
     loader = torch.utils.data.DataLoader(ds, batch_size=min(max(1, t.batch // world), len(sampler)), sampler=sampler,
                                          collate_fn=collate, num_workers=nw, pin_memory=dev.type == 'cuda')
-    opt = optimizer(t, [q for q in net.parameters() if q.requires_grad])
+    opt = optimizer(t, param_groups(net, moved, t.lr0, t.transfer_lr))
     n_it = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(round(t.warmup_epochs * n_it), n_it * t.epochs))
     amp = dev.type == 'cuda' and t.amp is not False
@@ -410,7 +426,8 @@ def _fit(p, model: str, V: Version, rd: Path, progress: bool, devs: list[str], r
     rec = dict(status='done', family='torchvision', version=V.manifest['version'], model=model, arch=arch, run=rd.name,
                manifest_sha256=file_sha256(V.dir / 'manifest.json'),
                args=dict(imgsz=t.imgsz, epochs=t.epochs, batch=t.batch, lr0=t.lr0, optimizer=opt.__class__.__name__,
-                         warmup_epochs=t.warmup_epochs, seed=t.seed, fliplr=flip, amp=amp, patience=t.patience, val_every=t.val_every),
+                         warmup_epochs=t.warmup_epochs, seed=t.seed, fliplr=flip, amp=amp, patience=t.patience, val_every=t.val_every,
+                         freeze=frozen or None),
                mammo=dict(negative_ratio=t.negative_ratio, negative_seed=V.manifest['negative_sampling_seed'], **losses,
                           class_weight_power=t.class_weight_power),
                weights=loaded, resumed_at_epoch=resumed, best_epoch=best_epoch + 1, **epoch_seconds(res),
