@@ -398,7 +398,7 @@ def _fit(p, model: str, V: Version, rd: Path, progress: bool, devs: list[str], r
         stop = [False]
         if lead:
             row = {'epoch': ep + 1, 'time': round(elapsed, 3), **{f'train/{k}': round(v / n_it, 5) for k, v in sums.items()},
-                   'lr/pg0': opt.param_groups[0]['lr']}
+                   **{f'lr/pg{i}': g['lr'] for i, g in enumerate(opt.param_groups)}}
             validated = (ep + 1) % t.val_every == 0 or ep + 1 == t.epochs
             row.update(val_fitness(net, kind, names, V, t.imgsz, e, e.batch) if validated else
                        {'val/map50': float('nan'), 'val/map50_95': float('nan'), 'val/fitness': float('nan')})

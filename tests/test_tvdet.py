@@ -83,20 +83,31 @@ def test_explained_on_the_fpn_and_served(both, tiny_set):
 
 def test_retinanet_focal_loss_and_weights(both):
     """RetinaNet: the focal loss with class weights, one epoch, predictions in the shared CSV; a local detector state
-    dict (here Faster R-CNN's own weights) starts a new run, its class-dependent head left out."""
+    dict (a RetinaNet of two more classes) starts a new run, its class logits left out and rebuilt; frozen blocks
+    and the loaded layers' lower learning rate."""
     from mammo_nb.evaluate import predict
     from mammo_nb.tvdet import build
     tmp, f, p, r, rd, yd = both
     V = check_version(p)
-    net = build('retinanet_resnet50_fpn', len(V.manifest['classes']), 64)
+    net = build('retinanet_resnet50_fpn', len(V.manifest['classes']) + 2, 64)      # a detector of other classes
     torch.save(net.state_dict(), tmp / 'retina.pth')
     q = load_params(f, {'train': {'model': 'retinanet_resnet50_fpn', 'epochs': 1, 'imgsz': 64, 'weights': str(tmp / 'retina.pth'),
-                                  'focal_gamma': 1.5, 'evaluate': False}})
+                                  'focal_gamma': 1.5, 'evaluate': False, 'freeze': 2, 'transfer_lr': 0.5}})
     from mammo_nb.train import train_run
     qd = train_run(q, 'retinanet_resnet50_fpn')
     tj = json.loads((qd / 'train.json').read_text())
     assert tj['mammo']['loss'] == 'sigmoid focal' and tj['mammo']['focal_gamma'] == 1.5
-    assert tj['weights']['kind'] == 'detector' and tj['weights']['left'] == [] and tj['weights']['sha256']
+    assert tj['weights']['kind'] == 'detector' and tj['weights']['sha256']
+    assert tj['weights']['left'] == ['head.classification_head.cls_logits.bias', 'head.classification_head.cls_logits.weight']
+    # train.freeze: the body's first two blocks keep the file's weights; train.transfer_lr: loaded layers at lr x 0.5,
+    # the new class logits at lr
+    assert tj['weights']['frozen'] == ['conv1', 'bn1'] == tj['args']['freeze'] and tj['weights']['transfer_lr'] == 0.5
+    after = torch.load(qd / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['model']
+    before = torch.load(tmp / 'retina.pth', map_location='cpu', weights_only=True)
+    assert torch.equal(after['backbone.body.conv1.weight'], before['backbone.body.conv1.weight'])
+    assert not torch.equal(after['backbone.body.layer1.0.conv1.weight'], before['backbone.body.layer1.0.conv1.weight'])
+    lr = pd.read_csv(qd / 'results.csv').iloc[-1]
+    assert abs(lr['lr/pg1'] - 0.5 * lr['lr/pg0']) < 1e-12
     pr = predict(qd / 'weights' / 'best.pt', V, 'val', 64, progress=False)
     assert list(pr.columns) == ['image_id', 'cls', 'class_id', 'score', 'x0', 'y0', 'x1', 'y1']
     assert len(pr) and (pr.x1 >= pr.x0).all() and (pr.y1 >= pr.y0).all() and pr.score.between(0, 1).all()
