@@ -18,7 +18,7 @@ from .split import assert_no_leakage, group_keys, in_path_order, iterative_strat
 # %% auto #0
 __all__ = ['CVError', 'assign_folds', 'check_folds', 'cv_root', 'fold_version', 'fold_params', 'folds_table', 'fold_run',
            'fuse_boxes', 'pool_folds', 'cross_validate', 'fold_counts', 'fold_table', 'fold_summary', 'ensemble_table',
-           'plot_froc_bands']
+           'plot_froc_bands', 'compare_models', 'learning_curves']
 
 # %% ../nbs/15_cv.ipynb #da5340cb
 class CVError(RuntimeError):
@@ -281,3 +281,32 @@ def plot_froc_bands(cv: dict, ax=None, split: str = 'oof'):
     ax.set(xscale='log', ylim=(0, 1.02), xlabel='false positives per image', ylabel='sensitivity', title=f'FROC, {split} (95% bands)')
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1), frameon=False)
     return ax
+
+# %% ../nbs/15_cv.ipynb #b13cc60c
+def compare_models(cvs: dict[str, dict]) -> pd.DataFrame:
+    "One column per model of `cross_validate`'s result: pooled OOF and fold-ensemble test figures [CI], epochs, training time."
+    cols = {}
+    for model, cv in cvs.items():
+        s, col = cv['splits']['oof'], {}
+        col.update({f'OOF AP50 {c}': fmt_ci(d['ap50']) for c, d in s['per_class'].items() if d['n_gt'] > 0})
+        col.update({'OOF sens@1FP (all)': fmt_ci(s['all_lesions']['froc']['1']), 'OOF image ROC-AUC': fmt_ci(s['image']['roc_auc'])})
+        te = cv['splits'].get('test: ensemble')
+        if te:
+            col.update({f'test ensemble AP50 {c}': fmt_ci(d['ap50']) for c, d in te['per_class'].items() if d['n_gt'] > 0})
+            col.update({'test ensemble sens@1FP (all)': fmt_ci(te['all_lesions']['froc']['1']),
+                        'test ensemble image ROC-AUC': fmt_ci(te['image']['roc_auc'])})
+        col.update({'epochs per fold': ', '.join(str(r['epochs']) for r in cv['fold_rows']),
+                    'train s (all folds)': round(sum(r['train_s'] for r in cv['fold_rows']), 1)})
+        cols[f"{Path(model).name} ({cv['run']})"] = col
+    return pd.DataFrame(cols)
+
+def learning_curves(p, model: str) -> pd.DataFrame:
+    "Val AP50 of each fold run of `model` at each validated epoch (rows), the folds' mean last."
+    from mammo_nb.train import run_name
+    root, name, cols = cv_root(p), run_name(p, model), {}
+    for k in range(p.split.folds):
+        r = pd.read_csv(root / f'fold{k}' / 'runs' / name / 'results.csv', skipinitialspace=True)
+        key = 'metrics/mAP50(B)' if 'metrics/mAP50(B)' in r else 'val/map50'
+        cols[f'fold {k}'] = r.set_index('epoch')[key]
+    t = pd.DataFrame(cols).dropna(how='all')
+    return t.assign(mean=t.mean(axis=1))
