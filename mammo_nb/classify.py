@@ -27,10 +27,10 @@ from .train import TrainError, check_device, check_version, cpu_threads, epoch_s
 
 # %% auto #0
 __all__ = ['KIND', 'BACKBONES', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset',
-           'model_file', 'backbone_blocks', 'load_backbone', 'PhaseSampler', 'WeightedCE', 'BinaryLoss',
-           'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'classifier_cams', 'cam_summary',
-           'cls_predict', 'load_items', 'item_scores', 'item_figures', 'cls_models', 'cls_weights', 'classify',
-           'detector_same_images', 'metrics_table', 'show_examples', 'classify_external', 'classify_all',
+           'model_file', 'backbone_blocks', 'load_backbone', 'load_detector_backbone', 'PhaseSampler', 'WeightedCE',
+           'BinaryLoss', 'unfreeze_plan', 'trainable_layers', 'MammoClsTrainer', 'binary_metrics', 'classifier_cams',
+           'cam_summary', 'cls_predict', 'load_items', 'item_scores', 'item_figures', 'cls_models', 'cls_weights',
+           'classify', 'detector_same_images', 'metrics_table', 'show_examples', 'classify_external', 'classify_all',
            'compare_classifiers']
 
 # %% ../nbs/14_classify.ipynb #7537226f
@@ -206,6 +206,21 @@ def load_backbone(model, name: str, f: str | Path) -> int:
     model.model[0].m.load_state_dict(kept)                           # the TorchVision module's kept layers
     return len(kept)
 
+def load_detector_backbone(model, f: str | Path) -> dict:
+    """Copy a YOLOv8 detector's backbone (e.g. `mammo pretrain`'s weights) into a YOLOv8-cls `model` of the same scale:
+    every tensor with the same name and shape (layers 0-8; the detector's SPPF and head and the classifier's `Classify`
+    differ). Returns `train.transfer_report`; `TrainError` naming the file when it is not a detector or nothing fits."""
+    from ultralytics.nn.tasks import load_checkpoint
+    from mammo_nb.train import transfer_report
+    try: det = load_checkpoint(str(f))[0]
+    except Exception as e: raise TrainError(f"classify.weights '{f}' is not an ultralytics checkpoint ({type(e).__name__}: {str(e)[:150]})") from None
+    if getattr(det, 'task', None) != 'detect': raise TrainError(f"classify.weights '{f}' is a {getattr(det, 'task', '?')} model, not a YOLOv8 detector")
+    src, dst = det.float().state_dict(), model.state_dict()
+    fit = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+    if not fit: raise TrainError(f"classify.weights '{f}': none of its tensors fit {Path(str(getattr(model, 'yaml_file', '') or 'the model')).name} (another scale?)")
+    model.load_state_dict(fit, strict=False)
+    return transfer_report(src, model.state_dict())
+
 
 # %% ../nbs/14_classify.ipynb #19335dcc
 class PhaseSampler(torch.utils.data.Sampler):
@@ -289,6 +304,9 @@ class MammoClsTrainer(ClassificationTrainer):
         model = super().get_model(cfg, weights, verbose)
         if self.mc.get('backbone_weights') and weights is None:       # a fresh torchvision backbone: its local weights
             load_backbone(model, self.mc['backbone'], self.mc['backbone_weights'])
+        elif self.mc.get('detector_weights') and weights is None:     # YOLOv8-cls on a (pretrained) detector's backbone
+            rep = load_detector_backbone(model, self.mc['detector_weights'])
+            (Path(self.save_dir) / 'transfer.json').write_text(json.dumps(rep, indent=1))
         return model
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode='train'):
@@ -502,8 +520,9 @@ def cls_models(c) -> list[str]:
     return list(c.model) if isinstance(c.model, list) else [c.model]
 
 def cls_weights(c, model: str) -> str | None:
-    "The local state dict `classify.weights` gives `model` (one file for the one torchvision network, or by name)."
-    if model not in BACKBONES or not c.weights: return None
+    """The weights file `classify.weights` gives `model` (one file, or by name): a torchvision network's local state dict,
+    or for a YOLOv8-cls `.yaml` a YOLOv8 detector `.pt` whose backbone it starts from (e.g. `mammo pretrain`'s)."""
+    if not (model in BACKBONES or str(model).endswith('.yaml')) or not c.weights: return None
     return c.weights.get(model) if isinstance(c.weights, dict) else c.weights
 
 def classify(p, model: str | None = None) -> dict:
@@ -524,7 +543,8 @@ def classify(p, model: str | None = None) -> dict:
     (d / 'mammo_cls.json').write_text(json.dumps({k: c[k] for k in ('balance', 'warmup_balanced', 'freeze_epochs', 'unfreeze_steps',
                                                                    'unfreeze_every', 'unfreeze_lr_factor', 'seed', 'loss', 'focal_gamma')}
                                                  | {'threads': p.train.threads, 'backbone': model if model in BACKBONES else None,
-                                                    'backbone_weights': str(Path(w).resolve()) if w else None}))
+                                                    'backbone_weights': str(Path(w).resolve()) if w and model in BACKBONES else None,
+                                                    'detector_weights': str(Path(w).resolve()) if w and model not in BACKBONES else None}))
     items = load_items(d, V)
     aug = {**AUGMENT, **(c.hyp or {})}
     learn = {k: c[k] for k in ('imgsz', 'epochs', 'batch', 'lr0', 'balance', 'warmup_balanced', 'freeze_epochs',

@@ -337,14 +337,14 @@ def _cross_check(p: dict, errs: list):
     if c.get('loss') in ('bce', 'focal') and c.get('labels') != 'binary':
         errs.append(f"'classify.loss' {c['loss']} needs 'classify.labels: binary' (two classes), got {c.get('labels')!r}")
     cms = c.get('model') if isinstance(c.get('model'), list) else [c.get('model', '')]
-    tv = [m for m in cms if not str(m).endswith(('.yaml', '.pt'))]
+    tv = [m for m in cms if not str(m).endswith('.pt')]            # torchvision networks and YOLOv8-cls .yaml take weights
     w = c.get('weights')
     if isinstance(w, str) and len(tv) != 1:
-        errs.append(f"'classify.weights' as one file needs one torchvision 'classify.model' (e.g. resnet50), got {tv}; "
-                    "with several give {network name: .pth}")
+        errs.append(f"'classify.weights' as one file needs one torchvision network or -cls.yaml in 'classify.model' (e.g. resnet50), "
+                    f"got {tv}; with several give {{model: file}}")
     if isinstance(w, dict) and sorted(set(w) - set(tv)):
-        errs.append(f"'classify.weights' names {sorted(set(w) - set(tv))}, not torchvision networks of 'classify.model' "
-                    "(a .pt carries its own weights)")
+        errs.append(f"'classify.weights' names {sorted(set(w) - set(tv))}, not torchvision networks or -cls.yaml models of "
+                    "'classify.model' (a .pt carries its own weights)")
     if len(set(map(str, cms))) < len(cms): errs.append(f"'classify.model' repeats a model: {cms}")
     t = p.get('train') or {}
     tms = t.get('model') if isinstance(t.get('model'), list) else [t.get('model', '')]
