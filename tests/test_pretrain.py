@@ -85,3 +85,20 @@ def test_finetune_rebuilds_the_head_and_chains_the_hashes(pretrained, tmp_path_f
     Vp = check_version(p)
     assert w['pretrain']['version'] == Vp.dir.name and w['pretrain']['version_manifest_sha256'] == sha(Vp.dir / 'manifest.json')
     assert w['freeze'] == 10 and w['transfer_lr'] == 0.1 and 'transferred_names' not in w
+
+
+def test_classify_starts_from_the_pretrained_backbone(pretrained):
+    """The classification track from the same weights: `classify.weights` gives a YOLOv8-cls model the pretrained
+    detector's backbone (layers 0-8 copied and equal at the start, the `Classify` head new), and the run is scored."""
+    from mammo_nb.classify import classify
+    tmp, p, rd, _ = pretrained
+    best = rd / 'weights' / 'best.pt'
+    d = yaml.safe_load((tmp / 'pt.yaml').read_text())
+    d['classify'] = {'task': 'patch', 'patch_size': 48, 'patch_stride': 24, 'imgsz': 32, 'epochs': 1, 'batch': 8,
+                     'warmup_balanced': 0, 'freeze_epochs': 0, 'unfreeze_steps': 1, 'normal_ratio': 1.0, 'normal_margin': 4,
+                     'model': 'yolov8n-cls.yaml', 'weights': str(best), 'cams': 0}
+    g = tmp / 'cls.yaml'; g.write_text(yaml.safe_dump(d))
+    m = classify(load_params(g))
+    tr = json.loads((Path(m['run']) / 'transfer.json').read_text())
+    assert {int(k.split('.')[1]) for k in tr['transferred_names']} == set(range(9)) and tr['head'] == 'rebuilt'
+    assert m['weights'] == str(best) and 'roc_auc' in m['splits']['val']['items']
