@@ -31,7 +31,8 @@ def pretrain_manifest(p, V: Version, rd: Path, model: str) -> dict:
     s = p.synth
     cfg = asdict(get_config(s.preset, **{k: s[k] for k in s if k not in ('preset', 'seed', 'out', 'workers')}))
     res = pd.read_csv(rd / 'results.csv', skipinitialspace=True)
-    val = res.filter(like='map50').dropna().iloc[-1].round(4).to_dict() if len(res.filter(like='map50').dropna()) else None
+    v = res.filter(regex='(?i)map50').dropna()                  # ultralytics' metrics/mAP50(B), the torchvision loop's val/map50
+    val = v.iloc[-1].round(4).to_dict() | {'epoch': int(res.epoch[v.index[-1]])} if len(v) else None
     boxes = {c: d.get('train', 0) for c, d in V.manifest['counts']['boxes_per_class'].items()}
     return dict(kind='mammo_nb pretrain', model=model, family=tj['family'], classes=list(V.manifest['classes']),
                 generator=dict(revision=SYNTH_REVISION, preset=s.preset, seed=s.seed, config=cfg),
