@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .params import ParamsError, load_params, validate
 from .synth import PRESETS, class_counts, synth_dataset
-from .prepare import PrepareError, dry_run, prepare
+from .prepare import PrepareError, dry_run, parse_shard, prepare
 from .pipeline import CHAIN, STAGES, ChainError, run_chain, stage_synth, stage_train, stage_evaluate, stage_explain
 
 # %% auto #0
@@ -28,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
                    help="write it as this dataset's download looks (default: vindr)")
     s.add_argument('--workers', type=int, default=1, help='processes (default: 1)')
     s.add_argument('--quiet', action='store_true', help='no progress bar')
+    s.add_argument('--shard', help="i/n, with --params: render only every n-th image from the i-th (Slurm array task); "
+                   "the same command without --shard merges")
     q = sub.add_parser('prepare', help="build the recipe's dataset version under prepare.out")
     q.add_argument('params', help='recipe, e.g. params/demo.yaml')
     q.add_argument('--shard', help='i/n: ingest only every n-th image from the i-th (Slurm array task); merge later')
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         if a.cmd == 'synth' and a.params:
-            r = stage_synth(load_params(a.params))
-            print(f"synth {r['out']} ({r['layout']}): {r['images']} images ({'already complete' if r['skipped'] else str(r['seconds']) + ' s'})")
+            sh = parse_shard(a.shard) if a.shard else None
+            r = stage_synth(load_params(a.params), not a.quiet, sh)
+            print(f"synth {r['out']} ({r['layout']}){' shard ' + r['shard'] if sh else ''}: {r['images']} images "
+                  f"({'already complete' if r['skipped'] else str(r['seconds']) + ' s'})")
         elif a.cmd == 'synth':
             if not a.out: raise ParamsError('mammo synth: --out is required without --params')
             if a.layout != 'vindr':

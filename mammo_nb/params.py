@@ -265,6 +265,8 @@ SCHEMA = {
         'gpu_mem': Field(str, None, 'memory per GPU job (None: the partition default)'),
         'gres': Field(str, 'gpu:1', "GPUs of a GPU job, e.g. 'gpu:4' with train.device '0,1,2,3' ('': no --gres)"),
         'shards': Field(int, 4, 'array tasks that ingest the images (`mammo prepare --shard i/N`)', min=1),
+        'synth_shards': Field(int, 1, 'array tasks that render the synthetic set (`mammo synth --params X --shard i/N`, '
+                              'then one merge job); 1: one job', min=1),
         'setup': Field(list, None, 'shell lines run first in every job (module loads, venv activation); '
                        'None: activate the Python environment mammo runs from', items=str),
         'extra': Field(list, (), 'extra `#SBATCH` options, e.g. `--qos=long`', items=str),

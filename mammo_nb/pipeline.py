@@ -23,10 +23,15 @@ def _synth_overrides(s) -> dict:
     run_keys = ('preset', 'seed', 'out', 'workers')
     return {k: s[k] for k in SCHEMA['synth'] if k not in run_keys and s.get(k) is not None}
 
-def stage_synth(p, progress: bool = True) -> dict:
+def stage_synth(p, progress: bool = True, shard: tuple[int, int] | None = None) -> dict:
     """Generate the embedded default dataset described by `p.synth`, in the layout `p.source.layout` (skipped when
-    already complete)."""
+    already complete); `shard=(i, n)`: render only that shard (a Slurm array task), the call without it merges."""
     s, layout = p.synth, p.source.layout
+    if shard is not None:
+        from mammo_nb.synth_layouts import synth_layout
+        r = (synth_layout(s.out, layout, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s)) if layout != 'vindr'
+             else synth_dataset(s.out, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s)))
+        return dict(out=str(s.out), layout=layout, images=r['n_images'], seconds=round(r['seconds'], 1), skipped=r['skipped'], shard=r['shard'])
     if layout != 'vindr':
         from mammo_nb.synth_layouts import synth_layout, truth_counts
         r = synth_layout(s.out, layout, s.preset, s.seed, s.workers, progress=progress, **_synth_overrides(s))

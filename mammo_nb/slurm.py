@@ -45,7 +45,11 @@ def slurm_jobs(p, params_path: str) -> list[dict]:
     q = shlex.quote(str(params_path))
     n = p.slurm.shards
     jobs = []
-    if p.source.root is None: jobs.append(dict(name='00_synth', cmd=f'mammo synth --params {q} --quiet'))
+    if p.source.root is None and p.slurm.synth_shards > 1:   # a large synthetic set (mammo pretrain): rendered in shards, then merged
+        k = p.slurm.synth_shards
+        jobs.append(dict(name='00_synth_shards', array=k, cmd=f'mammo synth --params {q} --shard "$SLURM_ARRAY_TASK_ID/{k}" --quiet'))
+        jobs.append(dict(name='01_synth_merge', cmd=f'mammo synth --params {q} --quiet'))
+    elif p.source.root is None: jobs.append(dict(name='00_synth', cmd=f'mammo synth --params {q} --quiet'))
     jobs.append(dict(name='10_prepare_shards', array=n,
                      cmd=f'mammo prepare {q} --shard "$SLURM_ARRAY_TASK_ID/{n}" --workers {p.slurm.cpus} --quiet'))
     jobs.append(dict(name='11_prepare_report', cmd=f'mammo run {q} --stages prepare'))

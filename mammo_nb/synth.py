@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_synth.ipynb #84856400
 from __future__ import annotations
-import ast, hashlib, json, os
+import ast, hashlib, json, os, shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, asdict, replace
 from datetime import date, timedelta
@@ -645,9 +645,30 @@ def class_counts(findings: pd.DataFrame) -> pd.DataFrame:
     f['kind'] = np.where(f.xmin.notna(), 'box', np.where(f.cat == 'No Finding', 'image', 'label only'))
     return f.pivot_table(index='cat', columns=['split', 'kind'], values='image_id', aggfunc='count', fill_value=0)
 
+def _render(jobs: list[dict], out: Path, workers: int, desc: str, progress: bool) -> list[dict]:
+    args = [(j, str(out)) for j in jobs]
+    bar = dict(total=len(jobs), desc=desc, unit='img', disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex: return list(tqdm(ex.map(_render_job, args, chunksize=1), **bar))
+    return [_render_job(a) for a in tqdm(args, **bar)]
+
+def _shard_results(parts: Path, info: dict) -> list[dict] | None:
+    "The rendered images' records from a complete set of shards (`i-of-n.json`, same settings), None when incomplete."
+    by_n = {}
+    for f in parts.glob('*-of-*.json'):
+        i, n = map(int, f.stem.split('-of-'))
+        by_n.setdefault(n, {})[i] = f
+    for n, fs in by_n.items():
+        if set(fs) == set(range(n)):
+            recs = [json.loads(fs[i].read_text()) for i in range(n)]
+            if all(r['info'] == info for r in recs): return [x for r in recs for x in r['results']]
+    return None
+
 def synth_dataset(out: str | Path, preset: str = 'tiny', seed: int = 0, workers: int = 1,
-                  progress: bool = True, **overrides) -> dict:
-    "Generate the synthetic VinDr-layout dataset in `out`; returns its tables and timing. A finished set is not redone."
+                  progress: bool = True, shard: tuple[int, int] | None = None, **overrides) -> dict:
+    """Generate the synthetic VinDr-layout dataset in `out`; returns its tables and timing. A finished set is not redone.
+    `shard=(i, n)` renders only every n-th planned image from the i-th (a Slurm array task) and records them in
+    `_shards/i-of-n.json`; a later call without `shard` finds the n shards complete and only writes the tables."""
     import time
     t0 = time.perf_counter()
     out = Path(out)
@@ -663,15 +684,24 @@ def synth_dataset(out: str | Path, preset: str = 'tiny', seed: int = 0, workers:
                     skipped=True, **{k: pd.read_csv(out / v) for k, v in tables.items()})
     jobs = plan_dataset(cfg, seed)
     out.mkdir(parents=True, exist_ok=True)
-    args = [(j, str(out)) for j in jobs]
-    bar = dict(total=len(jobs), desc=f'synth {preset}', unit='img', disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as ex: res = list(tqdm(ex.map(_render_job, args, chunksize=1), **bar))
-    else: res = [_render_job(a) for a in tqdm(args, **bar)]
+    parts = out / '_shards'
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n): raise ValueError(f'shard {i}/{n}: needs 0 <= i < n')
+        f = parts / f'{i}-of-{n}.json'
+        if not (f.exists() and json.loads(f.read_text())['info'] == info):
+            res = _render(jobs[i::n], out, workers, f'synth {preset} {i}/{n}', progress)
+            parts.mkdir(exist_ok=True)
+            f.with_suffix('.part').write_text(json.dumps(dict(info=info, results=res)))
+            os.replace(f.with_suffix('.part'), f)
+        return dict(out=out, n_images=len(jobs[i::n]), shard=f'{i}/{n}', seconds=time.perf_counter() - t0, skipped=False)
+    res = _shard_results(parts, info) if parts.exists() else None
+    res = res if res is not None else _render(jobs, out, workers, f'synth {preset}', progress)
     results = {r['image_id']: r for r in res}
     dfs = dict(zip(tables, _tables(jobs, results)))
     for k, name in tables.items(): dfs[k].to_csv(out / name, index=False)
     done.write_text(json.dumps(info, indent=1) + '\n')
+    shutil.rmtree(parts, ignore_errors=True)
     return dict(out=out, n_images=len(jobs), seconds=time.perf_counter() - t0, skipped=False, **dfs)
 
 # %% ../nbs/01_synth.ipynb #8a13909b

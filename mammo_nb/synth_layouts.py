@@ -337,11 +337,13 @@ def write_inbreast(src: Path, out: Path, seed: int = 0) -> pd.DataFrame:
 WRITERS = {'cbis': write_cbis, 'rsna': write_rsna, 'mias': write_mias, 'csv': write_csv, 'inbreast': write_inbreast}
 
 def synth_layout(out: str | Path, layout: str, preset: str = 'tiny', seed: int = 0, workers: int = 1,
-                 progress: bool = True, **overrides) -> dict:
-    "Write the synthetic dataset in `layout` ('cbis', 'rsna', 'mias', 'csv', 'inbreast') to `out`; returns its truth and timing."
+                 progress: bool = True, shard: tuple[int, int] | None = None, **overrides) -> dict:
+    """Write the synthetic dataset in `layout` ('cbis', 'rsna', 'mias', 'csv', 'inbreast') to `out`; returns its truth and
+    timing. `shard=(i, n)` renders one shard of the underlying VinDr-layout set (`synth_dataset`); the call without it writes the layout."""
     if layout not in WRITERS: raise ValueError(f'unknown layout {layout!r}; choose from {list(WRITERS)}')
     t0, out = time.perf_counter(), Path(out)
     ov = {**LAYOUT_SETTINGS[layout], **{k: v for k, v in overrides.items() if v is not None}}
+    if shard is not None: return synth_dataset(out / '_vindr', preset, seed, workers, progress=progress, shard=shard, **ov)
     info = json.loads(json.dumps(dict(layout=layout, preset=preset, seed=seed, revision=SYNTH_REVISION, overrides=ov)))
     done = out / 'synth_info.json'
     if done.exists():
