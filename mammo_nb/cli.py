@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {rd}\nversion {m['version']} ({sum(m['images'].values())} images), {m['epochs_done']} epochs, "
                       f"{m['s_per_epoch']} s/epoch, last val {m['last_val']}")
                 print(f"weights {rd / 'weights' / 'best.pt'} (sha256 {m['weights']['best.pt']['sha256'][:12]}...)")
-                print(f"fine-tune: train.model: {rd / 'weights' / 'best.pt'}, train.reset_head: true")
+                print(f"fine-tune: train.model: {rd / 'weights' / 'best.pt'} (a new head for the recipe's classes)")
         elif a.cmd == 'classify':
             from mammo_nb.classify import classify_all, classify_external, cls_models, compare_classifiers, metrics_table
             from mammo_nb.metrics import fmt_ci

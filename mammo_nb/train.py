@@ -302,7 +302,8 @@ def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -
     self-training version, into `rd` = `<V.dir>/runs/<name>`) with its detector family; returns the run folder."""
     from mammo_nb.detectors import family_of
     V = V or check_version(p)
-    if not p.train.reset_head: check_classes(model, V.manifest['classes'])
+    pretrained = str(model).endswith('.pt') and (Path(model).resolve().parent.parent / 'pretrain.json').exists()
+    if not (p.train.reset_head or pretrained): check_classes(model, V.manifest['classes'])   # `mammo pretrain`'s: meant to get a new head
     return family_of(model).train(p, model, V, Path(rd) if rd else run_dir(p, model))
 
 def yolo_train_run(p, model: str, V: Version, rd: Path) -> Path:

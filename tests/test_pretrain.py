@@ -53,13 +53,15 @@ def test_finetune_rebuilds_the_head_and_chains_the_hashes(pretrained, tmp_path_f
     best = rd / 'weights' / 'best.pt'
     d = yaml.safe_load(f.read_text())
     d['train'] = {**d.get('train', {}), 'model': str(best), 'epochs': 2, 'imgsz': 64, 'evaluate': False, 'close_mosaic': 0,
-                  'reset_head': True, 'freeze': 10, 'transfer_lr': 0.1}
+                  'freeze': 10, 'transfer_lr': 0.1}          # no reset_head: mammo pretrain's weights get a new head
     g = tmp / 'ft.yaml'; g.write_text(yaml.safe_dump(d))
     q = load_params(g)
     V = check_version(q)
     assert V.manifest['classes'] != json.loads((rd / 'pretrain.json').read_text())['classes']
-    with pytest.raises(TrainError, match='reset_head'):                 # without reset_head: refused, not silently cut
-        train_run(load_params(g, {'train': {'reset_head': False}}), str(best), V)
+    import shutil
+    shutil.copy(best, tmp / 'other.pt')                                 # weights of other classes, not from mammo pretrain:
+    with pytest.raises(TrainError, match='reset_head'):                 # without reset_head refused, not silently cut
+        train_run(load_params(g, {'train': {'reset_head': False}}), str(tmp / 'other.pt'), V)
     fd = train_run(q, str(best), V)
     tr = json.loads((fd / 'transfer.json').read_text())
     assert tr['head'] == 'rebuilt' and tr['new_layers'] and all(l.startswith('model.22.cv3.') for l in tr['new_layers'])
