@@ -131,8 +131,8 @@ def mask_boxes(root: str | Path, candidates: list[str], shape: tuple, min_frac: 
         if not (Path(root) / rel).is_file(): continue
         try: ds = read_dicom(Path(root) / rel, stop_before_pixels=True)
         except IngestError: continue
-        heads.append((rel, int(ds.Rows), int(ds.Columns)))
-    if not heads: raise IngestError('missing_file', 'ROI mask')
+        if int(ds.get('Rows') or 0) > 0 and int(ds.get('Columns') or 0) > 0: heads.append((rel, int(ds.Rows), int(ds.Columns)))
+    if not heads: raise IngestError('missing_file', 'ROI mask')              # (none, or only empty images)
     exact = [h for h in heads if (h[1], h[2]) == (H, W)]
     similar = [h for h in heads if h not in exact and abs(h[2] / h[1] - W / H) < 0.02 * W / H and h[1] > H / 4]
     empty = False
