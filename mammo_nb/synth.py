@@ -673,7 +673,8 @@ def synth_dataset(out: str | Path, preset: str = 'tiny', seed: int = 0, workers:
     t0 = time.perf_counter()
     out = Path(out)
     cfg = get_config(preset, **overrides)
-    info = json.loads(json.dumps(dict(preset=preset, seed=seed, revision=SYNTH_REVISION, config=asdict(cfg))))
+    conf = {k: v for k, v in asdict(cfg).items() if k != 'randomize' or v}       # (no looks: the info sets had before them)
+    info = json.loads(json.dumps(dict(preset=preset, seed=seed, revision=SYNTH_REVISION, config=conf)))
     tables = dict(findings='finding_annotations.csv', breast='breast-level_annotations.csv',
                   spiculation='spiculation_annotations.csv', truth='synth_truth.csv')
     done = out / 'synth_info.json'                      # written last: its presence means the set is complete
