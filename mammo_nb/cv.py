@@ -18,7 +18,7 @@ from .split import assert_no_leakage, group_keys, in_path_order, iterative_strat
 # %% auto #0
 __all__ = ['CVError', 'assign_folds', 'check_folds', 'cv_root', 'fold_version', 'fold_params', 'folds_table', 'fold_run',
            'fuse_boxes', 'pool_folds', 'cross_validate', 'fold_counts', 'fold_table', 'fold_summary', 'ensemble_table',
-           'plot_froc_bands', 'compare_models', 'learning_curves']
+           'plot_froc_bands', 'compare_models', 'learning_curves', 'plot_learning_curves']
 
 # %% ../nbs/15_cv.ipynb #da5340cb
 class CVError(RuntimeError):
@@ -302,11 +302,20 @@ def compare_models(cvs: dict[str, dict]) -> pd.DataFrame:
 
 def learning_curves(p, model: str) -> pd.DataFrame:
     "Val AP50 of each fold run of `model` at each validated epoch (rows), the folds' mean last."
-    from mammo_nb.train import run_name
+    from mammo_nb.runs import run_name, val_ap_columns
     root, name, cols = cv_root(p), run_name(p, model), {}
     for k in range(p.split.folds):
         r = pd.read_csv(root / f'fold{k}' / 'runs' / name / 'results.csv', skipinitialspace=True)
-        key = 'metrics/mAP50(B)' if 'metrics/mAP50(B)' in r else 'val/map50'
-        cols[f'fold {k}'] = r.set_index('epoch')[key]
+        cols[f'fold {k}'] = r.set_index('epoch')[val_ap_columns(r)[0][0]]
     t = pd.DataFrame(cols).dropna(how='all')
     return t.assign(mean=t.mean(axis=1))
+
+def plot_learning_curves(p, models: list[str], ax=None):
+    "The folds' mean val AP50 by epoch of each of `models`, one line each (`learning_curves`)."
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    for m in models:
+        lc = learning_curves(p, m)
+        ax.plot(lc.index, lc['mean'], marker='o', label=f"{Path(m).name}: mean of {lc.shape[1] - 1} folds")
+    ax.set(xlabel='epoch', ylabel='val AP50'); ax.legend()
+    return ax

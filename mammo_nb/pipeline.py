@@ -27,20 +27,15 @@ def stage_synth(p, progress: bool = True, shard: tuple[int, int] | None = None) 
     """Generate the embedded default dataset described by `p.synth`, in the layout `p.source.layout` (skipped when
     already complete); `shard=(i, n)`: render only that shard (a Slurm array task), the call without it merges."""
     s, layout = p.synth, p.source.layout
-    if shard is not None:
-        from mammo_nb.synth_layouts import synth_layout
-        r = (synth_layout(s.out, layout, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s)) if layout != 'vindr'
-             else synth_dataset(s.out, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s)))
-        return dict(out=str(s.out), layout=layout, images=r['n_images'], seconds=round(r['seconds'], 1), skipped=r['skipped'], shard=r['shard'])
     if layout != 'vindr':
         from mammo_nb.synth_layouts import synth_layout, truth_counts
-        r = synth_layout(s.out, layout, s.preset, s.seed, s.workers, progress=progress, **_synth_overrides(s))
-        counts = truth_counts(r['truth']) if 'categories' in r['truth'] else r['truth'].cancer.value_counts().rename_axis('cancer')
-    else:
-        r = synth_dataset(s.out, s.preset, s.seed, s.workers, progress=progress, **_synth_overrides(s))
-        counts = class_counts(r['findings'])
-    return dict(out=str(r['out']), layout=layout, images=r['n_images'], seconds=round(r['seconds'], 1), skipped=r['skipped'],
-                counts=counts)
+        r = synth_layout(s.out, layout, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s))
+    else: r = synth_dataset(s.out, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s))
+    out = dict(out=str(s.out), layout=layout, images=r['n_images'], seconds=round(r['seconds'], 1), skipped=r['skipped'])
+    if shard is not None: return out | {'shard': r['shard']}
+    counts = (class_counts(r['findings']) if layout == 'vindr' else truth_counts(r['truth']) if 'categories' in r['truth']
+              else r['truth'].cancer.value_counts().rename_axis('cancer'))
+    return out | {'counts': counts}
 
 def stage_prepare(p, progress: bool = True) -> dict:
     "Build the recipe's dataset version (ingest all images, merge); see `mammo_nb.prepare`."

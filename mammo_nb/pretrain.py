@@ -12,9 +12,9 @@ import pandas as pd
 
 import mammo_nb
 from .params import SYNTH_REVISION
-from .pipeline import stage_synth
+from .pipeline import _synth_overrides, stage_synth
 from .prepare import Version, _git_commit, file_sha256
-from .runs import models
+from .runs import models, val_ap_columns
 from .synth import get_config
 from .train import TrainError, check_version, train_run
 
@@ -29,9 +29,9 @@ def pretrain_manifest(p, V: Version, rd: Path, model: str) -> dict:
     "`pretrain.json` of run `rd`: generator, dataset version, training and weights, each with what identifies it."
     tj = json.loads((rd / 'train.json').read_text())
     s = p.synth
-    cfg = asdict(get_config(s.preset, **{k: s[k] for k in s if k not in ('preset', 'seed', 'out', 'workers')}))
+    cfg = asdict(get_config(s.preset, **_synth_overrides(s)))
     res = pd.read_csv(rd / 'results.csv', skipinitialspace=True)
-    v = res.filter(regex='(?i)map50').dropna()                  # ultralytics' metrics/mAP50(B), the torchvision loop's val/map50
+    v = res[val_ap_columns(res)[0]].dropna()
     val = v.iloc[-1].round(4).to_dict() | {'epoch': int(res.epoch[v.index[-1]])} if len(v) else None
     boxes = {c: d.get('train', 0) for c, d in V.manifest['counts']['boxes_per_class'].items()}
     return dict(kind='mammo_nb pretrain', model=model, family=tj['family'], classes=list(V.manifest['classes']),

@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from .metrics import fmt_ci
+from .runs import val_ap_columns
 
 # %% auto #0
 __all__ = ['PALETTE', 'PACKAGES', 'theme', 'styled', 'froc_band', 'findings', 'folded', 'captured', 'environment',
@@ -175,9 +176,8 @@ def plot_epochs(results_csv: str | Path, axs=None):
     loss = r.melt('epoch', [c for c in r if c.startswith('train/')], var_name='loss', value_name='value')
     sns.lineplot(loss.assign(loss=loss.loss.str.removeprefix('train/')), x='epoch', y='value', hue='loss', ax=axs[0])
     axs[0].set(xlabel='epoch', ylabel='training loss (mean per batch)', title='training losses')
-    m = [c for c in ('metrics/mAP50(B)', 'metrics/mAP50-95(B)') if c in r]        # ultralytics' validator
-    tv = [c for c in ('val/map50', 'val/map50_95') if c in r]                      # torchvision family: our COCO AP
-    m, who = (m, 'ultralytics') if m else (tv, 'COCO AP of the evaluation, classes with val lesions')
+    m, fam = val_ap_columns(r)
+    who = 'ultralytics' if fam == 'ultralytics' else 'COCO AP of the evaluation, classes with val lesions'
     val = r.dropna(subset=m[:1]).melt('epoch', m, var_name='metric', value_name='value') if m else pd.DataFrame(columns=['epoch', 'metric', 'value'])
     if len(val):
         sns.lineplot(val.assign(metric=val.metric.str.removeprefix('metrics/').str.removeprefix('val/').str.removesuffix('(B)')),

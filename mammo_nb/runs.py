@@ -26,10 +26,19 @@ def run_name(p, model: str) -> str:
 
 def run_dir(p, model: str) -> Path: return version_dir(p) / 'runs' / run_name(p, model)
 
+# a run's results.csv: the val AP columns of each detector family (ultralytics' validator; the evaluation's COCO AP)
+VAL_AP = {'ultralytics': ('metrics/mAP50(B)', 'metrics/mAP50-95(B)'), 'torchvision': ('val/map50', 'val/map50_95')}
+
+def val_ap_columns(results) -> tuple[list[str], str]:
+    "The val AP50 and AP50:95 columns present in a run's `results.csv` table, and the family that wrote them."
+    for fam, cols in VAL_AP.items():
+        if cols[0] in results: return [c for c in cols if c in results], fam
+    return [], ''
+
 def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
     "The run folders `runs`, else those of the recipe's model(s)."
     return [Path(r) for r in runs] if runs else [run_dir(p, m) for m in models(p)]
 
 
 # %% auto #0
-__all__ = ['models', 'run_name', 'run_dir', 'run_dirs']
+__all__ = ['VAL_AP', 'models', 'run_name', 'run_dir', 'val_ap_columns', 'run_dirs']

@@ -29,7 +29,8 @@ from .runs import _NOT_LEARNING, models, run_name, run_dir, run_dirs
 __all__ = ['NegativeSampler', 'class_weights', 'FocalBCE', 'MammoDetectionLoss', 'cpu_threads', 'CPUThreads', 'threaded',
            'MammoTrainer', 'TrainError', 'check_version', 'check_device', 'weights_classes', 'check_classes',
            'write_run_data', 'yolo_args', 'epoch_seconds', 'train_run', 'yolo_train_run', 'train', 'transfer_report',
-           'write_transfer', 'read_transfer', 'scale_transferred', 'weights_record', 'negatives_summary']
+           'write_transfer', 'read_transfer', 'scale_transferred', 'pretrain_file', 'weights_record',
+           'negatives_summary']
 
 # %% ../nbs/07_train.ipynb #73ef8958
 class NegativeSampler(torch.utils.data.Sampler):
@@ -302,8 +303,7 @@ def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -
     self-training version, into `rd` = `<V.dir>/runs/<name>`) with its detector family; returns the run folder."""
     from mammo_nb.detectors import family_of
     V = V or check_version(p)
-    pretrained = str(model).endswith('.pt') and (Path(model).resolve().parent.parent / 'pretrain.json').exists()
-    if not (p.train.reset_head or pretrained): check_classes(model, V.manifest['classes'])   # `mammo pretrain`'s: meant to get a new head
+    if not (p.train.reset_head or pretrain_file(model)): check_classes(model, V.manifest['classes'])   # `mammo pretrain`'s: meant to get a new head
     return family_of(model).train(p, model, V, Path(rd) if rd else run_dir(p, model))
 
 def yolo_train_run(p, model: str, V: Version, rd: Path) -> Path:
@@ -368,12 +368,16 @@ def scale_transferred(opt: torch.optim.Optimizer, model: nn.Module, rep: dict, f
     for g in extra: opt.add_param_group(g)
     return opt
 
+def pretrain_file(weights: str | Path) -> Path | None:
+    "The `pretrain.json` that `mammo pretrain` wrote beside a run's `weights/` folder, if `weights` is one of its files."
+    m = Path(weights).resolve().parent.parent / 'pretrain.json'
+    return m if str(weights).endswith('.pt') and m.exists() else None
+
 def weights_record(f: str | Path) -> dict:
     "A starting weights file: path and SHA-256, and the pretraining manifest (with its hash) when `mammo pretrain` wrote it."
     f = Path(f).resolve()
     rec = dict(file=str(f), sha256=file_sha256(f))
-    m = f.parent.parent / 'pretrain.json'
-    if m.exists():
+    if m := pretrain_file(f):
         man = json.loads(m.read_text())
         rec['pretrain'] = dict(file=str(m), sha256=file_sha256(m), version=man.get('version'),
                                version_manifest_sha256=man.get('manifest_sha256'),
