@@ -20,10 +20,14 @@ from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from .adapters import BENIGN
-from .metrics import _clean, average_precision, bootstrap, choose_threshold, fmt_ci, roc_auc, unit_name
+from .cams import METHODS, cam_energy
+from .errors import TrainError
+from .files import clean_json, file_sha256, to_json
+from .metrics import average_precision, bootstrap, choose_threshold, fmt_ci, roc_auc, unit_name
+from .prepare import SPLITS, Version
+from .runs import RunDir, run_dirs
 from .split import group_keys
-from .prepare import SPLITS, Version, _json, file_sha256
-from .train import TrainError, check_device, check_version, cpu_threads, epoch_seconds, threaded
+from .trainutil import check_device, check_version, cpu_threads, epoch_seconds, threaded, transfer_report
 
 # %% auto #0
 __all__ = ['KIND', 'BACKBONES', 'AUGMENT', 'patch_label', 'lesion_windows', 'normal_windows', 'cls_dir', 'build_cls_dataset',
@@ -149,7 +153,7 @@ def build_cls_dataset(V: Version, c) -> Path:
     man = dict(version=V.manifest['version'], manifest_sha256=file_sha256(V.dir / 'manifest.json'),
                settings=dict(c), classes=sorted(df.label.unique()),
                counts={sp: {k: int(v) for k, v in row.items()} for sp, row in counts.iterrows()})
-    (tmp / 'manifest.json').write_text(_json(man))
+    (tmp / 'manifest.json').write_text(to_json(man))
     shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
     return out
 
@@ -209,9 +213,8 @@ def load_backbone(model, name: str, f: str | Path) -> int:
 def load_detector_backbone(model, f: str | Path) -> dict:
     """Copy a YOLOv8 detector's backbone (e.g. `mammo pretrain`'s weights) into a YOLOv8-cls `model` of the same scale:
     every tensor with the same name and shape (layers 0-8; the detector's SPPF and head and the classifier's `Classify`
-    differ). Returns `train.transfer_report`; `TrainError` naming the file when it is not a detector or nothing fits."""
+    differ). Returns `trainutil.transfer_report`; `TrainError` naming the file when it is not a detector or nothing fits."""
     from ultralytics.nn.tasks import load_checkpoint
-    from mammo_nb.train import transfer_report
     try: det = load_checkpoint(str(f))[0]
     except Exception as e: raise TrainError(f"classify.weights '{f}' is not an ultralytics checkpoint ({type(e).__name__}: {str(e)[:150]})") from None
     if getattr(det, 'task', None) != 'detect': raise TrainError(f"classify.weights '{f}' is a {getattr(det, 'task', '?')} model, not a YOLOv8 detector")
@@ -381,7 +384,7 @@ def binary_metrics(y, s, units, thr: float, n_boot: int = 1000, seed: int = 0, c
         return dict(roc_auc=roc_auc(y, s, w), pr_auc=average_precision(y, s, w) if len(np.unique(y[w > 0])) == 2 else np.nan,
                     prevalence=(w * y).sum() / w.sum() if w.sum() else np.nan,
                     sensitivity=tp / (tp + fn) if tp + fn else np.nan, specificity=tn / (tn + fp) if tn + fp else np.nan)
-    out = _clean(bootstrap(figs, units, n_boot, seed, ci))
+    out = clean_json(bootstrap(figs, units, n_boot, seed, ci))
     out.update(threshold=thr, n=int(len(y)), n_positive=int(y.sum()), n_groups=int(len(np.unique(units))),
                unit=unit_name(units), n_boot=n_boot)
     return out
@@ -399,7 +402,6 @@ def _flat(m: np.ndarray) -> bool: return float(m.max()) <= float(m.min())
 def _energy(m: np.ndarray, boxes) -> dict:
     """The detector explain stage's figures of map `m` for the union of `boxes` (`explain.cam_energy`); a constant map
     has no peak to point with (Grad-CAM is all zero where no location adds evidence: no energy share either)."""
-    from mammo_nb.explain import cam_energy
     if not boxes: return dict(energy_in=np.nan, area_share=np.nan, energy_ratio=np.nan, pointing_hit=None)
     return cam_energy(m, boxes) | (dict(pointing_hit=None) if _flat(m) else {})
 
@@ -420,8 +422,8 @@ def classifier_cams(run: Path, d: Path, V: Version, it: pd.DataFrame, classes: l
     import matplotlib.pyplot as plt
     from ultralytics import YOLO
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    from mammo_nb.explain import METHODS, overlay
-    net = YOLO(str(run / 'weights' / 'best.pt')).model.float().eval()
+    from mammo_nb.explain import overlay
+    net = YOLO(str(RunDir(run).best)).model.float().eval()
     for q in net.parameters(): q.requires_grad_(True)
     layer, pos = backbone_blocks(net)[-1], _positive(classes)
     target = pos[0] if len(pos) == 1 else None
@@ -497,7 +499,7 @@ def load_items(d: Path, V: Version) -> pd.DataFrame:
 
 def item_scores(p, run: Path, d: Path, it: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "The classifier `run` on items `it` of dataset `d`: positive-class score, binary label and top class per item."
-    P = cls_predict(run / 'weights' / 'best.pt', d, it, p.classify.imgsz, check_device(p.train.device), threads=p.train.threads)
+    P = cls_predict(RunDir(run).best, d, it, p.classify.imgsz, check_device(p.train.device), threads=p.train.threads)
     y = (~it.label.eq('normal')) if p.classify.labels == 'binary' else it.label.str.startswith('malignant')
     return P[:, _positive(classes)].sum(1), y.astype(int).to_numpy(), np.array(classes)[P.argmax(1)]
 
@@ -552,18 +554,18 @@ def classify(p, model: str | None = None) -> dict:
     if c.loss != 'ce': learn.update(loss=c.loss, focal_gamma=c.focal_gamma if c.loss == 'focal' else None)   # (ce: the runs before)
     if w: learn['weights_sha256'] = file_sha256(w)
     run = d / 'runs' / f"{Path(model).stem}-{hashlib.sha256(json.dumps([learn, aug], sort_keys=True).encode()).hexdigest()[:8]}"
-    if not (run / 'weights' / 'best.pt').exists():
+    if not (RunDir(run).best).exists():
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.time()
         YOLO(model_file(model, d / 'models')).train(trainer=MammoClsTrainer, data=str(d), imgsz=c.imgsz, epochs=c.epochs, batch=c.batch, lr0=c.lr0,
                             optimizer='SGD', device=device, workers=p.train.workers, seed=c.seed, deterministic=True,
                             project=str(run.parent.resolve()), name=run.name, exist_ok=True, amp=device != 'cpu', plots=False,
                             verbose=False, warmup_epochs=0, patience=c.epochs, **aug)
-        (run / 'train.json').write_text(json.dumps(dict(wall_s=round(time.time() - t0, 1))))
-    y8 = YOLO(str(run / 'weights' / 'best.pt'))
+        RunDir(run).write_record(dict(wall_s=round(time.time() - t0, 1)))
+    y8 = YOLO(str(RunDir(run).best))
     names = y8.names
     classes = [names[i] for i in sorted(names)]
-    tj = json.loads((run / 'train.json').read_text()) if (run / 'train.json').exists() else {}
+    tj = RunDir(run).record
     out = dict(dataset=str(d), run=str(run), model=model, weights=w, loss=c.loss, classes=classes,
                training=dict(epochs=c.epochs, params=sum(x.numel() for x in y8.model.parameters()), wall_s=tj.get('wall_s'), **epoch_seconds(run / 'results.csv')),
                positive=[classes[i] for i in _positive(classes)], task=c.task, labels=c.labels,
@@ -587,23 +589,22 @@ def classify(p, model: str | None = None) -> dict:
         T = classifier_cams(run, d, V, it, classes, s, y, thr, c.imgsz, c.cam_method, c.cams, run / 'cams')
         out['cams'] = dict(split=sp, method=c.cam_method, threshold=thr, per_outcome=c.cams,
                            layer=f"the last backbone block ({T.attrs['layer']})",
-                           summary=_clean(cam_summary(T).reset_index().to_dict('records')))
+                           summary=clean_json(cam_summary(T).reset_index().to_dict('records')))
     out['schedule'] = [json.loads(l) for l in (run / 'schedule.jsonl').read_text().splitlines()] if (run / 'schedule.jsonl').exists() else []
     (run / 'metrics.json').write_text(json.dumps(out, indent=1, default=float))
     return out
 
 def detector_same_images(p, V: Version, it: pd.DataFrame, y: np.ndarray) -> dict | None:
     "The detection run's max-box image score on the same images, scored the same way (None without a scored run)."
-    from mammo_nb.train import run_dirs
     sp = it.split.iloc[0]
-    for rd in ([Path(p.classify.detector_run)] if p.classify.detector_run else run_dirs(p)):
-        f, mj = rd / 'eval' / f'predictions-{sp}.csv', rd / 'eval' / 'metrics.json'
+    for rd in map(RunDir, [p.classify.detector_run] if p.classify.detector_run else run_dirs(p)):
+        f = rd.predictions(sp)
         if not f.exists(): continue
         pred = pd.read_csv(f, dtype={'image_id': str})
         sc = p.evaluate.score_classes or V.manifest['classes']
         top = pred[pred.cls.isin(sc)].groupby('image_id').score.max()
         s = it.image_id.map(top).fillna(0.0).to_numpy()
-        thr = json.loads(mj.read_text()).get('operating_point', {}).get('threshold') if mj.exists() else None
+        thr = (rd.metrics or {}).get('operating_point', {}).get('threshold')
         r = binary_metrics(y, s, it.group, thr if thr is not None else 0.5, p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.ci)
         return dict(run=rd.name, **r)
     return None

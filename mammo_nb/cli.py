@@ -7,13 +7,16 @@ from __future__ import annotations
 import argparse, json, sys, time
 from pathlib import Path
 
-from .params import ParamsError, load_params, validate
+from .errors import MammoError, ParamsError
+from .params import load_params, validate
 from .synth import PRESETS, class_counts, synth_dataset
-from .prepare import PrepareError, dry_run, parse_shard, prepare
-from .pipeline import CHAIN, STAGES, ChainError, run_chain, stage_synth, stage_train, stage_evaluate, stage_explain
+from .prepare import dry_run, parse_shard, prepare
+from .pipeline import CHAIN, STAGES, run_chain, stage_synth, stage_train, stage_evaluate, stage_explain
+from .runs import RunDir, run_dirs
 
 # %% auto #0
-__all__ = ['parser', 'main']
+__all__ = ['COMMANDS', 'parser', 'cmd_synth', 'cmd_prepare', 'cmd_train', 'cmd_evaluate', 'cmd_cv', 'cmd_selftrain',
+           'cmd_pretrain', 'cmd_classify', 'cmd_explain', 'cmd_serve', 'cmd_slurm', 'cmd_screenshot', 'cmd_run', 'main']
 
 # %% ../nbs/90_cli.ipynb #bee659f5
 def parser() -> argparse.ArgumentParser:
@@ -94,152 +97,191 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument('--size', default='1440x900', help='screen WIDTHxHEIGHT in px (default: 1440x900)')
     return ap
 
-def _expected(e: Exception) -> bool:
-    "Errors that are the user's to fix (bad recipe, missing version, no CUDA...): a message, not a traceback."
-    tr = sys.modules.get('mammo_nb.train')        # imported lazily: `mammo synth` should not load torch
-    sl, cv = sys.modules.get('mammo_nb.slurm'), sys.modules.get('mammo_nb.cv')
-    return (isinstance(e, (ParamsError, FileExistsError, PrepareError, ChainError)) or (tr is not None and isinstance(e, tr.TrainError))
-            or (sl is not None and isinstance(e, sl.SlurmError)) or (cv is not None and isinstance(e, cv.CVError)))
+def _show(d: dict):
+    for k, v in d.items(): print(f'{k}: {v}')
+
+def cmd_synth(a) -> int:
+    "A recipe's synthetic set (`--params`, sharded with `--shard`), or a preset's set in a layout (`--out`)."
+    if a.params:
+        sh = parse_shard(a.shard) if a.shard else None
+        r = stage_synth(load_params(a.params), not a.quiet, sh)
+        print(f"synth {r['out']} ({r['layout']}){' shard ' + r['shard'] if sh else ''}: {r['images']} images "
+              f"({'already complete' if r['skipped'] else str(r['seconds']) + ' s'})")
+        return 0
+    if not a.out: raise ParamsError('mammo synth: --out is required without --params')
+    if a.layout != 'vindr':
+        from mammo_nb.synth_layouts import synth_layout
+        r = synth_layout(a.out, a.layout, a.preset, a.seed, a.workers, progress=not a.quiet)
+    else: r = synth_dataset(a.out, a.preset, a.seed, a.workers, progress=not a.quiet)
+    state = 'already complete' if r['skipped'] else f"{r['seconds']:.1f} s"
+    print(f"synth {a.preset} seed={a.seed} layout={a.layout}: {r['n_images']} images in {a.out} ({state})")
+    if 'findings' in r: print(class_counts(r['findings']).to_string())
+    return 0
+
+def cmd_prepare(a) -> int:
+    "The recipe's dataset version (a shard, the merge, or a dry run that writes nothing)."
+    ov = {**({'strict': True} if a.strict else {}), **({'prepare': {'workers': a.workers}} if a.workers else {})}
+    p = load_params(a.params, ov)
+    if a.dry_run:
+        r = dry_run(p)
+        f = r.pop('failures')
+        _show(r)
+        if len(f): print(f.to_string(index=False, max_rows=50))
+        return 1 if len(f) else 0
+    r = prepare(p, shard=a.shard, merge_only=a.merge, progress=not a.quiet)
+    warns = r.pop('warnings', [])
+    _show(r)
+    for w in warns: print(f'WARNING: {w}')
+    return 0
+
+def _train_params(a):
+    ov = {'train': {k: v for k, v in dict(model=getattr(a, 'model', None), epochs=getattr(a, 'epochs', None),
+                                           device=a.device).items() if v is not None}}
+    if getattr(a, 'no_eval', False): ov['train']['evaluate'] = False
+    return load_params(a.params, ov), ov
+
+def _print_runs(res: dict):
+    for name, v in res.items():
+        print(f"== {name} ==")
+        _show(v if isinstance(v, dict) else {'file': v})
+
+def cmd_train(a) -> int:
+    "Train the recipe's model(s), evaluating each unless --no-eval."
+    _print_runs(stage_train(_train_params(a)[0])); return 0
+
+def cmd_evaluate(a) -> int:
+    "Evaluate the recipe's runs, or with --on another recipe's version (external validation)."
+    p, ov = _train_params(a)
+    if not a.on: _print_runs(stage_evaluate(p, a.run)); return 0
+    from mammo_nb.evaluate import evaluate_external, internal_vs_external
+    pairs = [kv for kv in (a.class_map or '').split(',') if kv.strip()]
+    bad = [kv for kv in pairs if '=' not in kv]
+    if bad: raise ParamsError(f"--class-map takes RUN=OTHER pairs separated by commas, got {bad[0]!r}")
+    cmap = dict((k.strip(), v.strip()) for k, v in (kv.split('=', 1) for kv in pairs)) or None
+    q = load_params(a.on, ov)
+    for rd in run_dirs(p, a.run):
+        x = evaluate_external(p, rd, q, a.split, cmap, a.allow_overlap)
+        al = x['class_alignment']
+        print(f"== {rd.name} on {x['scored_on']} ({x['split']}) ==")
+        print(f"scored classes: {al['scored']}")
+        if al['not_scorable']: print(f"not scorable (absent from {x['scored_on']}): {al['not_scorable']}")
+        if x['overlap']['images'] or x['overlap']['patients']:
+            print(f"overlap (allowed): {x['overlap']['images']} images, {x['overlap']['patients']} patients")
+        print(internal_vs_external(rd).to_string())
+        print(f"file: {RunDir(rd).eval_dir / 'external' / x['scored_on'] / 'metrics.json'}")
+    return 0
+
+def cmd_cv(a) -> int:
+    "Patient-level K-fold cross-validation: every fold (or one, --fold), then the pooled figures (or only them, --merge)."
+    from mammo_nb.cv import cross_validate, cv_root, ensemble_table, fold_summary, fold_table
+    ov = {**({'split': {'folds': a.folds}} if a.folds else {}), **({'train': {'device': a.device}} if a.device else {})}
+    p = load_params(a.params, ov)
+    for model, r in cross_validate(p, a.fold, a.merge).items():
+        if not isinstance(r, dict): print(f"fold {a.fold} of {p.split.folds}, {model}: {r}"); continue
+        print(f"== {model}: {r['folds']} folds of {r['version']} ==")
+        print(fold_table(r).round(3).to_string()); print(fold_summary(r).to_string())
+        if r['ensemble']: print('test:'); print(ensemble_table(r).to_string())
+        print(f"operating point {r['operating_point']['threshold']:.4f} ({r['operating_point']['chosen_on']})")
+        print(f"file: {cv_root(p) / r['run'] / 'cv.json'}")
+    return 0
+
+def cmd_selftrain(a) -> int:
+    "Teacher and pseudo-label rounds, one row per round."
+    from mammo_nb.selftrain import rounds_table
+    ov = {'selftrain': {'rounds': a.rounds}} if a.rounds is not None else {}
+    if a.device: ov['train'] = {'device': a.device}
+    S = STAGES['selftrain'](load_params(a.params, ov))
+    print(f"self-training {S['id']} on {S['base_version']}: {S['dir']}")
+    print(rounds_table(S).to_string())
+    print(f"best round: {S['best_round']} ({S['rule']})")
+    return 0
+
+def cmd_pretrain(a) -> int:
+    "Pretraining on the recipe's synthetic set; where its weights are and how to fine-tune from them."
+    from mammo_nb.pretrain import pretrain
+    for rd in pretrain(load_params(a.params)):
+        m, best = json.loads((rd / 'pretrain.json').read_text()), RunDir(rd).best
+        print(f"run {rd}\nversion {m['version']} ({sum(m['images'].values())} images), {m['epochs_done']} epochs, "
+              f"{m['s_per_epoch']} s/epoch, last val {m['last_val']}")
+        print(f"weights {best} (sha256 {m['weights']['best.pt']['sha256'][:12]}...)")
+        print(f"fine-tune: train.model: {best} (a new head for the recipe's classes)")
+    return 0
+
+def cmd_classify(a) -> int:
+    "The recipe's classifier(s), or with --on their external validation."
+    from mammo_nb.classify import classify_all, classify_external, cls_models, compare_classifiers, metrics_table
+    from mammo_nb.metrics import fmt_ci
+    p = load_params(a.params)
+    if a.on:
+        for model in cls_models(p.classify):
+            x = classify_external(p, load_params(a.on), a.split, a.allow_overlap, model)
+            it, tt = x['splits'][a.split]['items'], (x['internal_test'] or {}).get('items', {})
+            print(f"classifier {x['run']} ({x['trained_on']}) on {x['scored_on']} ({a.split}); threshold {x['threshold']['value']:.4f} from {x['threshold']['chosen_on']}")
+            if x['without_items']: print(f"classes without items in {x['scored_on']}: {x['without_items']}")
+            for k in ('roc_auc', 'pr_auc', 'sensitivity', 'specificity'):
+                print(f"{k}: internal test {fmt_ci(tt.get(k))} | external {fmt_ci(it.get(k))}")
+            print(f"file: {Path(x['run']) / 'external' / x['scored_on'] / 'metrics.json'}")
+        return 0
+    ms = classify_all(p)
+    for m in ms:
+        print(f"dataset {m['dataset']}\nrun {m['run']}\nclasses {m['classes']} (positive: {m['positive']})")
+        print(metrics_table(m).to_string())
+    if len(ms) > 1:
+        print(f"comparison ({Path(ms[0]['dataset']) / 'runs'}/comparison-<split>.csv):")
+        print(compare_classifiers(ms, 'test' if 'test' in ms[0]['splits'] else 'val').to_string())
+    return 0
+
+def cmd_explain(a) -> int:
+    "CAM galleries and the energy table of the recipe's runs."
+    _print_runs(stage_explain(load_params(a.params), a.run)); return 0
+
+def cmd_serve(a) -> int:
+    "The API and web page of a trained run."
+    from mammo_nb.serve import serve
+    p = load_params(a.params) if a.params else validate({'name': 'serve'})
+    s = p.serve
+    serve(a.run, a.host or s.host, a.port or s.port, max_upload_mb=s.max_upload_mb, device=str(s.device), conf=s.conf,
+          layers=tuple(p.explain.layers), threads=p.train.threads)
+    return 0
+
+def cmd_slurm(a) -> int:
+    "The chain as dependent Slurm jobs (written, and submitted with --submit)."
+    from mammo_nb.slurm import write_scripts, submit
+    d = write_scripts(a.params, a.out)
+    print(f"scripts: {d}")
+    for f in sorted(d.glob('*.sbatch')): print(f"  {f.name}")
+    if a.submit:
+        for name, jid in submit(d).items(): print(f"{name}: {jid}")
+    else: print(f"submit with: bash {d / 'submit.sh'}  (or mammo slurm {a.params} --submit)")
+    return 0
+
+def cmd_screenshot(a) -> int:
+    "A PNG of a report's first screen."
+    from mammo_nb.report import screenshot
+    try: print(f"screenshot: {screenshot(a.report, a.out, a.size)}")
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"mammo screenshot: error: {e}", file=sys.stderr); return 2
+    return 0
+
+def cmd_run(a) -> int:
+    "The chain's notebooks, into `reports/`; the stages' states and the headline figures."
+    rec = run_chain(a.params, a.stages.split(',') if a.stages else None, a.from_stage, a.out, a.force)
+    for s in rec['stages']: print(f"{s['stage']}: {s['status']}  {s.get('report') or ''}")
+    print(f"index: {Path(a.out) / rec['version'] / 'index.html'}")
+    for run, h in rec['headline'].items():
+        print(f"== {run} ==")
+        _show(h)
+    return 0
+
+COMMANDS = {'synth': cmd_synth, 'prepare': cmd_prepare, 'train': cmd_train, 'evaluate': cmd_evaluate, 'cv': cmd_cv,
+            'selftrain': cmd_selftrain, 'pretrain': cmd_pretrain, 'classify': cmd_classify, 'explain': cmd_explain,
+            'serve': cmd_serve, 'slurm': cmd_slurm, 'screenshot': cmd_screenshot, 'run': cmd_run}
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `mammo` command."
+    """Entry point of the `mammo` command: the subcommand's function. Errors that are the user's to fix (a
+    `MammoError`: bad recipe, missing version, no CUDA...) print a message, not a traceback, and exit 2."""
     a = parser().parse_args(argv)
-    try:
-        if a.cmd == 'synth' and a.params:
-            sh = parse_shard(a.shard) if a.shard else None
-            r = stage_synth(load_params(a.params), not a.quiet, sh)
-            print(f"synth {r['out']} ({r['layout']}){' shard ' + r['shard'] if sh else ''}: {r['images']} images "
-                  f"({'already complete' if r['skipped'] else str(r['seconds']) + ' s'})")
-        elif a.cmd == 'synth':
-            if not a.out: raise ParamsError('mammo synth: --out is required without --params')
-            if a.layout != 'vindr':
-                from mammo_nb.synth_layouts import synth_layout
-                r = synth_layout(a.out, a.layout, a.preset, a.seed, a.workers, progress=not a.quiet)
-            else: r = synth_dataset(a.out, a.preset, a.seed, a.workers, progress=not a.quiet)
-            state = 'already complete' if r['skipped'] else f"{r['seconds']:.1f} s"
-            print(f"synth {a.preset} seed={a.seed} layout={a.layout}: {r['n_images']} images in {a.out} ({state})")
-            if 'findings' in r: print(class_counts(r['findings']).to_string())
-        elif a.cmd == 'prepare':
-            ov = {**({'strict': True} if a.strict else {}), **({'prepare': {'workers': a.workers}} if a.workers else {})}
-            p = load_params(a.params, ov)
-            if a.dry_run:
-                r = dry_run(p)
-                f = r.pop('failures')
-                for k, v in r.items(): print(f'{k}: {v}')
-                if len(f): print(f.to_string(index=False, max_rows=50))
-                return 1 if len(f) else 0
-            r = prepare(p, shard=a.shard, merge_only=a.merge, progress=not a.quiet)
-            warns = r.pop('warnings', [])
-            for k, v in r.items(): print(f'{k}: {v}')
-            for w in warns: print(f'WARNING: {w}')
-        elif a.cmd in ('train', 'evaluate'):
-            ov = {'train': {k: v for k, v in dict(model=getattr(a, 'model', None), epochs=getattr(a, 'epochs', None),
-                                                   device=a.device).items() if v is not None}}
-            if getattr(a, 'no_eval', False): ov['train']['evaluate'] = False
-            p = load_params(a.params, ov)
-            if a.cmd == 'evaluate' and a.on:
-                from mammo_nb.evaluate import evaluate_external, internal_vs_external
-                from mammo_nb.train import run_dirs
-                pairs = [kv for kv in (a.class_map or '').split(',') if kv.strip()]
-                bad = [kv for kv in pairs if '=' not in kv]
-                if bad: raise ParamsError(f"--class-map takes RUN=OTHER pairs separated by commas, got {bad[0]!r}")
-                cmap = dict((k.strip(), v.strip()) for k, v in (kv.split('=', 1) for kv in pairs)) or None
-                q = load_params(a.on, ov)
-                for rd in run_dirs(p, a.run):
-                    x = evaluate_external(p, rd, q, a.split, cmap, a.allow_overlap)
-                    al = x['class_alignment']
-                    print(f"== {rd.name} on {x['scored_on']} ({x['split']}) ==")
-                    print(f"scored classes: {al['scored']}")
-                    if al['not_scorable']: print(f"not scorable (absent from {x['scored_on']}): {al['not_scorable']}")
-                    if x['overlap']['images'] or x['overlap']['patients']:
-                        print(f"overlap (allowed): {x['overlap']['images']} images, {x['overlap']['patients']} patients")
-                    print(internal_vs_external(rd).to_string())
-                    print(f"file: {rd / 'eval' / 'external' / x['scored_on'] / 'metrics.json'}")
-                return 0
-            res = stage_train(p) if a.cmd == 'train' else stage_evaluate(p, a.run)
-            for name, v in res.items():
-                print(f"== {name} ==")
-                for k, x in (v.items() if isinstance(v, dict) else [('file', v)]): print(f"{k}: {x}")
-        elif a.cmd == 'cv':
-            from mammo_nb.cv import cross_validate, cv_root, ensemble_table, fold_summary, fold_table
-            ov = {**({'split': {'folds': a.folds}} if a.folds else {}), **({'train': {'device': a.device}} if a.device else {})}
-            p = load_params(a.params, ov)
-            for model, r in cross_validate(p, a.fold, a.merge).items():
-                if not isinstance(r, dict): print(f"fold {a.fold} of {p.split.folds}, {model}: {r}"); continue
-                print(f"== {model}: {r['folds']} folds of {r['version']} ==")
-                print(fold_table(r).round(3).to_string()); print(fold_summary(r).to_string())
-                if r['ensemble']: print('test:'); print(ensemble_table(r).to_string())
-                print(f"operating point {r['operating_point']['threshold']:.4f} ({r['operating_point']['chosen_on']})")
-                print(f"file: {cv_root(p) / r['run'] / 'cv.json'}")
-        elif a.cmd == 'selftrain':
-            from mammo_nb.selftrain import rounds_table
-            ov = {'selftrain': {'rounds': a.rounds}} if a.rounds is not None else {}
-            if a.device: ov['train'] = {'device': a.device}
-            S = STAGES['selftrain'](load_params(a.params, ov))
-            print(f"self-training {S['id']} on {S['base_version']}: {S['dir']}")
-            print(rounds_table(S).to_string())
-            print(f"best round: {S['best_round']} ({S['rule']})")
-        elif a.cmd == 'pretrain':
-            from mammo_nb.pretrain import pretrain
-            for rd in pretrain(load_params(a.params)):
-                m = json.loads((rd / 'pretrain.json').read_text())
-                print(f"run {rd}\nversion {m['version']} ({sum(m['images'].values())} images), {m['epochs_done']} epochs, "
-                      f"{m['s_per_epoch']} s/epoch, last val {m['last_val']}")
-                print(f"weights {rd / 'weights' / 'best.pt'} (sha256 {m['weights']['best.pt']['sha256'][:12]}...)")
-                print(f"fine-tune: train.model: {rd / 'weights' / 'best.pt'} (a new head for the recipe's classes)")
-        elif a.cmd == 'classify':
-            from mammo_nb.classify import classify_all, classify_external, cls_models, compare_classifiers, metrics_table
-            from mammo_nb.metrics import fmt_ci
-            p = load_params(a.params)
-            if a.on:
-                for model in cls_models(p.classify):
-                    x = classify_external(p, load_params(a.on), a.split, a.allow_overlap, model)
-                    it, tt = x['splits'][a.split]['items'], (x['internal_test'] or {}).get('items', {})
-                    print(f"classifier {x['run']} ({x['trained_on']}) on {x['scored_on']} ({a.split}); threshold {x['threshold']['value']:.4f} from {x['threshold']['chosen_on']}")
-                    if x['without_items']: print(f"classes without items in {x['scored_on']}: {x['without_items']}")
-                    for k in ('roc_auc', 'pr_auc', 'sensitivity', 'specificity'):
-                        print(f"{k}: internal test {fmt_ci(tt.get(k))} | external {fmt_ci(it.get(k))}")
-                    print(f"file: {Path(x['run']) / 'external' / x['scored_on'] / 'metrics.json'}")
-                return 0
-            ms = classify_all(p)
-            for m in ms:
-                print(f"dataset {m['dataset']}\nrun {m['run']}\nclasses {m['classes']} (positive: {m['positive']})")
-                print(metrics_table(m).to_string())
-            if len(ms) > 1:
-                print(f"comparison ({Path(ms[0]['dataset']) / 'runs'}/comparison-<split>.csv):")
-                print(compare_classifiers(ms, 'test' if 'test' in ms[0]['splits'] else 'val').to_string())
-        elif a.cmd == 'explain':
-            for name, r in stage_explain(load_params(a.params), a.run).items():
-                print(f"== {name} ==")
-                for k, v in r.items(): print(f"{k}: {v}")
-        elif a.cmd == 'serve':
-            from mammo_nb.serve import serve
-            p = load_params(a.params) if a.params else validate({'name': 'serve'})
-            s = p.serve
-            serve(a.run, a.host or s.host, a.port or s.port, max_upload_mb=s.max_upload_mb, device=str(s.device), conf=s.conf,
-                  layers=tuple(p.explain.layers), threads=p.train.threads)
-        elif a.cmd == 'slurm':
-            from mammo_nb.slurm import write_scripts, submit
-            d = write_scripts(a.params, a.out)
-            print(f"scripts: {d}")
-            for f in sorted(d.glob('*.sbatch')): print(f"  {f.name}")
-            if a.submit:
-                for name, jid in submit(d).items(): print(f"{name}: {jid}")
-            else: print(f"submit with: bash {d / 'submit.sh'}  (or mammo slurm {a.params} --submit)")
-        elif a.cmd == 'screenshot':
-            from mammo_nb.report import screenshot
-            try: print(f"screenshot: {screenshot(a.report, a.out, a.size)}")
-            except (FileNotFoundError, RuntimeError, ValueError) as e:
-                print(f"mammo screenshot: error: {e}", file=sys.stderr); return 2
-        elif a.cmd == 'run':
-            rec = run_chain(a.params, a.stages.split(',') if a.stages else None, a.from_stage, a.out, a.force)
-            for s in rec['stages']: print(f"{s['stage']}: {s['status']}  {s.get('report') or ''}")
-            print(f"index: {Path(a.out) / rec['version'] / 'index.html'}")
-            for run, h in rec['headline'].items():
-                print(f"== {run} ==")
-                for k, v in h.items(): print(f"{k}: {v}")
-    except Exception as e:
-        if not _expected(e): raise
+    try: return COMMANDS[a.cmd](a)
+    except (MammoError, FileExistsError) as e:
         print(f"mammo {a.cmd}: error: {e}", file=sys.stderr)
         return 2
-    return 0

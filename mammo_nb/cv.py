@@ -10,20 +10,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .annotations import coco
-from .metrics import BOX, Scored, _clean, bootstrap, choose_threshold, conventions, fmt_ci, nest, unit_name
-from .prepare import IMAGE_OUT, Version, _counts, _json, _write, file_sha256, load_version, version_dir
+from .errors import CVError
+from .evaluate import evaluate_run
+from .families import val_ap_columns
+from .files import atomic_write, clean_json, file_sha256
+from .metrics import BOX, Scored, bootstrap, choose_threshold, conventions, fmt_ci, nest, unit_name
+from .prepare import SPLITS, Version, derive_version, load_version, version_counts, version_dir
+from .runs import RunDir, models, run_name
 from .split import assert_no_leakage, group_keys, in_path_order, iterative_stratification, label_counts
+from .train import train_run
+from .trainutil import check_version
 
 # %% auto #0
-__all__ = ['CVError', 'assign_folds', 'check_folds', 'cv_root', 'fold_version', 'fold_params', 'folds_table', 'fold_run',
-           'fuse_boxes', 'pool_folds', 'cross_validate', 'fold_counts', 'fold_table', 'fold_summary', 'ensemble_table',
+__all__ = ['assign_folds', 'check_folds', 'cv_root', 'fold_version', 'fold_params', 'folds_table', 'fold_run', 'fuse_boxes',
+           'pool_folds', 'cross_validate', 'fold_counts', 'fold_table', 'fold_summary', 'ensemble_table',
            'plot_froc_bands', 'compare_models', 'learning_curves', 'plot_learning_curves']
 
 # %% ../nbs/15_cv.ipynb #da5340cb
-class CVError(RuntimeError):
-    "Cross-validation cannot start or pool (too few groups, folds not trained yet); the message says what to do."
-
 def assign_folds(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], k: int, seed: int = 0) -> pd.Series:
     """Fold 0..`k`-1 of every image outside the test split (-1 for test images), indexed like `images`: whole groups,
     dealt by iterative stratification of their label counts (classes, No-Finding, malignancy), sizes in images."""
@@ -53,38 +56,21 @@ def cv_root(p) -> Path:
 def fold_version(V: Version, fold: pd.Series, k: int, out: Path, seed: int = 0) -> Version:
     """Write fold `k` of `fold`'s folds as a dataset version derived from `V` at `out`: val = fold `k`, train = the
     other folds, test = `V`'s; `V`'s PNGs through a link; labels, lists, COCO JSON and a manifest of its own."""
-    out, K = Path(out), int(fold.max()) + 1
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / 'images').exists(): os.symlink(os.path.relpath(V.dir / 'images', out), out / 'images')
-    f = fold.to_numpy()
+    K, f = int(fold.max()) + 1, fold.to_numpy()
     im = V.images.copy()
     im['split'] = np.where(f == -1, 'test', np.where(f == k, 'val', 'train'))
     bx = V.boxes.assign(split=V.boxes.image_id.map(im.set_index('image_id').split))
-    classes, shas = V.manifest['classes'], {}
-    for sp in ('train', 'val', 'test'):
-        use = im[(im.split == sp) & im.role.isin(['positive', 'negative'])]
-        for r in use.itertuples():
-            rel = f'labels/{r.study_id}/{r.image_id}.txt'
-            _write(out, rel, (V.dir / rel).read_text(), shas)
-        _write(out, f'{sp}.txt', ''.join(f'./{x}\n' for x in use.png), shas)
-        _write(out, f'annotations/{sp}.json', _json(coco(use, bx[bx.split == sp], classes)), shas)
-    _write(out, 'images.csv', im[IMAGE_OUT].to_csv(index=False), shas)
-    _write(out, 'boxes.csv', bx.to_csv(index=False, float_format='%.3f'), shas)
-    for rel in ('failures.csv', 'data.yaml'): _write(out, rel, (V.dir / rel).read_text(), shas)
-    g = group_keys(im)
+    classes, g = V.manifest['classes'], group_keys(im)
     sizes = {str(j): dict(images=int((f == j).sum()), groups=int(g[f == j].nunique())) for j in range(K)}
     man = {**{x: V.manifest[x] for x in ('name', 'classes', 'clahe', 'negative_sampling_seed', 'pseudonym_key_fingerprint',
                                           'decode', 'code', 'failures') if x in V.manifest},
            'version': f"{V.manifest['version']}-k{K}f{k}",
-           'derived_from': dict(version=V.manifest['version'], manifest_sha256=file_sha256(V.dir / 'manifest.json'),
-                                dir=os.path.relpath(V.dir, out)),
            'cv': dict(folds=K, fold=k, seed=seed, sizes=sizes,
                       rule="the parent's non-test groups dealt into folds by iterative stratification (classes, "
                            "No-Finding, malignancy), sizes in images; val = this fold, train = the others, test = the parent's"),
-           'split': dict(V.manifest['split'], folds=K, fold=k), 'counts': _counts(im, bx, classes),
-           'files': dict(sorted(shas.items()))}
-    (out / 'manifest.json').write_text(_json(man))
-    return load_version(out)
+           'split': dict(V.manifest['split'], folds=K, fold=k), 'counts': version_counts(im, bx, classes)}
+    lists = {sp: im[(im.split == sp) & im.role.isin(['positive', 'negative'])] for sp in SPLITS}
+    return derive_version(V, out, im, bx, lists, man, coco_classes=classes)
 
 # %% ../nbs/15_cv.ipynb #7cbdc267
 def fold_params(p, V: Version):
@@ -105,13 +91,10 @@ def folds_table(p, V: Version) -> pd.DataFrame:
 def fold_run(p, model: str, k: int, V: Version | None = None, t: pd.DataFrame | None = None, progress: bool = True) -> Path:
     """Write fold `k`'s version (from the folds table `t`, else dealt here), then train (resume, or find finished) and
     evaluate `model` on it; returns the run folder."""
-    from mammo_nb.train import check_version, run_name, train_run
-    from mammo_nb.evaluate import evaluate_run
     V = V or check_version(p)
     t = folds_table(p, V) if t is None else t
     root = cv_root(p); root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f'.folds.csv.{os.getpid()}'
-    t.to_csv(tmp, index=False); os.replace(tmp, root / 'folds.csv')      # the same bytes from every array task
+    atomic_write(root / 'folds.csv', t.to_csv(index=False))             # the same bytes from every array task
     Vk = fold_version(V, pd.Series(t.fold.values, index=V.images.index), k, root / f'fold{k}', p.split.seed)
     q = fold_params(p, Vk)
     rd = train_run(q, model, Vk, Vk.dir / 'runs' / run_name(p, model))
@@ -154,7 +137,7 @@ def _scored(p, images, boxes, pred, classes, thr=None, oof: bool = False, progre
     return S, nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress), S)
 
 def _fold_row(k: int, Vk: Version, rd: Path) -> dict:
-    m, tj = (json.loads((rd / f).read_text()) for f in ('eval/metrics.json', 'train.json'))
+    m, tj = RunDir(rd).metrics, RunDir(rd).record
     s = m['splits']['val']
     return dict(fold=k, version=Vk.manifest['version'], run=str(rd), images=s['n_images'], groups=s['n_groups'],
                 lesions=s['all_lesions']['n_gt'], train_s=tj['wall_s'], epochs=tj['epochs_done'], val=s,
@@ -163,12 +146,11 @@ def _fold_row(k: int, Vk: Version, rd: Path) -> dict:
 def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None = None, progress: bool = True) -> dict:
     """The pooled out-of-fold figures, the per-fold table and the fold ensemble on test of `model`'s K fold runs
     (every fold trained and evaluated: `fold_run`); written to `<cv root>/<run name>/cv.json` and returned."""
-    from mammo_nb.train import check_version, run_name, _done
     V = V or check_version(p)
     root, K, name, e = cv_root(p), p.split.folds, run_name(p, model), p.evaluate
     t, msha = folds_table(p, V) if t is None else t, file_sha256(V.dir / 'manifest.json')
-    rds = [root / f'fold{k}' / 'runs' / name for k in range(K)]
-    todo = [k for k, rd in enumerate(rds) if not (_done(rd) and (rd / 'eval' / 'metrics.json').exists())]
+    rds = [RunDir(root / f'fold{k}' / 'runs' / name) for k in range(K)]
+    todo = [k for k, rd in enumerate(rds) if not (rd.done and rd.metrics_file.exists())]
     if todo: raise CVError(f"fold(s) {todo} of {K} not trained and evaluated yet: `mammo cv <recipe> --fold k` for each, or `mammo cv <recipe>` for all")
     Vks = [load_version(root / f'fold{k}') for k in range(K)]
     for k, Vk in enumerate(Vks):        # each fold version is the fold of this parent (not a stale one)
@@ -177,7 +159,7 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
             raise CVError(f"fold {k} at {Vk.dir} was made from another version or other folds: run `mammo cv <recipe>` again")
     classes, out = V.manifest['classes'], root / name
     out.mkdir(parents=True, exist_ok=True)
-    oof = pd.concat([pd.read_csv(rd / 'eval' / 'predictions-val.csv', dtype={'image_id': str}).assign(fold=k)
+    oof = pd.concat([pd.read_csv(rd.predictions('val'), dtype={'image_id': str}).assign(fold=k)
                      for k, rd in enumerate(rds)], ignore_index=True)
     fold_of = t.set_index('image_id').fold
     if (oof.image_id.map(fold_of) != oof.fold).any():
@@ -190,7 +172,7 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
     te = V.images[V.images.split == 'test']
     if len(te):
         gt = V.boxes[V.boxes.image_id.isin(te.image_id)]
-        preds = [pd.read_csv(rd / 'eval' / 'predictions-test.csv', dtype={'image_id': str}) for rd in rds]
+        preds = [pd.read_csv(rd.predictions('test'), dtype={'image_id': str}) for rd in rds]
         iou = p.cv.wbf_iou if p.cv.wbf_iou is not None else e.iou
         fused = fuse_boxes(preds, te, classes, iou, p.cv.wbf_conf_type, e.max_det)
         fused.to_csv(out / 'ensemble-test-predictions.csv', index=False)
@@ -202,8 +184,8 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
     conv['oof'] = ("fold k's model scores fold k's images only; the K folds' val predictions are concatenated and scored "
                    "as one split (scores of different models pooled as they are); the bootstrap resamples the pooled "
                    "set's patients, the unit the folds were made of")
-    res = _clean(dict(version=V.manifest['version'], manifest_sha256=msha, model=model, run=name,
-                      folds=K, seed=p.split.seed, fold_rows=[_fold_row(k, Vk, rd) for k, (Vk, rd) in enumerate(zip(Vks, rds))],
+    res = clean_json(dict(version=V.manifest['version'], manifest_sha256=msha, model=model, run=name,
+                      folds=K, seed=p.split.seed, fold_rows=[_fold_row(k, Vk, rd.dir) for k, (Vk, rd) in enumerate(zip(Vks, rds))],
                       operating_point=dict(threshold=thr, chosen_on='pooled out-of-fold predictions',
                                            rule='Youden J' if e.target_sensitivity is None else f'sensitivity >= {e.target_sensitivity}'),
                       splits=splits, ensemble=ens, conventions=conv, bootstrap=conv['bootstrap'], evaluate=dict(e)))
@@ -213,7 +195,6 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
 def cross_validate(p, fold: int | None = None, merge_only: bool = False, progress: bool = True) -> dict:
     """`mammo cv`: for each model of the recipe, train and evaluate every fold (or only `fold`, a Slurm array task),
     then pool them (unless only one fold was asked for); `merge_only` pools finished folds. {model: cv.json or run}."""
-    from mammo_nb.train import check_version, models
     V, out = check_version(p), {}
     if fold is not None and not 0 <= fold < p.split.folds: raise CVError(f"--fold {fold}: the recipe has folds 0..{p.split.folds - 1}")
     t = folds_table(p, V)                                         # dealt once for every fold and model
@@ -267,7 +248,7 @@ def ensemble_table(cv: dict) -> pd.DataFrame:
 def plot_froc_bands(cv: dict, ax=None, split: str = 'oof'):
     "FROC of `split` (pooled OOF by default) at the recipe's false-positive rates with the bootstrap interval as a band, per class with lesions and all lesions."
     import matplotlib.pyplot as plt
-    from mammo_nb.report import froc_band
+    from mammo_nb.plots import froc_band
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     s = cv['splits'][split]
     curves = {c: d['froc'] for c, d in s['per_class'].items() if d['n_gt'] > 0}
@@ -302,10 +283,9 @@ def compare_models(cvs: dict[str, dict]) -> pd.DataFrame:
 
 def learning_curves(p, model: str) -> pd.DataFrame:
     "Val AP50 of each fold run of `model` at each validated epoch (rows), the folds' mean last."
-    from mammo_nb.runs import run_name, val_ap_columns
     root, name, cols = cv_root(p), run_name(p, model), {}
     for k in range(p.split.folds):
-        r = pd.read_csv(root / f'fold{k}' / 'runs' / name / 'results.csv', skipinitialspace=True)
+        r = pd.read_csv(RunDir(root / f'fold{k}' / 'runs' / name).results, skipinitialspace=True)
         cols[f'fold {k}'] = r.set_index('epoch')[val_ap_columns(r)[0][0]]
     t = pd.DataFrame(cols).dropna(how='all')
     return t.assign(mean=t.mean(axis=1))

@@ -4,56 +4,27 @@
 
 # %% ../nbs/08a_evaluate.ipynb #fb069291
 from __future__ import annotations
-import hashlib, json
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from .errors import TrainError
+from .families import family_of_weights
+from .files import clean_json, file_sha256
 from .metrics import (BOX, SCORING, Scored, bootstrap, choose_threshold, conventions, fmt_ci, nest, sens_spec,
-                              unit_name, _clean)
+                              unit_name)
+from .runs import RunDir
 from .split import group_keys
+from .train import check_classes
+from .trainutil import check_device, check_version
 
 # %% auto #0
-__all__ = ['MultiLabelPredictor', 'MammoValidator', 'predict', 'yolo_predict', 'ultralytics_val', 'plot_froc', 'plot_roc',
-           'save_froc_roc', 'evaluate_run', 'compare_runs', 'class_alignment', 'check_external', 'version_overlap',
-           'evaluate_external', 'external_runs', 'internal_vs_external', 'show_predictions']
-
-# %% ../nbs/08a_evaluate.ipynb #aa7f5823
-from contextlib import contextmanager
-from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidator
-from ultralytics.utils import nms, ops
-
-from .train import CPUThreads, threaded
-
-class MultiLabelPredictor(CPUThreads, DetectionPredictor):
-    "DetectionPredictor with multi-label NMS (every class above `conf` on a box), as ultralytics' validator does."
-    def postprocess(self, preds, img, orig_imgs, **kwargs):
-        preds = nms.non_max_suppression(preds, self.args.conf, self.args.iou, self.args.classes, self.args.agnostic_nms,
-                                        max_det=self.args.max_det, multi_label=True,
-                                        end2end=getattr(self.model, 'end2end', False))
-        if not isinstance(orig_imgs, list): orig_imgs = ops.convert_torch2numpy_batch(orig_imgs)[..., ::-1]
-        return self.construct_results(preds, img, orig_imgs, **kwargs)
-
-class MammoValidator(CPUThreads, DetectionValidator):
-    """DetectionValidator that always counts its confusion matrix but draws its figures (PR/F1/P/R curves,
-    confusion-matrix plots, batch mosaics) only when `figures` (`evaluate.plots`). ultralytics ties both to
-    `args.plots`: with `plots=False` the matrix would come back all zeros. The figures cost ~3.4 s per split."""
-    figures: bool = True
-    @contextmanager
-    def _drawing(self):
-        plots = self.args.plots; self.args.plots = plots and self.figures
-        try: yield
-        finally: self.args.plots = plots
-    def plot_val_samples(self, *a, **kw):
-        if self.figures: super().plot_val_samples(*a, **kw)
-    def plot_predictions(self, *a, **kw):
-        if self.figures: super().plot_predictions(*a, **kw)
-    def finalize_metrics(self):
-        with self._drawing(): super().finalize_metrics()
-    def get_stats(self):
-        with self._drawing(): return super().get_stats()
+__all__ = ['predict', 'plot_froc', 'plot_roc', 'save_froc_roc', 'evaluate_run', 'compare_runs', 'class_alignment',
+           'check_external', 'version_overlap', 'evaluate_external', 'external_runs', 'internal_vs_external',
+           'show_predictions']
 
 # %% ../nbs/08a_evaluate.ipynb #df54a90b
 def predict(weights, V, split: str, imgsz: int, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
@@ -61,43 +32,9 @@ def predict(weights, V, split: str, imgsz: int, conf: float = 0.001, iou: float 
             threads: int | None = None) -> pd.DataFrame:
     """Boxes (PNG pixels) of `weights`, of any detector family, on every image of `split` (image-level-only images
     included), or on the rows `ims`: the predictions CSV's rows."""
-    from mammo_nb.detectors import family_of_weights
     ims = V.images[V.images.split == split] if ims is None else ims
     return family_of_weights(weights).predict(weights, V, ims, imgsz, conf, iou, max_det, batch, device, progress, threads,
                                               desc=f'predict {split}')
-
-def yolo_predict(weights, V, ims: pd.DataFrame, imgsz: int, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
-                 batch: int = 16, device: str = 'cpu', progress: bool = True, threads: int | None = None,
-                 desc: str = 'predict') -> pd.DataFrame:
-    "`predict` of the ultralytics family: multi-label NMS as its validator's."
-    from ultralytics import YOLO
-    from tqdm import tqdm
-    model = YOLO(str(weights))
-    names = model.names
-    rows = []
-    for i in tqdm(range(0, len(ims), batch), desc=desc, disable=not progress, mininterval=5):
-        chunk = ims.iloc[i:i + batch]
-        res = model.predict([str(V.dir / f) for f in chunk.png], imgsz=imgsz, conf=conf, iou=iou, max_det=max_det,
-                            device=device, verbose=False, predictor=threaded(MultiLabelPredictor, threads))
-        for iid, r in zip(chunk.image_id, res):
-            b = r.boxes
-            for (x0, y0, x1, y1), c, s in zip(b.xyxy.tolist(), b.cls.int().tolist(), b.conf.tolist()):
-                rows.append((iid, names[c], c, round(s, 5), round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)))
-    return pd.DataFrame(rows, columns=['image_id', 'cls', 'class_id', 'score'] + BOX)
-
-def ultralytics_val(weights, data_yaml, split, out: Path, imgsz, p, device='cpu') -> dict:
-    "ultralytics' validator on `split`: per-class AP50 and AP50-95, confusion matrix; its figures (`evaluate.plots`) go to `out`."
-    from ultralytics import YOLO
-    e = p.evaluate
-    validator = type('MammoValidator', (threaded(MammoValidator, p.train.threads),), dict(figures=e.plots))
-    m = YOLO(str(weights)).val(validator=validator, data=str(data_yaml), split=split, imgsz=imgsz, batch=e.batch, conf=e.conf, iou=e.iou,
-                               max_det=e.max_det, device=device, plots=True, project=str(out.parent.resolve()),
-                               name=out.name, exist_ok=True, verbose=False)
-    per = {m.names[int(c)]: dict(ap50=float(m.box.ap50[i]), ap50_95=float(m.box.ap[i]))
-           for i, c in enumerate(m.box.ap_class_index)}
-    cm = getattr(m, 'confusion_matrix', None)
-    return dict(per_class=per, map50=float(m.box.map50), map50_95=float(m.box.map),
-                confusion_matrix=cm.matrix.astype(int).tolist() if cm is not None else None)
 
 # %% ../nbs/08a_evaluate.ipynb #4eba7750
 def plot_froc(S: Scored, ax=None, title='', bands: dict | None = None, band_min: int = 10):
@@ -106,7 +43,7 @@ def plot_froc(S: Scored, ax=None, title='', bands: dict | None = None, band_min:
     its interval, and the bootstrap interval at each FROC rate is drawn as a band around the curves with at least
     `band_min` lesions (all lesions always; a band from a handful of lesions spans most of the axis and hides the rest)."""
     import matplotlib.pyplot as plt, seaborn as sns
-    from mammo_nb.report import PALETTE, froc_band
+    from mammo_nb.plots import PALETTE, froc_band
     ax = ax or plt.subplots(figsize=(5.5, 4))[1]
     curves, nl = S.froc_curves(), S.n_lesions()
     shown = [c for c in curves if nl[c] and c != 'all'] + (['all'] if nl.get('all') else [])
@@ -146,7 +83,7 @@ def plot_roc(S: Scored, ax=None, title='', bands: dict | None = None):
 def save_froc_roc(S: Scored, f: Path, froc_title: str, roc_title: str, bands: dict | None = None) -> Path:
     "FROC and ROC side by side in the reports' style, written to `f` (the figure each evaluation leaves next to its metrics)."
     import matplotlib.pyplot as plt
-    from mammo_nb.report import styled
+    from mammo_nb.plots import styled
     with styled():
         fig, axs = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
         plot_froc(S, axs[0], froc_title, bands); plot_roc(S, axs[1], roc_title, bands)
@@ -158,34 +95,29 @@ def save_froc_roc(S: Scored, f: Path, froc_title: str, roc_title: str, bands: di
 # %% ../nbs/08a_evaluate.ipynb #dbda839b
 def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
     "Score run `rd` on `evaluate.splits` (val first, for the operating point); write `<run>/eval/metrics.json`."
-    from mammo_nb.train import check_version, check_device, check_classes, TrainError
-    rd = Path(rd)
-    weights = rd / 'weights' / 'best.pt'
+    run = RunDir(rd); rd, weights = run.dir, run.best
     if not weights.exists(): raise TrainError(f"run '{rd}' has no weights/best.pt (train it first: `mammo train`)")
     V = V or check_version(p)
     classes = V.manifest['classes']
     check_classes(str(weights), classes, what='run weights')
-    from mammo_nb.detectors import family_of_weights
     fam = family_of_weights(weights)
-    tj = json.loads((rd / 'train.json').read_text()) if (rd / 'train.json').exists() else {}
+    tj = run.record
     if tj.get('version') not in (None, V.manifest['version']):
         raise TrainError(f"run '{rd.name}' was trained on version {tj['version']}, not {V.manifest['version']}")
-    imgsz = tj.get('args', {}).get('imgsz', p.train.imgsz)
+    imgsz = run.imgsz(p.train.imgsz)
     device, e = check_device(p.train.device), p.evaluate
-    ev = rd / 'eval'; ev.mkdir(exist_ok=True)
-    msha = hashlib.sha256((V.dir / 'manifest.json').read_bytes()).hexdigest()
-    wsha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if (ev / 'metrics.json').exists():           # same weights, data and settings: the evaluation is already done
-        old = json.loads((ev / 'metrics.json').read_text())
+    ev = run.eval_dir; ev.mkdir(exist_ok=True)
+    msha, wsha = file_sha256(V.dir / 'manifest.json'), file_sha256(weights)
+    if (old := run.metrics) is not None:          # same weights, data and settings: the evaluation is already done
         if (old.get('weights_sha256'), old.get('manifest_sha256'), old.get('evaluate'), old.get('scoring')) == \
-           (wsha, msha, _clean(dict(e)), SCORING):
+           (wsha, msha, clean_json(dict(e)), SCORING):
             return old
     out = dict(run=rd.name, version=V.manifest['version'], manifest_sha256=msha, weights_sha256=wsha, scoring=SCORING,
                score_classes=list(e.score_classes or classes), evaluate=dict(e), splits={})
     thr, units = None, set()
     for split in ['val'] + [s for s in e.splits if s != 'val']:
         pred = predict(weights, V, split, imgsz, e.conf, e.iou, e.max_det, e.batch, device, progress, threads=p.train.threads)
-        pred.to_csv(ev / f'predictions-{split}.csv', index=False)
+        pred.to_csv(run.predictions(split), index=False)
         S = Scored(V.images[V.images.split == split], V.boxes[V.boxes.split == split], pred, classes,
                    e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
         if split == 'val':
@@ -200,8 +132,8 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         out['splits'][split] = nest(B, S, ul)
         save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}', out['splits'][split])
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units))
-    out = _clean(dict(out, conventions=conv, bootstrap=conv['bootstrap']))
-    (ev / 'metrics.json').write_text(json.dumps(out, indent=1))
+    out = clean_json(dict(out, conventions=conv, bootstrap=conv['bootstrap']))
+    run.metrics_file.write_text(json.dumps(out, indent=1))
     return out
 
 # %% ../nbs/08a_evaluate.ipynb #4d3965b6
@@ -210,15 +142,14 @@ def compare_runs(run_dirs: list[Path], split: str = 'test', out: Path | None = N
     column per run, any detector family), with each run's family, epochs and median seconds per epoch; written to
     `out` as CSV."""
     cols = {}
-    for rd in map(Path, run_dirs):
-        m = json.loads((rd / 'eval' / 'metrics.json').read_text())
-        tj = json.loads((rd / 'train.json').read_text()) if (rd / 'train.json').exists() else {}
+    for run in map(RunDir, run_dirs):
+        m, tj = run.metrics, run.record
         s = m['splits'][split]
         col = {c: fmt_ci(d['ap50']) for c, d in s['per_class'].items() if d['n_gt'] > 0}
         col['all lesions: sens@1FP'] = fmt_ci(s['all_lesions']['froc'].get('1'))
         col['image ROC-AUC'] = fmt_ci(s['image'].get('roc_auc'))
         col.update({'family': tj.get('family', 'ultralytics'), 'epochs': tj.get('epochs_done'), 's / epoch': tj.get('s_per_epoch')})
-        cols[rd.name] = col
+        cols[run.name] = col
     df = pd.DataFrame(cols)
     if out is not None: df.to_csv(out)
     return df
@@ -234,7 +165,6 @@ def class_alignment(run_classes: list[str], target_classes: list[str], class_map
 def check_external(Vx, Vy, allow_overlap: bool, cmd: str) -> dict:
     """The overlap of training version `Vx` and target `Vy` (`version_overlap`); raises `TrainError` when `Vy` is `Vx`
     or, unless `allow_overlap`, when they share images or patients: that would not be an external validation."""
-    from mammo_nb.train import TrainError
     if Vx.dir.resolve() == Vy.dir.resolve(): raise TrainError(f"'{Vy.manifest['version']}' is the model's own version: use `{cmd}` without --on")
     ov = version_overlap(Vx, Vy)
     if (ov['images'] or ov['patients']) and not allow_overlap:
@@ -257,8 +187,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
     version never trained on), with `q`'s own preprocessing, the run's input size and the operating point chosen on
     `p`'s val. Classes are aligned by name (`class_map`: run class -> target class). Refuses versions that share
     images or patients unless `allow_overlap` (then counted). Writes `<run>/eval/external/<version>/metrics.json`."""
-    from mammo_nb.train import check_version, check_device, TrainError
-    rd = Path(rd)
+    run = RunDir(rd); rd = run.dir
     Vx, Vy = check_version(p), check_version(q)
     ov = check_external(Vx, Vy, allow_overlap, 'mammo evaluate')
     internal = evaluate_run(p, rd, progress, Vx)                   # the internal figures and the operating point (reused when done)
@@ -267,9 +196,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
                                   f"({Vy.manifest['classes']}): give a class map")
     ims = Vy.images if split == 'all' else Vy.images[Vy.images.split == split]
     if ims.empty: raise TrainError(f"version {Vy.manifest['version']} has no '{split}' images (--split all scores every image)")
-    e, weights = p.evaluate, rd / 'weights' / 'best.pt'
-    tj = json.loads((rd / 'train.json').read_text()) if (rd / 'train.json').exists() else {}
-    imgsz = tj.get('args', {}).get('imgsz', p.train.imgsz)
+    e, weights, imgsz = p.evaluate, run.best, run.imgsz(p.train.imgsz)
     pred = predict(weights, Vy, split, imgsz, e.conf, e.iou, e.max_det, e.batch, check_device(p.train.device), progress,
                    ims=ims, threads=p.train.threads)
     pred = pred[pred.cls.isin(amap)].assign(cls=lambda d: d.cls.map(amap))
@@ -279,12 +206,11 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
     S = Scored(ims, gt, pred, classes, score, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
     S.threshold = internal['operating_point']['threshold']
     B = bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress)
-    out_dir = rd / 'eval' / 'external' / Vy.manifest['version']; out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = run.eval_dir / 'external' / Vy.manifest['version']; out_dir.mkdir(parents=True, exist_ok=True)
     pred.to_csv(out_dir / f'predictions-{split}.csv', index=False)
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)))
-    out = _clean(dict(run=rd.name, trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split,
-                      manifest_sha256=hashlib.sha256((Vy.dir / 'manifest.json').read_bytes()).hexdigest(),
-                      weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), imgsz=imgsz,
+    out = clean_json(dict(run=rd.name, trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split,
+                      manifest_sha256=file_sha256(Vy.dir / 'manifest.json'), weights_sha256=file_sha256(weights), imgsz=imgsz,
                       class_alignment=dict(scored=amap, not_scorable=not_scorable,
                                            target_classes_not_predicted=[c for c in Vy.manifest['classes'] if c not in classes]),
                       overlap=ov,
@@ -298,7 +224,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
 def external_runs(rd: Path) -> pd.DataFrame:
     "One row per external evaluation of run `rd`: the version scored, its split and images, the classes not scorable, the overlap."
     rows = []
-    for f in sorted((Path(rd) / 'eval' / 'external').glob('*/metrics.json')):
+    for f in sorted((RunDir(rd).eval_dir / 'external').glob('*/metrics.json')):
         x = json.loads(f.read_text())
         rows.append(dict(version=x['scored_on'], split=x['split'], images=x['splits'][x['split']]['n_images'],
                          not_scorable=', '.join(x['class_alignment']['not_scorable']) or '-',
@@ -308,11 +234,11 @@ def external_runs(rd: Path) -> pd.DataFrame:
 def internal_vs_external(rd: Path, internal_split: str = 'test') -> pd.DataFrame:
     """Per class of the run: lesions, AP50 and sensitivity at 1 FP per image (with intervals) on its own
     `internal_split` beside every external evaluation of it ('not scorable' where the target lacks the class)."""
-    rd = Path(rd)
-    m = json.loads((rd / 'eval' / 'metrics.json').read_text())
+    run = RunDir(rd)
+    m = run.metrics
     base = m['splits'][internal_split]['per_class']
     cols = {f"internal: {m['version']} {internal_split}": (base, [])}
-    for f in sorted((rd / 'eval' / 'external').glob('*/metrics.json')):
+    for f in sorted((run.eval_dir / 'external').glob('*/metrics.json')):
         x = json.loads(f.read_text())
         per = x['splits'][x['split']]['per_class']
         cols[f"external: {x['scored_on']} {x['split']}"] = ({c: per[y] for c, y in x['class_alignment']['scored'].items()},

@@ -10,133 +10,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
-os.environ.setdefault('YOLO_OFFLINE', '1')
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
-
+from .cams import cam_energy
+from .clahe import to_original
+from .errors import TrainError
+from .families import family_of_weights
 from .metrics import BOX, by_key, hit_matrix
+from .prepare import originals
+from .runs import RunDir
+from .trainutil import check_device, check_version, cpu_threads
 
 # %% auto #0
-__all__ = ['METHODS', 'Detector', 'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'LowMemEigenCAM',
-           'eigen_projection', 'cam', 'YoloExplainer', 'cam_energy', 'outcomes', 'to_original_grid', 'overlay',
-           'explain_run', 'summary']
-
-# %% ../nbs/11_explain.ipynb #9b891574
-class Detector(nn.Module):
-    "The inner YOLO `nn.Module`, returning only the decoded (B, 4 + nc, anchors) tensor."
-    def __init__(self, weights):
-        super().__init__()
-        from ultralytics import YOLO
-        y = YOLO(str(weights))
-        self.m = y.model.float().eval()
-        for q in self.m.parameters(): q.requires_grad_(False)   # gradients flow from the input: no weight gradients
-        self.names = dict(y.model.names)
-        self.strides = [int(s) for s in self.m.stride]
-    def forward(self, x):
-        out = self.m(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-def letterbox(img: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[float, int, int]]:
-    "Grey image -> (1, 3, size, size) float tensor in [0, 1], and (scale, pad x, pad y) to undo it."
-    h, w = img.shape[:2]
-    r = size / max(h, w)
-    nw, nh = round(w * r), round(h * r)
-    px, py = (size - nw) // 2, (size - nh) // 2
-    im8 = img if img.dtype == np.uint8 else (img / 257).astype(np.uint8)
-    canvas = np.full((size, size), 114, np.uint8)
-    canvas[py:py + nh, px:px + nw] = cv2.resize(im8, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    x = torch.from_numpy(np.repeat(canvas[None], 3, 0)).float()[None] / 255
-    return x, (r, px, py)
-
-def unletterbox(cam: np.ndarray, lb: tuple[float, int, int], shape: tuple[int, int]) -> np.ndarray:
-    "A map on the square input grid -> the image grid of `shape` (h, w)."
-    r, px, py = lb
-    h, w = shape
-    inner = cam[py:py + round(h * r), px:px + round(w * r)]
-    return cv2.resize(inner, (w, h), interpolation=cv2.INTER_LINEAR)
-
-def anchor_centres(size: int, strides: list[int]) -> np.ndarray:
-    "(anchors, 2) x, y centres on the input grid, in the head's order (stride 8, then 16, then 32)."
-    out = []
-    for s in strides:
-        g = np.arange(size // s) * s + s / 2
-        yy, xx = np.meshgrid(g, g, indexing='ij')
-        out.append(np.stack([xx.ravel(), yy.ravel()], 1))
-    return np.concatenate(out)
-
-# %% ../nbs/11_explain.ipynb #5ca0e411
-class BoxClassTarget:
-    "Sum of class `cls`'s score over the anchors whose centres fall inside `box` (input-grid xyxy)."
-    def __init__(self, cls: int, box, centres: np.ndarray):
-        x0, y0, x1, y1 = box
-        m = (centres[:, 0] >= x0) & (centres[:, 0] <= x1) & (centres[:, 1] >= y0) & (centres[:, 1] <= y1)
-        if not m.any():
-            c = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
-            m[np.argmin(((centres - c) ** 2).sum(1))] = True
-        self.cls, self.idx = cls, torch.from_numpy(np.flatnonzero(m))
-    def __call__(self, out: torch.Tensor) -> torch.Tensor:
-        return out[4 + self.cls, self.idx.to(out.device)].sum()
-
-class LowMemEigenCAM(EigenCAM):
-    "EigenCAM whose first principal component comes from the C x C covariance, not a full (HW x HW) SVD."
-    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
-        return np.float32([eigen_projection(a) for a in activations])
-
-def eigen_projection(act: np.ndarray) -> np.ndarray:
-    "Projection of the (C, H, W) activations on their first principal component, salient side positive."
-    C = act.shape[0]
-    A = np.nan_to_num(act.reshape(C, -1).T.astype(np.float64))
-    A -= A.mean(0)
-    _, vec = np.linalg.eigh(A.T @ A)                  # C x C: the right singular vectors of A
-    proj = (A @ vec[:, -1]).reshape(act.shape[1:])
-    return -proj if abs(proj.min()) > abs(proj.max()) else proj
-
-# %% ../nbs/11_explain.ipynb #81fc7db8
-METHODS = {'gradcam': GradCAM, 'gradcam++': GradCAMPlusPlus, 'eigencam': LowMemEigenCAM}
-
-def cam(det: Detector, x: torch.Tensor, method: str, layers: list[int], target: BoxClassTarget | None = None) -> np.ndarray:
-    "One map (input grid, min-max scaled to [0, 1]) of `method` on `layers`; targeted methods need `target`."
-    if method not in METHODS: raise ValueError(f"unknown CAM method {method!r}; choose from {list(METHODS)}")
-    if method != 'eigencam' and target is None: raise ValueError(f'{method} needs a target (a box and a class)')
-    with METHODS[method](model=det, target_layers=[det.m.model[i] for i in layers]) as c:
-        return c(input_tensor=x.detach().requires_grad_(method != 'eigencam'),
-                 targets=[target if target is not None else (lambda o: o.sum())])[0]
-
-# %% ../nbs/11_explain.ipynb #b0beaf5a
-def _to_input(box, lb):
-    r, px, py = lb
-    return (box[0] * r + px, box[1] * r + py, box[2] * r + px, box[3] * r + py)
-
-class YoloExplainer:
-    "CAMs of an ultralytics run: the letterboxed image, `BoxClassTarget` over the anchors in the box, the neck `layers`."
-    def __init__(self, weights, imgsz: int, layers=(15, 18, 21)):
-        self.det, self.imgsz, self.idx = Detector(weights), imgsz, list(layers)
-        self.cent, self.cid = anchor_centres(imgsz, self.det.strides), {v: k for k, v in self.det.names.items()}
-        self.layers = [f'model.{i} ({type(self.det.m.model[i]).__name__})' for i in self.idx]
-    def set_image(self, png: np.ndarray):
-        self.shape = png.shape[:2]
-        self.x, self.lb = letterbox(png, self.imgsz)
-    def map(self, method: str, cls: str | None = None, box=None) -> np.ndarray:
-        t = None if method == 'eigencam' else BoxClassTarget(self.cid[cls], _to_input(box, self.lb), self.cent)
-        return unletterbox(cam(self.det, self.x, method, self.idx, t), self.lb, self.shape)
-
-
-# %% ../nbs/11_explain.ipynb #f2bcd12a
-def cam_energy(m: np.ndarray, box) -> dict:
-    """Energy share inside `box` (xyxy, map pixels; or a list of boxes: their union), the box's area share, their
-    ratio, and the pointing-game hit (the map's peak inside)."""
-    h, w = m.shape
-    inb = np.zeros((h, w), bool)
-    for b in ([box] if np.ndim(box) == 1 else box):
-        x0, y0, x1, y1 = [int(round(v)) for v in (max(b[0], 0), max(b[1], 0), min(b[2], w), min(b[3], h))]
-        inb[y0:max(y1, y0), x0:max(x1, x0)] = True
-    e = np.clip(m, 0, None).astype(np.float64)
-    tot, area = e.sum(), inb.mean()
-    inside = e[inb].sum() / tot if tot > 0 else np.nan
-    return dict(energy_in=inside, area_share=area, energy_ratio=inside / area if area > 0 else np.nan,
-                pointing_hit=bool(inb.flat[int(np.argmax(m))]))
+__all__ = ['outcomes', 'to_original_grid', 'overlay', 'explain_run', 'summary']
 
 # %% ../nbs/11_explain.ipynb #4529945d
 def outcomes(pred: pd.DataFrame, gt: pd.DataFrame, thr: float, hit_iou: float = 0.3) -> pd.DataFrame:
@@ -189,26 +74,19 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     "CAMs for run `rd` on `explain.split`: per-lesion energy table, per-class summary, galleries (in `<run>/explain/`)."
     import matplotlib.pyplot as plt
     from tqdm import tqdm
-    from mammo_nb.train import check_device, check_version, cpu_threads, TrainError
-    from mammo_nb.prepare import decode_need, source_root, source_paths
-    from mammo_nb.ingest import ingest
-    from mammo_nb.clahe import to_original
-    e, rd = p.explain, Path(rd)
+    e, run = p.explain, RunDir(rd)
+    rd = run.dir
     V = check_version(p)
-    mf, pf = rd / 'eval' / 'metrics.json', rd / 'eval' / f'predictions-{e.split}.csv'
-    if not (mf.exists() and pf.exists()): raise TrainError(f"run '{rd.name}' has no evaluation of '{e.split}' (run `mammo evaluate`)")
-    M = json.loads(mf.read_text())
+    M, pf = run.metrics, run.predictions(e.split)
+    if not (M is not None and pf.exists()): raise TrainError(f"run '{rd.name}' has no evaluation of '{e.split}' (run `mammo evaluate`)")
     thr = e.threshold if e.threshold is not None else (M.get('operating_point') or {}).get('threshold')
     thr = 0.25 if thr is None else thr
     pred = pd.read_csv(pf, dtype={'image_id': str})
     gt = V.boxes[V.boxes.split == e.split]
     O = outcomes(pred, gt, thr, p.evaluate.hit_iou)
     les, gal = _pick(O, e)
-    from mammo_nb.detectors import family_of_weights
     if check_device(p.train.device) == 'cpu': cpu_threads(p.train.threads)
-    imgsz = json.loads((rd / 'train.json').read_text())['args']['imgsz'] if (rd / 'train.json').exists() else p.train.imgsz
-    weights = rd / 'weights' / 'best.pt'
-    ex = family_of_weights(weights).explainer(weights, imgsz, e.layers)
+    ex = family_of_weights(run.best).explainer(run.best, run.imgsz(p.train.imgsz), e.layers)
     targeted = [m for m in e.methods if m != 'eigencam']
     im = V.images.set_index('image_id')
     out = rd / 'explain'; out.mkdir(exist_ok=True)
@@ -250,10 +128,9 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
         fig.tight_layout()
         f = out / f"gallery-{c.replace(' ', '_')}.png"; fig.savefig(f, dpi=90); plt.close(fig); figs.append(f.name)
     # a few lesions on the original, uncropped mammogram
-    origs, src_paths = [], source_paths(p) if e.n_original else {}
-    for n, it in enumerate(gal[gal.outcome == 'TP'].head(e.n_original).itertuples()):
+    origs, tps = [], gal[gal.outcome == 'TP'].head(e.n_original)
+    for n, (it, (_, g0)) in enumerate(zip(tps.itertuples(), originals(p, list(tps.image_id)))):
         r = im.loc[it.image_id]
-        g0 = ingest(source_root(p) / src_paths[it.image_id], p.prepare.margin, p.prepare.for_processing, need=decode_need(p))
         m0 = to_original_grid(maps[(it.image_id, it.cls, 'TP', it.box)][1], g0.decoded_crop, g0.image.shape)    # on the decoded grid
         gb = to_original(np.array([it.gt_box]), r.crop, r.scale)[0]
         pb = to_original(np.array([it.box]), r.crop, r.scale)[0]

@@ -11,17 +11,18 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
+from .files import clean_json
+from .params import FROC_FPS
 from .split import group_keys
 
 # %% auto #0
-__all__ = ['FROC_FPS', 'BOX', 'IOU_THRESHOLDS', 'RECALL_THRESHOLDS', 'SCORING', 'box_iou', 'hit_matrix', 'match_tp', 'coco_ap',
-           'froc_curve', 'sens_at', 'roc_auc', 'average_precision', 'lesion_ids', 'nms_agnostic', 'by_key', 'Scored',
-           'group_weights', 'unit_name', 'bootstrap', 'choose_threshold', 'sens_spec', 'conventions', 'nest', 'fmt_ci',
+__all__ = ['BOX', 'IOU_THRESHOLDS', 'RECALL_THRESHOLDS', 'SCORING', 'box_iou', 'hit_matrix', 'match_tp', 'coco_ap', 'froc_curve',
+           'sens_at', 'roc_auc', 'average_precision', 'lesion_ids', 'nms_agnostic', 'by_key', 'Scored', 'group_weights',
+           'unit_name', 'bootstrap', 'choose_threshold', 'sens_spec', 'conventions', 'nest', 'fmt_ci',
            'per_class_table', 'froc_table', 'summary_table', 'conventions_table', 'to_version_pixels',
            'score_predictions']
 
 # %% ../nbs/08_metrics.ipynb #7e0f8717
-FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 BOX = ['x0', 'y0', 'x1', 'y1']
 IOU_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)      # COCO's AP50:95 thresholds (index 0: AP50)
 RECALL_THRESHOLDS = np.linspace(0, 1, 101)                     # COCO's 101 recall points
@@ -337,14 +338,6 @@ def conventions(hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int 
                        undefined='replicates where a figure is undefined are dropped for that figure; n_boot per '
                                  'figure says how many remain'))
 
-def _clean(x):
-    "JSON-safe: NaN -> None, numpy scalars -> Python."
-    if isinstance(x, dict): return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)): return None if not np.isfinite(x) else round(float(x), 6)
-    if isinstance(x, np.integer): return int(x)
-    return x
-
 def nest(B: dict, S: Scored, ul: dict | None = None) -> dict:
     "The flat bootstrap dict as metrics.json's per-class / all-lesion / image / breast structure."
     nl = S.n_lesions()
@@ -437,4 +430,4 @@ def score_predictions(pred, version, split: str | list[str] = 'test', pixels: st
     S.threshold = threshold
     B = bootstrap(S.metrics, S.group, n_boot, seed, ci, progress)
     conv = conventions(hit_iou, pooled_nms_iou, max_det, n_boot, ci, seed, unit_name(S.group))
-    return _clean(dict(version=version.manifest.get('version'), scoring=SCORING, conventions=conv, splits={'+'.join(splits): nest(B, S)}))
+    return clean_json(dict(version=version.manifest.get('version'), scoring=SCORING, conventions=conv, splits={'+'.join(splits): nest(B, S)}))

@@ -12,17 +12,16 @@ from typing import Any
 import yaml
 from fastcore.basics import AttrDict
 
+from .errors import ParamsError
 from .looks import look_spec
 
 # %% auto #0
-__all__ = ['REQUIRED', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'SCHEMA', 'ParamsError', 'Field', 'validate',
-           'load_params']
+__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'SCHEMA', 'Field', 'validate',
+           'result_settings', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
-
-class ParamsError(ValueError):
-    "A recipe is invalid; the message names the file and the key."
+EFFECTS = ('results', 'runtime', 'report')
 
 @dataclass(frozen=True)
 class Field:
@@ -34,6 +33,7 @@ class Field:
     min: float | None = None
     max: float | None = None
     items: type | None = None       # element type of a list field
+    effect: str = 'results'          # see EFFECTS: what a change of this value changes
 
 # %% ../nbs/00_params.ipynb #9c9a5478
 VINDR_CLASSES = ('Mass', 'Suspicious Calcification', 'Architectural Distortion', 'Asymmetry', 'Focal Asymmetry',
@@ -45,6 +45,7 @@ VINDR_PRIORITY = ('Mass', 'Suspicious Calcification', 'Architectural Distortion'
 # Revision of the synthetic generator (`01_synth`): bumped whenever the same settings would render other files.
 # It names the default `synth.out` folder and enters each synthetic version's name, so no stale set is reused.
 SYNTH_REVISION = 2
+FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)   # false positives per image where FROC sensitivity is read
 
 # %% ../nbs/00_params.ipynb #e105428e
 SCHEMA = {
@@ -55,8 +56,8 @@ SCHEMA = {
     'synth': {
         'preset': Field(str, 'demo', 'size preset of the synthetic VinDr-layout set', ('tiny', 'demo', 'full')),
         'seed': Field(int, 0, 'generator seed; same seed -> byte-identical files'),
-        'out': Field(str, 'data/raw/synth-{preset}-s{seed}-r{rev}', 'output folder (`{preset}`/`{seed}`/`{rev}` (generator revision) are filled in)'),
-        'workers': Field(int, 2, 'processes used to render images', min=1),
+        'out': Field(str, 'data/raw/synth-{preset}-s{seed}-r{rev}', 'output folder (`{preset}`/`{seed}`/`{rev}` (generator revision) are filled in)', effect='runtime'),
+        'workers': Field(int, 2, 'processes used to render images', min=1, effect='runtime'),
         # overrides of the preset (None keeps the preset's value)
         'n_patients': Field(int, None, 'number of patients', min=1),
         'height': Field(int, None, 'image height in pixels (width follows the 4084x3328 detector aspect)', min=128),
@@ -78,8 +79,8 @@ SCHEMA = {
                            "defaults (e.g. mini-MIAS `SPIC: [Mass, Spiculation]`)"),
     },
     'prepare': {
-        'out': Field(str, 'data/versions', 'folder holding the dataset versions'),
-        'workers': Field(int, 2, 'processes that ingest images', min=1),
+        'out': Field(str, 'data/versions', 'folder holding the dataset versions', effect='runtime'),
+        'workers': Field(int, 2, 'processes that ingest images', min=1, effect='runtime'),
         'margin': Field(int, 4, 'pixels added around the breast crop (original resolution)', min=0),
         'classes': Field(list, VINDR_CLASSES, 'detection classes, in class-id order', items=str),
         'ignore': Field(list, (), 'known findings kept as image-level labels only (no box class)', items=str),
@@ -125,15 +126,15 @@ SCHEMA = {
         'imgsz': Field(int, 640, 'training and inference image size (long side, pixels)', min=32),
         'epochs': Field(int, 100, 'training epochs', min=1),
         'batch': Field(int, 16, 'images per batch (over all GPUs)', min=1),
-        'device': Field((str, int), 'cpu', "`cpu`, a GPU index `0`, or `0,1,2,3` for DDP on several GPUs"),
+        'device': Field((str, int), 'cpu', "`cpu`, a GPU index `0`, or `0,1,2,3` for DDP on several GPUs", effect='runtime'),
         'seed': Field(int, 0, 'training seed (ultralytics runs deterministic)'),
-        'workers': Field(int, 2, 'dataloader worker processes on GPU (ultralytics always uses 0 on CPU; see `cpu_workers`)', min=0),
+        'workers': Field(int, 2, 'dataloader worker processes on GPU (ultralytics always uses 0 on CPU; see `cpu_workers`)', min=0, effect='runtime'),
         'threads': Field(int, None, 'torch CPU threads for training and for every CPU stage of the detector and classifier '
                          '(evaluate, explain, serve, classify); None: every core this process may use (ultralytics alone uses '
-                         'min(8, cores - 1))', min=1),
+                         'min(8, cores - 1))', min=1, effect='runtime'),
         'cpu_workers': Field(int, 0, 'dataloader worker processes when training on CPU (0: augmentation in the training '
-                             'process; fastest on 2 cores with 2 threads, `bench/train_cpu.py`)', min=0),
-        'cache': Field((bool, str), False, "cache decoded images: false, 'ram' or 'disk'", (False, True, 'ram', 'disk')),
+                             'process; fastest on 2 cores with 2 threads, `bench/train_cpu.py`)', min=0, effect='runtime'),
+        'cache': Field((bool, str), False, "cache decoded images: false, 'ram' or 'disk'", (False, True, 'ram', 'disk'), effect='runtime'),
         'optimizer': Field(str, 'SGD', "optimizer ('auto' lets ultralytics pick, and then ignores lr0)",
                            ('auto', 'SGD', 'Adam', 'AdamW', 'NAdam', 'RAdam', 'RMSProp')),
         'lr0': Field(float, 0.01, 'initial learning rate', min=0),
@@ -142,7 +143,7 @@ SCHEMA = {
         'close_mosaic': Field(int, 10, 'turn mosaic augmentation off for the last N epochs', min=0),
         'val_every': Field(int, 1, 'validate every N-th epoch (and the last, and when early stopping may fire); '
                            'only validated epochs can become best.pt', min=1),
-        'plots': Field(bool, True, "ultralytics' training plots (labels, batches, results.png, last-epoch curves)"),
+        'plots': Field(bool, True, "ultralytics' training plots (labels, batches, results.png, last-epoch curves)", effect='report'),
         'amp': Field(bool, None, 'mixed precision; None: on for CUDA, off on CPU'),
         'negative_ratio': Field(float, 1.0, 'No-Finding images drawn afresh each epoch, as a multiple of the finding '
                                 'images (None: all of them every epoch)', min=0),
@@ -155,9 +156,9 @@ SCHEMA = {
                         'torchvision: blocks of the backbone body)', min=0),
         'transfer_lr': Field(float, 1.0, 'fine-tuning: the layers loaded from `.pt` / `train.weights` learn at lr x this; '
                              'new layers (a rebuilt head) at lr', min=0, max=1),
-        'run_name': Field(str, None, 'run folder under `<version>/runs/`; None: `<model>-<hash of train params>`'),
-        'resume': Field(bool, True, 'resume an interrupted run from its `last.pt`'),
-        'evaluate': Field(bool, True, '`mammo train` evaluates each run when it finishes'),
+        'run_name': Field(str, None, 'run folder under `<version>/runs/`; None: `<model>-<hash of train params>`', effect='report'),
+        'resume': Field(bool, True, 'resume an interrupted run from its `last.pt`', effect='runtime'),
+        'evaluate': Field(bool, True, '`mammo train` evaluates each run when it finishes', effect='report'),
     },
     'evaluate': {
         'splits': Field(list, ('val', 'test'), 'splits to score (the operating point is always chosen on val)', items=str),
@@ -166,7 +167,7 @@ SCHEMA = {
         'max_det': Field(int, 100, 'boxes kept per image', min=1),
         'hit_iou': Field(float, 0.3, 'FROC: a prediction hits a lesion if its centre is inside or IoU >= this', min=0, max=1),
         'pooled_nms_iou': Field(float, 0.5, "'all lesions' FROC: class-agnostic NMS IoU over every class's marks first", min=0, max=1),
-        'froc_fps': Field(list, (0.125, 0.25, 0.5, 1.0, 2.0, 4.0), 'false positives per image where FROC sensitivity is read', items=float),
+        'froc_fps': Field(list, FROC_FPS, 'false positives per image where FROC sensitivity is read', items=float),
         'score_classes': Field(list, None, 'classes whose max box score is the image/breast score (None: all classes)', items=str),
         'target_sensitivity': Field(float, None, 'operating point on val: the highest threshold whose sensitivity reaches it (None: Youden J)', min=0, max=1),
         'bootstrap': Field(int, 1000, 'bootstrap resamples of the split groups (patients, else studies) for the intervals (0: none)', min=0),
@@ -369,6 +370,16 @@ def validate(d: dict, source: str = '<params>') -> AttrDict:
     _cross_check(out, errs)
     if errs: raise ParamsError(f"{source}: " + ('\n  '.join([''] + errs) if len(errs) > 1 else errs[0]))
     return _attr(out)
+
+# %% ../nbs/00_params.ipynb #793d029a
+def result_settings(values: dict, section: str | None = None, drop=('runtime',)) -> dict:
+    """`values` (a recipe, or its `section` such as `'train'`) without the fields whose `effect` is in `drop`; nested
+    sections are walked, free-form mappings (`train.hyp`) kept whole."""
+    schema = SCHEMA if section is None else SCHEMA[section]
+    def walk(v, sc):
+        return {k: walk(x, sc[k]) if isinstance(sc.get(k), dict) and isinstance(x, dict) else x
+                for k, x in v.items() if not (isinstance(sc.get(k), Field) and sc[k].effect in drop)}
+    return walk(dict(values), schema)
 
 # %% ../nbs/00_params.ipynb #48263f6c
 def _merge(a: dict, b: dict) -> dict:

@@ -8,40 +8,29 @@ import hashlib, html, json, os, re, sys, time
 from pathlib import Path
 
 import mammo_nb
-from .params import SCHEMA, load_params
-from .synth import class_counts, synth_dataset
+from .errors import ChainError
+from .files import git_commit
+from .params import SCHEMA, load_params, result_settings
 from .prepare import prepare, version_dir, version_name
+from .runs import RunDir, run_dirs
+from .synth_layouts import synth_source
 
 # %% auto #0
-__all__ = ['STAGES', 'CHAIN', 'SECTIONS', 'OPTIONAL', 'stage_synth', 'stage_prepare', 'stage_train', 'stage_evaluate',
-           'stage_explain', 'stage_selftrain', 'stage_cv', 'ChainError', 'notebooks_dir', 'code_hash', 'fingerprint',
-           'render_html', 'external_refs', 'run_chain', 'write_index', 'write_reports_index']
+__all__ = ['STAGES', 'CHAIN', 'SECTIONS', 'OPTIONAL', 'stage_synth', 'stage_prepare', 'headline', 'stage_train', 'stage_evaluate',
+           'stage_explain', 'stage_selftrain', 'stage_cv', 'notebooks_dir', 'code_hash', 'fingerprint', 'render_html',
+           'external_refs', 'headlines', 'run_chain', 'write_index', 'write_reports_index']
 
 # %% ../nbs/09_pipeline.ipynb #7897601c
-def _synth_overrides(s) -> dict:
-    "The preset overrides set in a recipe's `synth` section (every schema key that is not a run setting)."
-    run_keys = ('preset', 'seed', 'out', 'workers')
-    return {k: s[k] for k in SCHEMA['synth'] if k not in run_keys and s.get(k) is not None}
-
 def stage_synth(p, progress: bool = True, shard: tuple[int, int] | None = None) -> dict:
     """Generate the embedded default dataset described by `p.synth`, in the layout `p.source.layout` (skipped when
-    already complete); `shard=(i, n)`: render only that shard (a Slurm array task), the call without it merges."""
-    s, layout = p.synth, p.source.layout
-    if layout != 'vindr':
-        from mammo_nb.synth_layouts import synth_layout, truth_counts
-        r = synth_layout(s.out, layout, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s))
-    else: r = synth_dataset(s.out, s.preset, s.seed, s.workers, progress=progress, shard=shard, **_synth_overrides(s))
-    out = dict(out=str(s.out), layout=layout, images=r['n_images'], seconds=round(r['seconds'], 1), skipped=r['skipped'])
-    if shard is not None: return out | {'shard': r['shard']}
-    counts = (class_counts(r['findings']) if layout == 'vindr' else truth_counts(r['truth']) if 'categories' in r['truth']
-              else r['truth'].cancer.value_counts().rename_axis('cancer'))
-    return out | {'counts': counts}
+    already complete); `shard=(i, n)`: that shard only. See `synth_layouts.synth_source`."""
+    return synth_source(p, progress, shard)
 
 def stage_prepare(p, progress: bool = True) -> dict:
     "Build the recipe's dataset version (ingest all images, merge); see `mammo_nb.prepare`."
     return prepare(p, progress=progress)
 
-def _headline(m: dict, splits=None, n_classes: int | None = None) -> dict:
+def headline(m: dict, splits=None, n_classes: int | None = None) -> dict:
     """A run's headline figures from its metrics.json: mAP50, AP50 of the first `n_classes` classes with lesions (all
     when None), all-lesion FROC at 1 FP/image and image ROC-AUC, for `splits` (all when None)."""
     import numpy as np
@@ -60,14 +49,15 @@ def _headline(m: dict, splits=None, n_classes: int | None = None) -> dict:
 
 def stage_train(p, progress: bool = True) -> dict:
     "Train the recipe's model(s) (resuming or skipping finished runs); evaluate each when `train.evaluate`."
-    from mammo_nb.train import train, check_version
+    from mammo_nb.train import train
+    from mammo_nb.trainutil import check_version
     from mammo_nb.evaluate import evaluate_run, compare_runs
     V = check_version(p)                           # verified once for training and every evaluation
     rds, out = train(p, V), {}
     for rd in rds:
-        tj = json.loads((rd / 'train.json').read_text())
+        tj = RunDir(rd).record
         out[rd.name] = dict(epochs=tj['epochs_done'], s_per_epoch=tj['s_per_epoch'], dir=str(rd))
-        if p.train.evaluate: out[rd.name].update(_headline(evaluate_run(p, rd, progress, V)))
+        if p.train.evaluate: out[rd.name].update(headline(evaluate_run(p, rd, progress, V)))
     if p.train.evaluate and len(rds) > 1:
         split = 'test' if 'test' in p.evaluate.splits else p.evaluate.splits[0]
         f = version_dir(p) / 'runs' / f'comparison-{split}.csv'
@@ -76,13 +66,11 @@ def stage_train(p, progress: bool = True) -> dict:
 
 def stage_evaluate(p, runs: list[str] | None = None) -> dict:
     "Evaluate the recipe's runs (or the run folders `runs`); finished evaluations with the same settings are reused."
-    from mammo_nb.train import run_dirs
     from mammo_nb.evaluate import evaluate_run
-    return {rd.name: _headline(evaluate_run(p, rd)) for rd in run_dirs(p, runs)}
+    return {rd.name: headline(evaluate_run(p, rd)) for rd in run_dirs(p, runs)}
 
 def stage_explain(p, runs: list[str] | None = None, progress: bool = True) -> dict:
     "CAMs, galleries and the energy table for the recipe's runs (or the run folders `runs`); see `mammo_nb.explain`."
-    from mammo_nb.train import run_dirs
     from mammo_nb.explain import explain_run
     return {rd.name: explain_run(p, rd, progress) for rd in run_dirs(p, runs)}
 
@@ -107,29 +95,24 @@ SECTIONS = {'prepare': ('name', 'seed', 'strict', 'synth', 'source', 'prepare', 
 OPTIONAL = {'selftrain': lambda p: p.selftrain.rounds > 0,     # run by default only when the recipe asks for them
             'cv': lambda p: p.split.folds > 1,
             'classify': lambda p: p.classify.enabled}
-_RUNTIME = {'workers', 'out', 'device'}         # settings that do not change a stage's results
-
-class ChainError(RuntimeError):
-    "A chain stage failed; the message names the stage and its rendered report."
 
 def notebooks_dir() -> Path:
     "Where the pipeline notebooks live (the repository's `nbs/pipeline`, next to the package)."
     return Path(mammo_nb.__file__).resolve().parent.parent / 'nbs' / 'pipeline'
 
-def _strip(d):
-    return {k: _strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _RUNTIME} if isinstance(d, dict) else d
-
 def code_hash() -> str:
     "Hash of the package's source files: a code change reruns the stages (a finished training run is still reused)."
     h = hashlib.sha256()
-    for f in sorted(Path(mammo_nb.__file__).parent.glob('*.py')): h.update(f.name.encode() + f.read_bytes())
+    root = Path(mammo_nb.__file__).parent
+    for f in sorted(root.rglob('*.py')): h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 def fingerprint(p, stage: str) -> str:
     "Hash of what `stage` (and every chain stage before it) reads: recipe sections, stage notebooks, package code."
     upto = [s for s in list(CHAIN)[:list(CHAIN).index(stage) + 1] if s == stage or s not in OPTIONAL]   # side branches
     d = dict(package=mammo_nb.__version__, code=code_hash(),
-             sections={sec: _strip(p[sec]) for st in upto for sec in SECTIONS[st]},
+             sections={sec: result_settings(p[sec], sec) if isinstance(SCHEMA[sec], dict) else p[sec]
+                       for st in upto for sec in SECTIONS[st]},      # runtime settings (workers, device...) left out
              notebooks={st: hashlib.sha256((notebooks_dir() / CHAIN[st]).read_bytes()).hexdigest() for st in upto})
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -166,25 +149,19 @@ def external_refs(html_text: str) -> list[str]:
     return re.findall(r'<(?:script|link|img|iframe)[^>]*(?:src|href)=["\']((?:https?:)?//[^"\']+)', html_text)
 
 # %% ../nbs/09_pipeline.ipynb #3783cea7
-def _git_commit() -> str | None:
-    from mammo_nb.prepare import _git_commit as g
-    return g()
-
-def _headlines(p) -> dict:
+def headlines(p) -> dict:
     "Headline metrics of the recipe's trained runs (those with a metrics.json), their external validations and cross-validation."
-    from mammo_nb.runs import run_dirs                # not mammo_nb.train: no torch import for a chain that skipped everything
     from mammo_nb.cv import cv_root
     out = {}
-    for rd in run_dirs(p):
-        if (rd / 'eval' / 'metrics.json').exists():
-            out[rd.name] = _headline(json.loads((rd / 'eval' / 'metrics.json').read_text()), ('test',), 1)
-        for f in sorted((rd / 'eval' / 'external').glob('*/metrics.json')):     # external validations, beside it
+    for rd in map(RunDir, run_dirs(p)):              # (runs, not train: no torch import for a chain that skipped everything)
+        if (m := rd.metrics) is not None: out[rd.name] = headline(m, ('test',), 1)
+        for f in sorted((rd.eval_dir / 'external').glob('*/metrics.json')):     # external validations, beside it
             x = json.loads(f.read_text())
-            out.setdefault(rd.name, {}).update({f"external {x['scored_on']} {k}": v for k, v in _headline(x, None, 1).items() if 'ultralytics' not in k})
+            out.setdefault(rd.name, {}).update({f"external {x['scored_on']} {k}": v for k, v in headline(x, None, 1).items() if 'ultralytics' not in k})
         cv = cv_root(p) / rd.name / 'cv.json'                                    # pooled out-of-fold and the fold ensemble
         if p.split.folds > 1 and cv.exists():
             x = json.loads(cv.read_text())
-            out.setdefault(rd.name, {}).update({f"cv k{x['folds']} {k}": v for k, v in _headline(x, ('oof', 'test: ensemble'), 1).items()
+            out.setdefault(rd.name, {}).update({f"cv k{x['folds']} {k}": v for k, v in headline(x, ('oof', 'test: ensemble'), 1).items()
                                                 if 'ultralytics' not in k})
     return out
 
@@ -207,7 +184,7 @@ def run_chain(params_path: str, stages: list[str] | None = None, from_stage: str
     state_f = vdir / 'stages.json'
     state = json.loads(state_f.read_text()) if state_f.exists() else {}
     rec = dict(run_id=run_id, recipe=str(params_path), version=version_name(p), package=mammo_nb.__version__,
-               git_commit=_git_commit(), status='running', stages=[])
+               git_commit=git_commit(), status='running', stages=[])
     (rdir / 'params.json').write_text(json.dumps(p, indent=1, default=str))
     for stage in todo:
         fp = fingerprint(p, stage)
@@ -247,7 +224,7 @@ def run_chain(params_path: str, stages: list[str] | None = None, from_stage: str
     return rec
 
 def _finish(p, rec, rdir, vdir):
-    rec['headline'] = _headlines(p) if rec['status'] == 'ok' else {}
+    rec['headline'] = headlines(p) if rec['status'] == 'ok' else {}
     (rdir / 'run.json').write_text(json.dumps(rec, indent=1, default=str))
     runs = version_dir(p) / 'runs'
     write_index(vdir, {r: runs / r / 'eval' / 'test' / 'froc_roc.png' for r in rec['headline']})

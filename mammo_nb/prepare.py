@@ -20,29 +20,32 @@ from .adapters import LAYOUT_REVISION, expand_masks, mask_boxes, read_layout
 from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class, write_yolo
 from .clahe import render, settings, write_png
 from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym
-from .params import SYNTH_REVISION
+from .errors import PrepareError
+from .files import file_sha256, git_commit, to_json, write_tracked
+from .params import SYNTH_REVISION, result_settings
 from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets
+from .synth_layouts import synth_source
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE_OUT', 'PrepareError', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root',
-           'key_path', 'source_paths', 'pseudonym_key', 'read_source', 'source_fingerprint', 'process_image',
-           'load_records', 'parse_shard', 'ingest_images', 'check_key', 'merge', 'split_warnings', 'manifest',
-           'ensure_source', 'prepare', 'dry_run', 'Version', 'file_sha256', 'load_version', 'plot_counts', 'plot_roles',
-           'plot_box_sizes', 'show_steps']
+__all__ = ['SPLITS', 'IMAGE_OUT', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root', 'key_path',
+           'source_paths', 'pseudonym_key', 'read_source', 'source_fingerprint', 'process_image', 'load_records',
+           'parse_shard', 'ingest_images', 'check_key', 'merge', 'version_counts', 'split_warnings', 'manifest',
+           'ensure_source', 'prepare', 'dry_run', 'Version', 'load_version', 'derive_version', 'originals',
+           'plot_counts', 'plot_roles', 'plot_box_sizes', 'show_steps']
 
 # %% ../nbs/06_prepare.ipynb #df7a7dd7
-class PrepareError(RuntimeError):
-    "The prepare step cannot go on (missing source, strict failure, unfinished shards)."
-
 SPLITS = ('train', 'val', 'test')
 
 def data_params(p) -> dict:
-    "The parameters that change a dataset version's content (and so its name)."
-    d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'}, prepare={k: v for k, v in p.prepare.items() if k not in ('out', 'workers', 'pseudonym_key')},
+    """The parameters that change a dataset version's content (and so its name): the `results` fields of its sections
+    (`params.result_settings`), less the pseudonym key (a secret: its fingerprint is checked instead, `check_key`) and
+    `split.folds` (folds are derived versions of this one)."""
+    d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'},
+             prepare={k: v for k, v in result_settings(p.prepare, 'prepare').items() if k != 'pseudonym_key'},
              clahe={k: v for k, v in p.clahe.items() if k != 'off_rate' or v}, package=mammo_nb.__version__,
-             split={**{k: v for k, v in p.split.items() if k != 'folds'}, 'revision': SPLIT_REVISION})   # folds: derived versions
+             split={**{k: v for k, v in p.split.items() if k != 'folds'}, 'revision': SPLIT_REVISION})
     if p.source.root is None:                              # (no randomisation: the names versions had before it existed)
-        d['synth'] = {**{k: v for k, v in p.synth.items() if k not in ('out', 'workers') and (k != 'randomize' or v)}, 'revision': SYNTH_REVISION}
+        d['synth'] = {**{k: v for k, v in result_settings(p.synth, 'synth').items() if k != 'randomize' or v}, 'revision': SYNTH_REVISION}
     if p.source.layout in LAYOUT_REVISION: d['source']['revision'] = LAYOUT_REVISION[p.source.layout]
     return d
 
@@ -189,21 +192,6 @@ def ingest_images(p, shard: str | None = None, progress: bool = True) -> dict:
                 peak_rss_mb_per_worker=round(float(rss.max()), 1) if len(rss) else None)
 
 # %% ../nbs/06_prepare.ipynb #682c2923
-def _git_commit() -> str | None:
-    try:
-        root = Path(mammo_nb.__file__).resolve().parent.parent
-        sha = subprocess.run(['git', '-C', str(root), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError): return None
-
-def _write(root: Path, rel: str, data: str | bytes, shas: dict) -> None:
-    data = data.encode() if isinstance(data, str) else data
-    (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    (root / rel).write_bytes(data)
-    shas[rel] = hashlib.sha256(data).hexdigest()
-
-def _json(x) -> str: return json.dumps(x, indent=1, sort_keys=True, default=str) + '\n'
-
 def _strict_check(p, fails: list[dict]):
     if p.strict and fails:
         f = fails[0]; raise PrepareError(f"{f['file'] or f['image_id']} ({f['row']}): {f['reason']} {f['detail']} (strict)")
@@ -264,24 +252,24 @@ def merge(p) -> dict:
     shas.update(write_yolo(ok, det, out))
     for sp in SPLITS:
         use = ok[(ok.split == sp) & ok.role.isin(['positive', 'negative'])]
-        _write(out, f'{sp}.txt', ''.join(f'./{x}\n' for x in use.png), shas)
-        _write(out, f'annotations/{sp}.json', _json(coco(use, det[det.split == sp], p.prepare.classes)), shas)
+        write_tracked(out, f'{sp}.txt', ''.join(f'./{x}\n' for x in use.png), shas)
+        write_tracked(out, f'annotations/{sp}.json', to_json(coco(use, det[det.split == sp], p.prepare.classes)), shas)
     names = dict(enumerate(p.prepare.classes))
-    _write(out, 'data.yaml', yaml.safe_dump(dict(train='train.txt', val='val.txt', test='test.txt', nc=len(names),
+    write_tracked(out, 'data.yaml', yaml.safe_dump(dict(train='train.txt', val='val.txt', test='test.txt', nc=len(names),
                                                  names=names), sort_keys=False), shas)
     fdf = pd.DataFrame(fails, columns=FAILURE_COLUMNS).sort_values(['stage', 'image_id', 'row', 'reason'], ignore_index=True)
     if p.prepare.paths == 'hashed':                    # folder names can hold MRNs: a version that leaves the hospital
         ok['path'] = [pseudonym(x, key, 'path') for x in ok.path]
         fdf['file'] = [pseudonym(x, key, 'path') or '' for x in fdf.file]
-    _write(out, 'images.csv', ok[IMAGE_OUT].to_csv(index=False), shas)
-    _write(out, 'boxes.csv', det.drop(columns=['labels']).to_csv(index=False, float_format='%.3f'), shas)
-    _write(out, 'failures.csv', fdf.to_csv(index=False), shas)
+    write_tracked(out, 'images.csv', ok[IMAGE_OUT].to_csv(index=False), shas)
+    write_tracked(out, 'boxes.csv', det.drop(columns=['labels']).to_csv(index=False, float_format='%.3f'), shas)
+    write_tracked(out, 'failures.csv', fdf.to_csv(index=False), shas)
     man = manifest(p, ok, det, fdf, shas, n_listed=len(images), targets=targets, warnings=warnings, key=key)
-    (out / 'manifest.json').write_text(_json(man))
+    (out / 'manifest.json').write_text(to_json(man))
     return man
 
 # %% ../nbs/06_prepare.ipynb #7034c5a6
-def _counts(ok: pd.DataFrame, det: pd.DataFrame, classes: list[str]) -> dict:
+def version_counts(ok: pd.DataFrame, det: pd.DataFrame, classes: list[str]) -> dict:
     boxes = {c: {sp: int(((det.cls == c) & (det.split == sp)).sum()) for sp in SPLITS} for c in classes}
     imgs = {c: {sp: int(det[(det.cls == c) & (det.split == sp)].image_id.nunique()) for sp in SPLITS} for c in classes}
     roles = {sp: {r: int(((ok.split == sp) & (ok.role == r)).sum()) for r in ('positive', 'negative', 'image_level')} for sp in SPLITS}
@@ -298,12 +286,12 @@ def split_warnings(ok: pd.DataFrame, targets: dict) -> list[str]:
 def manifest(p, ok, det, fdf, shas, n_listed, targets, warnings, key) -> dict:
     "The version's manifest (no timestamps, so a rebuild from the same params is byte-identical)."
     return dict(version=version_dir(p).name, name=p.name, data_params=data_params(p), params=p,
-                code=dict(package='mammo_nb', version=mammo_nb.__version__, git_commit=_git_commit()),
+                code=dict(package='mammo_nb', version=mammo_nb.__version__, git_commit=git_commit()),
                 source=dict(layout=p.source.layout, root=str(source_root(p)), images_listed=n_listed),
                 classes=list(p.prepare.classes), clahe=dict(p.clahe), split=dict(p.split),
                 split_fractions=split_fractions(ok, ok.split, targets),
                 grouping=grouping_summary(ok), warnings=list(warnings), pseudonym_key_fingerprint=key_fingerprint(key),
-                negative_sampling_seed=p.prepare.negative_seed, counts=_counts(ok, det, p.prepare.classes),
+                negative_sampling_seed=p.prepare.negative_seed, counts=version_counts(ok, det, p.prepare.classes),
                 decode=dict(full_decode=p.prepare.full_decode, decode_safety=p.prepare.decode_safety, need_px=decode_need(p),
                             images_per_reduce_level={int(k): int(v) for k, v in ok.decode_reduce.value_counts().sort_index().items()}),
                 failures=dict(total=int(len(fdf)), by_reason=fdf.reason.value_counts().sort_index().to_dict(), file='failures.csv'),
@@ -314,10 +302,9 @@ def ensure_source(p, progress: bool = True) -> bool:
     """A recipe without `source.root` reads the embedded synthetic set: write it first when it is missing (saying so
     in one line), as ultralytics fetches `coco8.yaml` on first use, but generated here, offline. True if written."""
     if p.source.root is not None or (source_root(p) / 'synth_info.json').exists(): return False
-    from mammo_nb.pipeline import stage_synth
     print(f"{p.name}: no source.root, so the embedded synthetic set ({p.synth.preset} preset, {p.source.layout} "
           f"layout) is written first, to {source_root(p)}", file=sys.stderr, flush=True)
-    stage_synth(p, progress)
+    synth_source(p, progress)
     return True
 
 def prepare(p, shard: str | None = None, merge_only: bool = False, progress: bool = True) -> dict:
@@ -370,10 +357,6 @@ class Version:
     boxes: pd.DataFrame
     failures: pd.DataFrame
 
-def file_sha256(f: str | Path) -> str:
-    "SHA-256 of file `f` (manifests and weights are recorded by it)."
-    return hashlib.sha256(Path(f).read_bytes()).hexdigest()
-
 def load_version(p_or_dir) -> Version:
     "The dataset version of recipe `p` (or at folder `p_or_dir`); fails clearly if it was not built."
     d = Path(p_or_dir) if isinstance(p_or_dir, (str, Path)) else version_dir(p_or_dir)
@@ -383,6 +366,39 @@ def load_version(p_or_dir) -> Version:
     for c in ('labels', 'crop', 'scale', 'size', 'pixelspacing'): im[c] = im[c].map(lit)
     return Version(d, json.loads((d / 'manifest.json').read_text()), im,
                    pd.read_csv(d / 'boxes.csv', dtype={'image_id': str}), pd.read_csv(d / 'failures.csv', dtype=str).fillna(''))
+
+# %% ../nbs/06_prepare.ipynb #fca9caa4
+def derive_version(V: Version, out: str | Path, images: pd.DataFrame, boxes: pd.DataFrame, lists: dict[str, pd.DataFrame],
+                   manifest: dict, parent: Version | None = None, labels: dict[str, str] | None = None,
+                   coco_classes: list[str] | None = None) -> Version:
+    """Write a dataset version derived from `V` at `out`: `V`'s PNGs through a link; for each split of `lists` (split
+    -> image rows) its images' label files (`V`'s, or `labels[image_id]`), its list and, with `coco_classes`, its COCO
+    JSON; `images`, `boxes`, `V`'s failures and `data.yaml`; and `manifest` with `derived_from` (`parent`, default
+    `V`) and the `files` table."""
+    out, parent, labels, shas = Path(out), parent or V, labels or {}, {}
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / 'images').exists(): os.symlink(os.path.relpath(V.dir / 'images', out), out / 'images')
+    for sp, rows in lists.items():
+        for r in rows.itertuples():
+            rel = f'labels/{r.study_id}/{r.image_id}.txt'
+            write_tracked(out, rel, labels[r.image_id] if r.image_id in labels else (V.dir / rel).read_text(), shas)
+        write_tracked(out, f'{sp}.txt', ''.join(f'./{x}\n' for x in rows.png), shas)
+        if coco_classes is not None:
+            write_tracked(out, f'annotations/{sp}.json', to_json(coco(rows, boxes[boxes.split == sp], coco_classes)), shas)
+    write_tracked(out, 'images.csv', images[IMAGE_OUT].to_csv(index=False), shas)
+    write_tracked(out, 'boxes.csv', boxes.to_csv(index=False, float_format='%.3f'), shas)
+    for rel in ('failures.csv', 'data.yaml'): write_tracked(out, rel, (V.dir / rel).read_text(), shas)
+    src = dict(version=parent.manifest['version'], manifest_sha256=file_sha256(parent.dir / 'manifest.json'),
+               dir=os.path.relpath(parent.dir, out))
+    (out / 'manifest.json').write_text(to_json(dict(manifest, derived_from=src, files=dict(sorted(shas.items())))))
+    return load_version(out)
+
+def originals(p, image_ids):
+    """The recipe's images `image_ids` ingested again from their source files at the decode level prepare used
+    (`ingest.Ingested`: image, crop on the decoded grid): for figures on the original, uncropped mammogram."""
+    paths = source_paths(p) if len(image_ids) else {}
+    for iid in image_ids:
+        yield iid, ingest(source_root(p) / paths[iid], p.prepare.margin, p.prepare.for_processing, need=decode_need(p))
 
 # %% ../nbs/06_prepare.ipynb #f22dcf5e
 def plot_counts(V: Version, ax=None):

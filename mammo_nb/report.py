@@ -14,41 +14,14 @@ import pandas as pd
 import yaml
 
 from .metrics import fmt_ci
-from .runs import val_ap_columns
+from .families import val_ap_columns
+from .files import file_sha256
+from .plots import PALETTE
 
 # %% auto #0
-__all__ = ['PALETTE', 'PACKAGES', 'theme', 'styled', 'froc_band', 'findings', 'folded', 'captured', 'environment',
-           'recipe_and_environment', 'version_facts', 'prepare_findings', 'detector_table', 'auc_table',
-           'detector_findings', 'plot_epochs', 'plot_intervals', 'selftrain_findings', 'plot_rounds', 'cv_findings',
-           'plot_folds', 'explain_findings', 'screenshot']
-
-# %% ../nbs/09a_report.ipynb #6441fd44
-PALETTE = 'colorblind'
-
-def theme():
-    "Set the reports' figure style (seaborn `whitegrid`, colour-blind-safe palette) for matplotlib and seaborn."
-    import seaborn as sns
-    sns.set_theme(context='notebook', style='whitegrid', palette=PALETTE,
-                  rc={'figure.dpi': 96, 'savefig.bbox': 'tight', 'axes.titlesize': 12, 'axes.labelsize': 11,
-                      'legend.fontsize': 9, 'legend.frameon': False})
-
-@contextmanager
-def styled():
-    "The reports' style for the figures drawn inside, matplotlib's settings restored after (figures a stage writes to files)."
-    import matplotlib as mpl
-    with mpl.rc_context():
-        theme(); yield
-
-def froc_band(ax, froc: dict, color, alpha: float = 0.15):
-    """Draw the bootstrap interval of a FROC (`froc`: rate -> {value, lo, hi}, as in metrics.json) as a band over its
-    false-positive rates, straight between them on the log axis; return the rates, lows and highs drawn."""
-    r = sorted(froc, key=float)
-    x = np.array([float(k) for k in r])
-    lo, hi = (np.array([np.nan if froc[k].get(q) is None else froc[k][q] for k in r], float) for q in ('lo', 'hi'))
-    ok = np.isfinite(lo) & np.isfinite(hi)
-    if ok.any(): ax.fill_between(x[ok], lo[ok], hi[ok], color=color, alpha=alpha, lw=0)
-    return x[ok], lo[ok], hi[ok]
-
+__all__ = ['PACKAGES', 'findings', 'folded', 'captured', 'environment', 'recipe_and_environment', 'version_facts',
+           'prepare_findings', 'detector_table', 'auc_table', 'detector_findings', 'plot_epochs', 'plot_intervals',
+           'selftrain_findings', 'plot_rounds', 'cv_findings', 'plot_folds', 'explain_findings', 'screenshot']
 
 # %% ../nbs/09a_report.ipynb #805ca0d0
 _CSS = ('<style>.mammo-findings{border:1px solid #bbb;border-left:6px solid #0173b2;padding:.5em 1em;margin:.5em 0;'
@@ -117,7 +90,6 @@ def recipe_and_environment(p):
 # %% ../nbs/09a_report.ipynb #90d0d49d
 def version_facts(V, recipe: str) -> dict:
     "What a version report names: version, recipe, package and commit that built it, manifest hash."
-    from mammo_nb.prepare import file_sha256
     m = V.manifest
     return {'version': m['version'], 'recipe': recipe, 'package': f"mammo_nb {m['code']['version']}", 'git commit': m['code']['git_commit'],
             'manifest sha256': file_sha256(V.dir / 'manifest.json')[:16]}

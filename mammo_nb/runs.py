@@ -5,35 +5,31 @@
 # %% ../nbs/07a_runs.ipynb #1f2b5eaa
 from __future__ import annotations
 import hashlib, json
+from dataclasses import dataclass
 from pathlib import Path
 
+from .params import result_settings
 from .prepare import version_dir
 
-_NOT_LEARNING = ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'resume', 'evaluate', 'run_name', 'plots')
 _ADDED = {'weights': None, 'freeze': 0, 'transfer_lr': 1.0}       # settings added later enter the hash only when set: earlier runs keep their names
 
 def models(p) -> list[str]:
     "The recipe's model(s) as a list."
     return list(p.train.model) if isinstance(p.train.model, list) else [p.train.model]
 
+def learning_settings(p) -> dict:
+    "The `train` settings that change what a run learns: those whose schema `effect` is `results`."
+    return result_settings(p.train, 'train', drop=('runtime', 'report'))
+
 def run_name(p, model: str) -> str:
     "`train.run_name`, else `<model stem>-<8 hex of the learning params>`."
     if p.train.run_name: return p.train.run_name if len(models(p)) == 1 else f'{p.train.run_name}-{Path(model).stem}'
-    t = {k: v for k, v in p.train.items() if k not in _NOT_LEARNING and not (k in _ADDED and v == _ADDED[k])}
+    t = {k: v for k, v in learning_settings(p).items() if not (k in _ADDED and v == _ADDED[k])}
     t['model'] = model
     h = hashlib.sha256(json.dumps(t, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f'{Path(model).stem}-{h}'
 
 def run_dir(p, model: str) -> Path: return version_dir(p) / 'runs' / run_name(p, model)
-
-# a run's results.csv: the val AP columns of each detector family (ultralytics' validator; the evaluation's COCO AP)
-VAL_AP = {'ultralytics': ('metrics/mAP50(B)', 'metrics/mAP50-95(B)'), 'torchvision': ('val/map50', 'val/map50_95')}
-
-def val_ap_columns(results) -> tuple[list[str], str]:
-    "The val AP50 and AP50:95 columns present in a run's `results.csv` table, and the family that wrote them."
-    for fam, cols in VAL_AP.items():
-        if cols[0] in results: return [c for c in cols if c in results], fam
-    return [], ''
 
 def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
     "The run folders `runs`, else those of the recipe's model(s)."
@@ -41,4 +37,43 @@ def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
 
 
 # %% auto #0
-__all__ = ['VAL_AP', 'models', 'run_name', 'run_dir', 'val_ap_columns', 'run_dirs']
+__all__ = ['models', 'learning_settings', 'run_name', 'run_dir', 'run_dirs', 'RunDir']
+
+# %% ../nbs/07a_runs.ipynb #4730dd7d
+@dataclass(frozen=True)
+class RunDir:
+    "A run folder `dir` and the files every detector family writes in it."
+    dir: Path
+    def __post_init__(self): object.__setattr__(self, 'dir', Path(self.dir))
+    @property
+    def name(self) -> str: return self.dir.name
+    @property
+    def best(self) -> Path: return self.dir / 'weights' / 'best.pt'
+    @property
+    def last(self) -> Path: return self.dir / 'weights' / 'last.pt'
+    @property
+    def results(self) -> Path: return self.dir / 'results.csv'
+    @property
+    def eval_dir(self) -> Path: return self.dir / 'eval'
+    @property
+    def metrics_file(self) -> Path: return self.eval_dir / 'metrics.json'
+    def predictions(self, split: str) -> Path: return self.eval_dir / f'predictions-{split}.csv'
+    @property
+    def record(self) -> dict:
+        "`train.json` ({} before the run has finished once)."
+        f = self.dir / 'train.json'
+        return json.loads(f.read_text()) if f.exists() else {}
+    def write_record(self, rec: dict) -> None:
+        "Write `train.json`."
+        (self.dir / 'train.json').write_text(json.dumps(rec, indent=1, default=str))
+    @property
+    def metrics(self) -> dict | None:
+        "`eval/metrics.json`, None before the run is evaluated."
+        return json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else None
+    @property
+    def done(self) -> bool:
+        "Finished: `train.json` says done and `best.pt` is there."
+        return self.record.get('status') == 'done' and self.best.exists()
+    def imgsz(self, default: int) -> int:
+        "The input size the run was trained at (`default` for a run without a record)."
+        return self.record.get('args', {}).get('imgsz', default)

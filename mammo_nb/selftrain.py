@@ -13,11 +13,15 @@ import torch
 import torchvision
 
 from .annotations import yolo_lines
+from .errors import TrainError
 from .evaluate import evaluate_run, predict
+from .files import file_sha256
 from .metrics import fmt_ci, hit_matrix, lesion_ids
-from .prepare import IMAGE_OUT, SPLITS, Version, _counts, _json, _write, file_sha256, load_version
+from .prepare import SPLITS, Version, derive_version, load_version, version_counts
+from .runs import RunDir, learning_settings, models
 from .split import group_keys
-from .train import TrainError, check_device, check_version, models, train_run
+from .train import train_run
+from .trainutil import check_device, check_version
 
 # %% auto #0
 __all__ = ['hide_labels', 'unlabeled_pool', 'pseudo_boxes', 'pseudo_quality', 'derive', 'selftrain_id', 'selftrain',
@@ -79,8 +83,6 @@ def pseudo_quality(pseudo: pd.DataFrame, truth: pd.DataFrame, images: list[str],
 # %% ../nbs/12_selftrain.ipynb #2b65916e
 def derive(V: Version, out: Path, rnd: int, train_ids: list[str], pseudo: pd.DataFrame, parent: Version, info: dict) -> Version:
     "Write round `rnd`'s dataset version at `out` from base version `V`; `parent` is the round before (or `V`)."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    if not (out / 'images').exists(): os.symlink(os.path.relpath(V.dir / 'images', out), out / 'images')
     im = V.images.copy()
     ps_ids = set(pseudo.image_id)
     in_train = im.image_id.isin(train_ids)
@@ -89,38 +91,24 @@ def derive(V: Version, out: Path, rnd: int, train_ids: list[str], pseudo: pd.Dat
     W, H = (pseudo.image_id.map(im.set_index('image_id')['size'].str[k]).astype(float) for k in (0, 1))
     ps = pseudo.assign(w=(pseudo.x1 - pseudo.x0) / W, h=(pseudo.y1 - pseudo.y0) / H, cx=(pseudo.x0 + pseudo.x1) / 2 / W,
                        cy=(pseudo.y0 + pseudo.y1) / 2 / H, layer='pseudo', split='train')
-    ps_lines = {i: yolo_lines(g) for i, g in ps.groupby('image_id')}
     kept = V.boxes[~V.boxes.image_id.isin(im.image_id[im.role.isin(['unlabeled', 'pseudo'])])]
     det = pd.concat([kept, ps[[c for c in ps.columns if c in kept.columns or c == 'score']]], ignore_index=True) if len(ps) else kept
     # (an empty frame in the concat would turn every coordinate column into `object`)
-    shas = {}
     lists = {'train': im[in_train], **{sp: im[(im.split == sp) & im.role.isin(['positive', 'negative'])] for sp in ('val', 'test')}}
-    for sp, rows in lists.items():
-        for r in rows.itertuples():
-            rel = f'labels/{r.study_id}/{r.image_id}.txt'
-            text = ps_lines[r.image_id] if r.image_id in ps_ids else (V.dir / rel).read_text()
-            _write(out, rel, text, shas)
-        _write(out, f'{sp}.txt', ''.join(f'./{x}\n' for x in rows.png), shas)
-    _write(out, 'images.csv', im[IMAGE_OUT].to_csv(index=False), shas)
-    _write(out, 'boxes.csv', det.to_csv(index=False, float_format='%.3f'), shas)
-    _write(out, 'failures.csv', (V.dir / 'failures.csv').read_text(), shas)
-    _write(out, 'data.yaml', (V.dir / 'data.yaml').read_text(), shas)
     classes = V.manifest['classes']
-    counts = _counts(im[in_train | (im.split != 'train')].assign(role=lambda x: x.role.replace('pseudo', 'positive')),
-                     det.merge(im[['image_id']], on='image_id'), classes)
-    man = dict(version=f"{V.manifest['version']}-{out.parent.name}-r{rnd}", name=V.manifest['name'], derived_from=dict(
-                   version=parent.manifest['version'], manifest_sha256=file_sha256(parent.dir / 'manifest.json'), dir=os.path.relpath(parent.dir, out)),
+    counts = version_counts(im[in_train | (im.split != 'train')].assign(role=lambda x: x.role.replace('pseudo', 'positive')),
+                            det.merge(im[['image_id']], on='image_id'), classes)
+    man = dict(version=f"{V.manifest['version']}-{Path(out).parent.name}-r{rnd}", name=V.manifest['name'],
                base_version=V.manifest['version'], round=rnd, selftrain=info, classes=classes, clahe=V.manifest['clahe'],
                split=V.manifest['split'], negative_sampling_seed=V.manifest['negative_sampling_seed'], counts=counts,
                pseudo=dict(images=len(ps_ids), boxes_per_class=pseudo.cls.value_counts().sort_index().to_dict()),
-               code=V.manifest['code'], failures=V.manifest['failures'], files=dict(sorted(shas.items())))
-    (out / 'manifest.json').write_text(_json(man))
-    return load_version(out)
+               code=V.manifest['code'], failures=V.manifest['failures'])
+    return derive_version(V, out, im, det, lists, man, parent=parent, labels={i: yolo_lines(g) for i, g in ps.groupby('image_id')})
 
 # %% ../nbs/12_selftrain.ipynb #1fdb5739
 def selftrain_id(p, V: Version) -> str:
     "`st-<8 hex>` of what the rounds depend on: base version, model, train and selftrain params."
-    d = dict(version=V.manifest['version'], train={k: v for k, v in p.train.items() if k not in ('device', 'workers', 'threads', 'cpu_workers', 'cache', 'evaluate')},
+    d = dict(version=V.manifest['version'], train=learning_settings(p),
              selftrain={k: v for k, v in p.selftrain.items() if k != 'control'})
     return 'st-' + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -183,13 +171,14 @@ def selftrain(p, progress: bool = True) -> dict:
         rd = train_run(sp, init, R, d / 'runs' / ('teacher' if k == 0 else 'student'))
         m = evaluate_run(sp, rd, progress, R)
         rounds.append(_round_row(k, R, rd, m, train_ids, pseudo, q, t0))
-        parent, teacher = R, rd / 'weights' / 'best.pt'
+        parent, teacher = R, RunDir(rd).best
     control = None
     if s.control and s.rounds:                 # the teacher trained on for a student's epochs, without pseudo-labels
         t0 = time.time()
         R0 = load_version(root / 'round-0')
-        sp = _student_params(p, root / 'round-0' / 'runs' / 'teacher' / 'weights' / 'best.pt')
-        init = str(root / 'round-0' / 'runs' / 'teacher' / 'weights' / 'best.pt') if s.student_init == 'teacher' else model
+        t0_best = RunDir(root / 'round-0' / 'runs' / 'teacher').best
+        sp = _student_params(p, t0_best)
+        init = str(t0_best) if s.student_init == 'teacher' else model
         rd = train_run(sp, init, R0, root / 'round-0' / 'runs' / 'control')
         m = evaluate_run(sp, rd, progress, R0)
         control = _round_row('control', R0, rd, m, list(labeled.image_id), pseudo.iloc[:0], None, t0)

@@ -16,7 +16,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .clahe import render, settings, to_original
 from .ingest import IngestError, ingest
-from .prepare import file_sha256
+from .families import family_of_weights
+from .files import file_sha256
+from .runs import RunDir
 
 # %% auto #0
 __all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'sniff', 'Predictor', 'create_app', 'serve']
@@ -35,9 +37,9 @@ def sniff(head: bytes) -> str | None:
 # %% ../nbs/13_serve.ipynb #a1b6c8b7
 class Predictor:
     "A trained run ready to score one image at a time: weights, classes, threshold and the version's preprocessing."
-    def __init__(self, run_dir: str | Path, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21), threads: int | None = None):
-        self.rd = Path(run_dir)
-        self.weights = self.rd / 'weights' / 'best.pt'
+    def __init__(self, run_dir: str | Path, device: str = 'cpu', conf: float = 0.05, layers=None, threads: int | None = None):
+        run = RunDir(run_dir)
+        self.rd, self.weights = run.dir, run.best
         man_f = self.rd.parent.parent / 'manifest.json'
         if not self.weights.is_file() or not man_f.is_file():
             raise FileNotFoundError(f"'{run_dir}' is not a trained run of a dataset version (need weights/best.pt and ../../manifest.json)")
@@ -46,17 +48,14 @@ class Predictor:
         self.margin = int(man.get('params', {}).get('prepare', {}).get('margin', 4))
         self.for_processing = man.get('params', {}).get('prepare', {}).get('for_processing', 'skip')
         self.need = man.get('decode', {}).get('need_px')            # as the version was decoded (None: full; older versions too)
-        tj = json.loads((self.rd / 'train.json').read_text()) if (self.rd / 'train.json').exists() else {}
-        self.imgsz = int(tj.get('args', {}).get('imgsz', 640))
-        mj = self.rd / 'eval' / 'metrics.json'
-        op = json.loads(mj.read_text()).get('operating_point', {}) if mj.exists() else {}
+        self.imgsz = int(run.imgsz(640))
+        op = (run.metrics or {}).get('operating_point', {})
         known = op.get('threshold') is not None
         self.threshold = float(op['threshold']) if known else 0.25
         self.threshold_source = 'operating point chosen on val' if known else 'default 0.25 (run not evaluated)'
-        self.device, self.conf, self.layers, self.threads = device, conf, list(layers), threads
+        self.device, self.conf, self.layers, self.threads = device, conf, layers, threads     # layers None: the family's
         self.ids = dict(run=self.rd.name, version=man['version'], manifest_sha256=file_sha256(man_f), weights_sha256=file_sha256(self.weights),
                         classes=self.classes, imgsz=self.imgsz, threshold=self.threshold, threshold_source=self.threshold_source)
-        from mammo_nb.detectors import family_of_weights
         self.family = family_of_weights(self.weights)
         self.run = self.family.runner(self.weights, self.imgsz, device, conf, 0.6, 100, threads)
         self._ex, self.lock = None, threading.Lock()
@@ -155,7 +154,7 @@ $('form').addEventListener('submit', async ev => {
 });
 </script></body></html>"""
 
-def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'cpu', conf: float = 0.05, layers=(15, 18, 21),
+def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'cpu', conf: float = 0.05, layers=None,
                threads: int | None = None):
     "The FastAPI app serving run `run_dir` (`threads`: CPU threads, None: every core)."
     P = Predictor(run_dir, device, conf, layers, threads)

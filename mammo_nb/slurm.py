@@ -7,16 +7,14 @@ from __future__ import annotations
 import os, shlex, shutil, subprocess, sys, time
 from pathlib import Path
 
+from .errors import SlurmError
 from .params import load_params
 from .prepare import version_name
 
 # %% auto #0
-__all__ = ['SlurmError', 'sbatch_script', 'slurm_jobs', 'write_scripts', 'submit']
+__all__ = ['sbatch_script', 'slurm_jobs', 'write_scripts', 'submit']
 
 # %% ../nbs/10_slurm.ipynb #a923ffbb
-class SlurmError(RuntimeError):
-    "sbatch refused a job, or Slurm is not available."
-
 def _setup_lines(s) -> list[str]:
     "The recipe's set-up lines, or activation of the environment mammo runs from."
     if s.setup is not None: return list(s.setup)

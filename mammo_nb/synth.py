@@ -21,9 +21,9 @@ from .params import SYNTH_REVISION
 # %% auto #0
 __all__ = ['FULL_H', 'FULL_W', 'FULL_SPACING', 'FINDING_CLASSES', 'PRESETS', 'VENDORS', 'VIEWS', 'DENSITY_P', 'BIRADS_OF',
            'DENSITY_FRAC', 'SYNTAXES', 'MG_PRESENTATION', 'FINDING_COLUMNS', 'BREAST_COLUMNS', 'SynthConfig',
-           'get_config', 'powerlaw_noise', 'plan_dataset', 'breast_profile', 'render_anatomy', 'skin_layer',
-           'render_finding', 'detector', 'synth_image', 'write_dicom', 'class_counts', 'synth_dataset', 'example_job',
-           'display', 'show_boxes']
+           'get_config', 'powerlaw_noise', 'dicom_uid', 'plan_dataset', 'breast_profile', 'render_anatomy',
+           'skin_layer', 'render_finding', 'detector', 'synth_image', 'encode_pixels', 'write_dicom', 'class_counts',
+           'synth_dataset', 'example_job', 'display', 'show_boxes']
 
 # %% ../nbs/01_synth.ipynb #0a52b5a7
 FULL_H, FULL_W, FULL_SPACING = 4084, 3328, 0.085   # pixels, pixels, mm
@@ -106,7 +106,7 @@ _GIVEN = ('THI MAI', 'ANNA', 'MARIA', 'LINH', 'SARAH', 'JULIA', 'HOA', 'ELENA', 
 
 def _hex(*parts) -> str: return hashlib.md5('/'.join(map(str, parts)).encode()).hexdigest()
 
-def _uid(*parts) -> str:
+def dicom_uid(*parts) -> str:
     "A deterministic DICOM UID under the 2.25 root (UUID-derived, <= 64 chars)."
     return '2.25.' + str(int(hashlib.sha1('/'.join(map(str, parts)).encode()).hexdigest()[:30], 16))
 
@@ -174,8 +174,8 @@ def plan_dataset(cfg: SynthConfig, seed: int = 0) -> list[dict]:
                     findings=[f for f in findings[lat] if view in f['views']],
                     breast_findings=findings[lat], vendor=look_vendor(vendor, look), look=look,
                     study_date=day.strftime('%Y%m%d'), age=age,
-                    uids=dict(study=_uid(seed, 'st', p, s), series=_uid(seed, 'se', p, s, lat, view),
-                              sop=_uid(seed, 'sop', p, s, lat, view)),
+                    uids=dict(study=dicom_uid(seed, 'st', p, s), series=dicom_uid(seed, 'se', p, s, lat, view),
+                              sop=dicom_uid(seed, 'sop', p, s, lat, view)),
                     height=cfg.height, width=cfg.width, spacing=cfg.spacing, seed=image_seed))
     return jobs
 
@@ -522,7 +522,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 SYNTAXES = {'explicit': ExplicitVRLittleEndian, 'jpeg2000': JPEG2000Lossless, 'jpegls': JPEGLSLossless}
 MG_PRESENTATION = '1.2.840.10008.5.1.4.1.1.1.2'
 
-def _encode(arr: np.ndarray, syntax: str, bits: int) -> bytes:
+def encode_pixels(arr: np.ndarray, syntax: str, bits: int) -> bytes:
     import imagecodecs
     if syntax == 'jpeg2000':
         return imagecodecs.jpeg2k_encode(arr, level=0, codecformat='J2K', reversible=True, bitspersample=bits, numthreads=1)
@@ -582,7 +582,7 @@ def write_dicom(path: Path, stored: np.ndarray, job: dict, rng) -> None:
     if v['syntax'] == 'explicit':
         ds.PixelData = stored.astype('<u2').tobytes()
     else:
-        ds.PixelData = encapsulate([_encode(stored, v['syntax'], v['bits'])])
+        ds.PixelData = encapsulate([encode_pixels(stored, v['syntax'], v['bits'])])
         ds['PixelData'].VR = 'OB'
         ds.LossyImageCompression = '00'
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -716,7 +716,7 @@ def example_job(findings=(), view='CC', laterality='L', vendor=0, density='B', p
                 study_id=_hex('ex', seed), series_id=_hex('exs', seed, view), image_id=_hex('exi', seed, view, laterality),
                 laterality=laterality, view_position=view, split='training', density=density, findings=fs,
                 breast_findings=fs, vendor=VENDORS[vendor], study_date='20200101', age=60,
-                uids=dict(study=_uid('ex', seed), series=_uid('exs', seed), sop=_uid('exi', seed, view)),
+                uids=dict(study=dicom_uid('ex', seed), series=dicom_uid('exs', seed), sop=dicom_uid('exi', seed, view)),
                 height=cfg.height, width=cfg.width, spacing=cfg.spacing, seed=seed)
 
 def display(stored: np.ndarray, photometric: str) -> np.ndarray:

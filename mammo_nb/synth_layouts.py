@@ -15,13 +15,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, PYDICOM_IMPLEMENTATION_UID
 
-from .params import SYNTH_REVISION
-from .synth import MG_PRESENTATION, _encode, _uid, synth_dataset
+from .params import SCHEMA, SYNTH_REVISION
+from .synth import MG_PRESENTATION, class_counts, dicom_uid, encode_pixels, synth_dataset
 
 # %% auto #0
 __all__ = ['LAYOUT_SETTINGS', 'CBIS_COLUMNS', 'RSNA_COLUMNS', 'MIAS_CLASS', 'MIAS_HEADER', 'CSV_COLUMNS', 'INBREAST_ROI',
            'INBREAST_COLUMNS', 'WRITERS', 'vindr_findings', 'display_u16', 'write_dcm', 'write_cbis', 'write_rsna',
-           'write_mias', 'write_csv', 'write_inbreast', 'synth_layout', 'read_truth', 'truth_counts']
+           'write_mias', 'write_csv', 'write_inbreast', 'synth_layout', 'read_truth', 'truth_counts', 'synth_overrides',
+           'synth_source']
 
 # %% ../nbs/01a_synth_layouts.ipynb #a650fc43
 LAYOUT_SETTINGS = {
@@ -73,7 +74,7 @@ def write_dcm(path: Path, arr: np.ndarray, patient_id: str, uid: str, bits: int 
     bits = bits or 8 * arr.dtype.itemsize
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8 * arr.dtype.itemsize, bits, bits - 1
     if j2k:
-        ds.PixelData = encapsulate([_encode(arr, 'jpeg2000', bits)]); ds['PixelData'].VR = 'OB'
+        ds.PixelData = encapsulate([encode_pixels(arr, 'jpeg2000', bits)]); ds['PixelData'].VR = 'OB'
     else: ds.PixelData = arr.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -107,11 +108,11 @@ def write_cbis(src: Path, out: Path, seed: int = 0) -> pd.DataFrame:
         full = display_u16(src / r0.path)
         nbia = _h(seed, folder) % 5 == 0                    # files at NBIA-style paths the CSV does not name
         def place(fold, name, k):
-            csv = f'{fold}/{_uid(seed, fold, k)}/{_uid(seed, fold, k, "s")}/{name}'
+            csv = f'{fold}/{dicom_uid(seed, fold, k)}/{dicom_uid(seed, fold, k, "s")}/{name}'
             disk = f'{fold}/08-07-2016-DDSM-{_h(fold) % 90000 + 10000}/{k + 1}.000000-{fold[:4]}-{_h(fold, k) % 9000}/1-{k + 1}.dcm' if nbia else csv
             return csv, disk
         img_csv, img_disk = place(folder, '000000.dcm', 0)
-        write_dcm(out / img_disk, full, folder, _uid(seed, folder), 16)
+        write_dcm(out / img_disk, full, folder, dicom_uid(seed, folder), 16)
         for a, r in enumerate(g.itertuples(), 1):
             roi = f'{folder}_{a}'
             (crop_csv, crop_disk), (mask_csv, mask_disk) = place(roi, '000001.dcm', 1), place(roi, '000000.dcm', 0)
@@ -120,9 +121,9 @@ def write_cbis(src: Path, out: Path, seed: int = 0) -> pd.DataFrame:
             c = ((r.txmin + r.txmax) / 2, (r.tymin + r.tymax) / 2)
             cv2.ellipse(mask, (round(c[0] * 16), round(c[1] * 16)), (round((r.txmax - r.txmin) / 2 * 16), round((r.tymax - r.tymin) / 2 * 16)),
                         0, 0, 360, 255, -1, cv2.LINE_8, 4)
-            write_dcm(out / mask_disk, mask, roi, _uid(seed, roi, 'mask'), 8)
+            write_dcm(out / mask_disk, mask, roi, dicom_uid(seed, roi, 'mask'), 8)
             x0, y0, x1, y1 = (int(v) for v in (r.xmin, r.ymin, np.ceil(r.xmax), np.ceil(r.ymax)))
-            write_dcm(out / crop_disk, np.ascontiguousarray(full[y0:y1, x0:x1]), roi, _uid(seed, roi, 'crop'), 16)
+            write_dcm(out / crop_disk, np.ascontiguousarray(full[y0:y1, x0:x1]), roi, dicom_uid(seed, roi, 'crop'), 16)
             swap = _h(seed, roi, 'swap') % 4 == 0                  # the public CSVs swap these two columns now and then
             nl = '\n' if _h(seed, roi, 'nl') % 3 == 0 else ''      # ... and end some paths with a newline
             birads = float(str(r.finding_birads).split()[-1])
@@ -164,7 +165,7 @@ def write_rsna(src: Path, out: Path, seed: int = 0) -> pd.DataFrame:
         ts = ds.file_meta.TransferSyntaxUID
         if ts != JPEG2000Lossless and _h(seed, iid) % 5:
             arr = decode(ds)[0]
-            ds.PixelData = encapsulate([_encode(np.ascontiguousarray(arr), 'jpeg2000', int(ds.BitsStored))])
+            ds.PixelData = encapsulate([encode_pixels(np.ascontiguousarray(arr), 'jpeg2000', int(ds.BitsStored))])
             ds['PixelData'].VR = 'OB'
             ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
         ds.PatientID, ds.PatientName, ds.PatientBirthDate = str(pid), '', ''
@@ -370,3 +371,21 @@ def truth_counts(truth: pd.DataFrame) -> pd.DataFrame:
     t = truth.explode('categories')
     t['kind'] = np.where(t.get('txmin', pd.Series(np.nan, index=t.index)).notna(), 'box', 'image level')
     return t.pivot_table(index='categories', columns='kind', values='path', aggfunc='count', fill_value=0)
+
+# %% ../nbs/01a_synth_layouts.ipynb #ac24b124
+def synth_overrides(s) -> dict:
+    "The preset overrides set in a recipe's `synth` section: its `results` fields other than preset and seed."
+    return {k: s[k] for k, f in SCHEMA['synth'].items() if k not in ('preset', 'seed') and f.effect == 'results' and s.get(k) is not None}
+
+def synth_source(p, progress: bool = True, shard: tuple[int, int] | None = None) -> dict:
+    """Generate the embedded default dataset described by `p.synth`, in the layout `p.source.layout` (skipped when
+    already complete); `shard=(i, n)`: render only that shard (a Slurm array task), the call without it merges."""
+    s, layout = p.synth, p.source.layout
+    if layout != 'vindr':
+        r = synth_layout(s.out, layout, s.preset, s.seed, s.workers, progress=progress, shard=shard, **synth_overrides(s))
+    else: r = synth_dataset(s.out, s.preset, s.seed, s.workers, progress=progress, shard=shard, **synth_overrides(s))
+    out = dict(out=str(s.out), layout=layout, images=r['n_images'], seconds=round(r['seconds'], 1), skipped=r['skipped'])
+    if shard is not None: return out | {'shard': r['shard']}
+    counts = (class_counts(r['findings']) if layout == 'vindr' else truth_counts(r['truth']) if 'categories' in r['truth']
+              else r['truth'].cancer.value_counts().rename_axis('cancer'))
+    return out | {'counts': counts}
