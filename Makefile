@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # tiny training 43 s instead of 27 s). An empty value lets Python write them as it imports (and reuse them).
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install demo test check-nbs nbtest pytest bench bench-train clean
+.PHONY: install demo test check-nbs lint nbtest pytest bench bench-train clean
 
 # The venv is rebuilt only when the dependency files change.
 $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	($(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -r requirements.txt) \
 	  || $(BIN)/pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb.cli, mammo_nb.train, mammo_nb.evaluate, mammo_nb.explain, \
+	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb.cli, mammo_nb.train, mammo_nb.families.ultralytics, mammo_nb.families.torchvision, mammo_nb.evaluate, mammo_nb.explain, \
 	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, mammo_nb.cv, ensemble_boxes, pydicom, nbdev, papermill, pycocotools.coco, matplotlib.pyplot; \
 	  print('installed: torch', torch.__version__, '| mammo_nb', mammo_nb.__version__)"
 	touch $@
@@ -31,11 +31,15 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/mammo run params/demo.yaml
 
-test: install check-nbs nbtest pytest
+test: install check-nbs lint nbtest pytest
 
 # notebooks clean and module in sync: nbdev_clean and nbdev_export must change nothing
 check-nbs: install
 	PATH=$(BIN):$$PATH bash .ci/check_nbdev.sh
+
+# the layer contracts of .importlinter: an import from a lower layer up to a higher one fails here
+lint: install
+	cd $(CURDIR) && $(BIN)/lint-imports --no-cache
 
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 2 --timing

@@ -98,7 +98,8 @@ class GPUSampler(threading.Thread):
 def bench_train(recipe: Path, epochs: int, overrides: dict) -> dict:
     from mammo_nb.params import load_params
     from mammo_nb.prepare import prepare, version_dir
-    from mammo_nb.train import check_version, train_run
+    from mammo_nb.train import train_run
+    from mammo_nb.trainutil import check_version
     p = load_params(recipe, {**overrides, 'train': {'epochs': epochs, 'val_every': epochs, **overrides.get('train', {})}})
     t = time.perf_counter()
     if not (version_dir(p) / 'manifest.json').exists(): prepare(p, progress=False)      # writes the synthetic set first if needed

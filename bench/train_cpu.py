@@ -35,7 +35,8 @@ def main():
     from mammo_nb.params import load_params
     from mammo_nb.pipeline import stage_synth
     from mammo_nb.prepare import prepare, version_dir
-    from mammo_nb.train import train_run, cpu_threads
+    from mammo_nb.train import train_run
+    from mammo_nb.trainutil import cpu_threads
     p = load_params(a.recipe)
     if not (version_dir(p) / 'manifest.json').exists():
         if p.source.root is None: stage_synth(p)

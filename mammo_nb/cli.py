@@ -168,7 +168,7 @@ def cmd_evaluate(a) -> int:
         if x['overlap']['images'] or x['overlap']['patients']:
             print(f"overlap (allowed): {x['overlap']['images']} images, {x['overlap']['patients']} patients")
         print(internal_vs_external(rd).to_string())
-        print(f"file: {RunDir(rd).eval_dir / 'external' / x['scored_on'] / 'metrics.json'}")
+        print(f"file: {RunDir(rd).external_dir(x['scored_on']) / 'metrics.json'}")
     return 0
 
 def cmd_cv(a) -> int:

@@ -206,7 +206,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
     S = Scored(ims, gt, pred, classes, score, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
     S.threshold = internal['operating_point']['threshold']
     B = bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress)
-    out_dir = run.eval_dir / 'external' / Vy.manifest['version']; out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = run.external_dir(Vy.manifest['version']); out_dir.mkdir(parents=True, exist_ok=True)
     pred.to_csv(out_dir / f'predictions-{split}.csv', index=False)
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)))
     out = clean_json(dict(run=rd.name, trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split,
@@ -224,7 +224,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
 def external_runs(rd: Path) -> pd.DataFrame:
     "One row per external evaluation of run `rd`: the version scored, its split and images, the classes not scorable, the overlap."
     rows = []
-    for f in sorted((RunDir(rd).eval_dir / 'external').glob('*/metrics.json')):
+    for f in RunDir(rd).external_metrics:
         x = json.loads(f.read_text())
         rows.append(dict(version=x['scored_on'], split=x['split'], images=x['splits'][x['split']]['n_images'],
                          not_scorable=', '.join(x['class_alignment']['not_scorable']) or '-',
@@ -238,7 +238,7 @@ def internal_vs_external(rd: Path, internal_split: str = 'test') -> pd.DataFrame
     m = run.metrics
     base = m['splits'][internal_split]['per_class']
     cols = {f"internal: {m['version']} {internal_split}": (base, [])}
-    for f in sorted((run.eval_dir / 'external').glob('*/metrics.json')):
+    for f in run.external_metrics:
         x = json.loads(f.read_text())
         per = x['splits'][x['split']]['per_class']
         cols[f"external: {x['scored_on']} {x['split']}"] = ({c: per[y] for c, y in x['class_alignment']['scored'].items()},

@@ -117,7 +117,7 @@ SCHEMA = {
     },
     'train': {
         'model': Field((str, list), 'yolov8n.yaml', 'detector: an ultralytics `.yaml` (from scratch) or local `.pt`, or a '
-                       'torchvision detector by name (`mammo_nb.tvdet.ARCHS`: fasterrcnn_resnet50_fpn_v2, '
+                       'torchvision detector by name (`mammo_nb.families.torchvision.ARCHS`: fasterrcnn_resnet50_fpn_v2, '
                        'fasterrcnn_mobilenet_v3_large_fpn, retinanet_resnet50_fpn_v2, ...) or its run\'s `.pt`; a list '
                        'trains each and writes a per-class comparison table', items=str),
         'weights': Field((str, dict), None, "local state dict (.pth) a torchvision detector starts from: a COCO detector's "
@@ -371,7 +371,7 @@ def validate(d: dict, source: str = '<params>') -> AttrDict:
     if errs: raise ParamsError(f"{source}: " + ('\n  '.join([''] + errs) if len(errs) > 1 else errs[0]))
     return _attr(out)
 
-# %% ../nbs/00_params.ipynb #793d029a
+# %% ../nbs/00_params.ipynb #e80e50dc
 def result_settings(values: dict, section: str | None = None, drop=('runtime',)) -> dict:
     """`values` (a recipe, or its `section` such as `'train'`) without the fields whose `effect` is in `drop`; nested
     sections are walked, free-form mappings (`train.hyp`) kept whole."""

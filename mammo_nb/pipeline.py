@@ -155,7 +155,7 @@ def headlines(p) -> dict:
     out = {}
     for rd in map(RunDir, run_dirs(p)):              # (runs, not train: no torch import for a chain that skipped everything)
         if (m := rd.metrics) is not None: out[rd.name] = headline(m, ('test',), 1)
-        for f in sorted((rd.eval_dir / 'external').glob('*/metrics.json')):     # external validations, beside it
+        for f in rd.external_metrics:                                            # external validations, beside it
             x = json.loads(f.read_text())
             out.setdefault(rd.name, {}).update({f"external {x['scored_on']} {k}": v for k, v in headline(x, None, 1).items() if 'ultralytics' not in k})
         cv = cv_root(p) / rd.name / 'cv.json'                                    # pooled out-of-fold and the fold ensemble

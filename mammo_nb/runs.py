@@ -39,7 +39,7 @@ def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
 # %% auto #0
 __all__ = ['models', 'learning_settings', 'run_name', 'run_dir', 'run_dirs', 'RunDir']
 
-# %% ../nbs/07a_runs.ipynb #4730dd7d
+# %% ../nbs/07a_runs.ipynb #3ae16275
 @dataclass(frozen=True)
 class RunDir:
     "A run folder `dir` and the files every detector family writes in it."
@@ -58,6 +58,13 @@ class RunDir:
     @property
     def metrics_file(self) -> Path: return self.eval_dir / 'metrics.json'
     def predictions(self, split: str) -> Path: return self.eval_dir / f'predictions-{split}.csv'
+    def external_dir(self, version: str) -> Path:
+        "Where the run's evaluation on another dataset version `version` goes."
+        return self.eval_dir / 'external' / version
+    @property
+    def external_metrics(self) -> list[Path]:
+        "The `metrics.json` of every external evaluation of the run, in version order."
+        return sorted((self.eval_dir / 'external').glob('*/metrics.json'))
     @property
     def record(self) -> dict:
         "`train.json` ({} before the run has finished once)."

@@ -10,11 +10,12 @@ import torch, torchvision
 
 from conftest import BIN, ROOT, TRAIN, cli, run_here, tiny_recipe
 from mammo_nb.cv import cv_root, fuse_boxes
-from mammo_nb.metrics import BOX, Scored, _clean, bootstrap, box_iou, choose_threshold, fmt_ci, nest, score_predictions
+from mammo_nb.metrics import BOX, Scored, bootstrap, box_iou, choose_threshold, fmt_ci, nest, score_predictions
 from mammo_nb.params import load_params
-from mammo_nb.prepare import file_sha256, load_version, version_dir
+from mammo_nb.files import clean_json, file_sha256
+from mammo_nb.prepare import load_version, version_dir
 from mammo_nb.split import group_keys
-from mammo_nb.train import run_name
+from mammo_nb.runs import run_name
 
 CV = {'epochs': 1}
 
@@ -77,9 +78,9 @@ def test_oof_covers_each_image_once_and_pooled_figures_recompute(cv):
     S = Scored(nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], oof, V.manifest['classes'], e.score_classes, e.hit_iou,
                tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
     thr = choose_threshold(S.img_label, S.img_score, e.target_sensitivity)
-    assert m['operating_point']['threshold'] == _clean(thr) and m['operating_point']['chosen_on'] == 'pooled out-of-fold predictions'
+    assert m['operating_point']['threshold'] == clean_json(thr) and m['operating_point']['chosen_on'] == 'pooled out-of-fold predictions'
     S.threshold = thr
-    assert _clean(nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci), S)) == m['splits']['oof']
+    assert clean_json(nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci), S)) == m['splits']['oof']
     # ...as anyone recomputes them from the file: the version's non-test splits scored as one
     x = score_predictions(d / 'oof-predictions.csv', version_dir(p), split=['train', 'val'], n_boot=e.bootstrap, threshold=thr)
     assert x['splits']['train+val'] == m['splits']['oof']
@@ -117,7 +118,7 @@ def test_ensemble_scored_like_one_model_and_identical_models_fuse_to_themselves(
     S = Scored(te, V.boxes[V.boxes.image_id.isin(te.image_id)], ens, V.manifest['classes'], e.score_classes, e.hit_iou,
                tuple(e.froc_fps), e.pooled_nms_iou, e.max_det)
     S.threshold = m['operating_point']['threshold']
-    assert _clean(nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci), S)) == m['splits']['test: ensemble']
+    assert clean_json(nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci), S)) == m['splits']['test: ensemble']
     assert set(m['splits']) == {'oof', 'test: ensemble', 'test: fold 0', 'test: fold 1'}
     assert m['ensemble']['method'].startswith('Weighted Boxes Fusion') and m['ensemble']['iou'] == e.iou
 
@@ -158,7 +159,7 @@ def test_report_notebook(cv, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = json.dumps(json.loads(nb.read_text()))
     assert 'image/png' in text and 'pooled OOF' in text and 'ensemble' in text and 'fold 1' in text
-    from mammo_nb.pipeline import _headlines
-    h = _headlines(p)[m['run']]                                  # the version index lists the pooled and ensemble figures
+    from mammo_nb.pipeline import headlines
+    h = headlines(p)[m['run']]                                  # the version index lists the pooled and ensemble figures
     assert h['cv k2 oof AP50 Mass'] == fmt_ci(m['splits']['oof']['per_class']['Mass']['ap50'])
     assert 'cv k2 test: ensemble all-lesion sens@1FP' in h

@@ -12,11 +12,12 @@ import yaml
 from conftest import run_here
 from mammo_nb.clahe import to_original
 from mammo_nb.metrics import box_iou
-from mammo_nb.explain import Detector, letterbox, unletterbox, cam, BoxClassTarget, anchor_centres, to_original_grid
+from mammo_nb.explain import to_original_grid
+from mammo_nb.families.ultralytics import Detector, letterbox, unletterbox, cam, BoxClassTarget, anchor_centres
 from mammo_nb.ingest import ingest
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, read_source, source_root
-from mammo_nb.train import run_dir
+from mammo_nb.runs import run_dir
 
 
 @pytest.fixture(scope='module')

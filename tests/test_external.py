@@ -10,7 +10,7 @@ import pytest
 from conftest import cli, layout_version, run_here, tiny_recipe
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
-from mammo_nb.train import run_dir
+from mammo_nb.runs import run_dir
 
 @pytest.fixture(scope='module')
 def targets(tmp_path_factory):

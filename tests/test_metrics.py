@@ -12,7 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from mammo_nb.metrics import Scored, score_predictions
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, version_dir
-from mammo_nb.train import run_dir
+from mammo_nb.runs import run_dir
 
 
 @pytest.fixture(scope='module')

@@ -12,7 +12,10 @@ import yaml
 
 from conftest import ROOT, layout_version, mammo
 from mammo_nb.params import load_params
-from mammo_nb.train import TrainError, check_version, run_dir, train_run
+from mammo_nb.errors import TrainError
+from mammo_nb.runs import run_dir
+from mammo_nb.train import train_run
+from mammo_nb.trainutil import check_version
 
 sha = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest()
 

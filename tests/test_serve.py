@@ -15,7 +15,8 @@ from conftest import BIN, ROOT, chromium, mammo
 from mammo_nb.clahe import to_original
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
-from mammo_nb.train import check_version, run_dir
+from mammo_nb.runs import run_dir
+from mammo_nb.trainutil import check_version
 
 CONF = 0.0005
 

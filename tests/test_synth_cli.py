@@ -130,7 +130,7 @@ def test_default_recipe_builds_what_it_needs(tmp_path, capsys):
     import yaml
     from conftest import ROOT
     from mammo_nb.params import load_params
-    from mammo_nb.train import check_version
+    from mammo_nb.trainutil import check_version
     f = tmp_path / 'r.yaml'
     f.write_text(yaml.safe_dump({'base': str(ROOT / 'params' / 'tiny.yaml'), 'name': 'fresh',
                                  'synth': {'out': str(tmp_path / 'raw')}, 'prepare': {'out': str(tmp_path / 'versions'), 'workers': 1}}))

@@ -10,10 +10,12 @@ import torch
 import yaml
 
 from conftest import BIN, ROOT, TRAIN, cli, mammo, run_here, tiny_recipe
-from mammo_nb.evaluate import ultralytics_val
+from mammo_nb.families.ultralytics import library_val
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
-from mammo_nb.train import MammoTrainer, MammoDetectionLoss, FocalBCE, check_version, run_dir, write_run_data, yolo_args
+from mammo_nb.families.ultralytics import MammoTrainer, MammoDetectionLoss, FocalBCE, write_run_data, train_args
+from mammo_nb.runs import run_dir
+from mammo_nb.trainutil import check_version
 
 
 recipe = tiny_recipe
@@ -74,7 +76,7 @@ def test_sampler_changes_the_epoch_image_set_and_weights_reach_the_loss(trained,
     data = write_run_data(p, V, rd)
     RecordingTrainer.seen = {}
     y = YOLO('yolov8n.yaml')
-    y.train(trainer=RecordingTrainer, **yolo_args(p, 'yolov8n.yaml', data, 'cpu'))
+    y.train(trainer=RecordingTrainer, **train_args(p, 'yolov8n.yaml', data, 'cpu'))
     tr = y.trainer
     im = V.images[V.images.split == 'train']
     finding, negatives = set(im[im.role == 'positive'].image_id), set(im[im.role == 'negative'].image_id)
@@ -200,7 +202,7 @@ def test_validator_counts_the_confusion_matrix_without_drawing(trained, tmp_path
     rd = run_dir(p, 'yolov8n.yaml')
     cm = json.loads((rd / 'eval' / 'metrics.json').read_text())['splits']['test']['ultralytics']['confusion_matrix']
     drawn = load_params(f, {'evaluate': {'plots': True}})
-    ul = ultralytics_val(rd / 'weights/best.pt', rd / 'data.yaml', 'test', tmp_path / 'test', p.train.imgsz, drawn)
+    ul = library_val(rd / 'weights/best.pt', rd / 'data.yaml', 'test', tmp_path / 'test', p.train.imgsz, drawn)
     assert ul['confusion_matrix'] == cm and sum(map(sum, cm)) > 0
     assert {'BoxPR_curve.png', 'confusion_matrix_normalized.png'} <= {x.name for x in (tmp_path / 'test').iterdir()}
 

@@ -12,7 +12,8 @@ import torch
 from conftest import BIN, EXPLAIN, TRAIN, run_here, tiny_recipe
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
-from mammo_nb.train import check_version, run_dir
+from mammo_nb.runs import run_dir
+from mammo_nb.trainutil import check_version
 
 ARCH = 'fasterrcnn_mobilenet_v3_large_fpn'
 TV = {'epochs': 2, 'imgsz': 64}
@@ -86,7 +87,7 @@ def test_retinanet_focal_loss_and_weights(both):
     dict (a RetinaNet of two more classes) starts a new run, its class logits left out and rebuilt; frozen blocks
     and the loaded layers' lower learning rate."""
     from mammo_nb.evaluate import predict
-    from mammo_nb.tvdet import build
+    from mammo_nb.families.torchvision import build
     tmp, f, p, r, rd, yd = both
     V = check_version(p)
     net = build('retinanet_resnet50_fpn', len(V.manifest['classes']) + 2, 64)      # a detector of other classes
@@ -113,8 +114,8 @@ def test_retinanet_focal_loss_and_weights(both):
     assert len(pr) and (pr.x1 >= pr.x0).all() and (pr.y1 >= pr.y0).all() and pr.score.between(0, 1).all()
 
 
-DDP_FIT = ("import sys; from pathlib import Path; from mammo_nb.params import load_params; from mammo_nb.train import check_version; "
-           "from mammo_nb.tvdet import fit; p = load_params(sys.argv[1]); fit(p, sys.argv[2], check_version(p), Path(sys.argv[3]), False, ['cpu', 'cpu'])")
+DDP_FIT = ("import sys; from pathlib import Path; from mammo_nb.params import load_params; from mammo_nb.trainutil import check_version; "
+           "from mammo_nb.families.torchvision import fit; p = load_params(sys.argv[1]); fit(p, sys.argv[2], check_version(p), Path(sys.argv[3]), False, ['cpu', 'cpu'])")
 
 
 def test_ddp_two_ranks_and_resume_after_kill(both, capfd):
@@ -123,8 +124,8 @@ def test_ddp_two_ranks_and_resume_after_kill(both, capfd):
     again, every rank gets its own RNG state back from last.pt and the weights end bit-identical to an uninterrupted
     DDP run's. A rank whose loss diverges stops all of them with the message, not a hang."""
     import sys, yaml
-    from mammo_nb.train import TrainError
-    from mammo_nb.tvdet import fit
+    from mammo_nb.errors import TrainError
+    from mammo_nb.families.torchvision import fit
     tmp, f, p, r, rd, yd = both
     d = yaml.safe_load(f.read_text())
     d['train'] = {**d['train'], 'model': ARCH, 'evaluate': False}

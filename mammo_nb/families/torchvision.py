@@ -235,7 +235,7 @@ def val_fitness(model, kind, names, V: Version, imgsz: int, e, batch: int) -> di
 # %% ../../nbs/07e_torchvision.ipynb #2a0a11d5
 def _resume_point(rd: Path) -> dict | None:
     "last.pt with its training state, or None (a torn file is set aside and the run starts afresh)."
-    f = rd / 'weights' / 'last.pt'
+    f = RunDir(rd).last
     if not f.exists(): return None
     try: ck = torch.load(f, map_location='cpu', weights_only=True)
     except Exception: f.rename(f.with_suffix('.pt.torn')); return None
