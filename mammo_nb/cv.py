@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_cv.ipynb #944b7d76
 from __future__ import annotations
-import copy, json, os, warnings
+import copy, json, warnings
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_explain.ipynb #1644c45c
 from __future__ import annotations
-import json, os
+import json
 from pathlib import Path
 
 import cv2
@@ -21,7 +21,8 @@ from .runs import RunDir
 from .trainutil import check_device, check_version, cpu_threads
 
 # %% auto #0
-__all__ = ['outcomes', 'to_original_grid', 'overlay', 'explain_run', 'summary']
+__all__ = ['outcomes', 'to_original_grid', 'overlay', 'explain_marks', 'draw_galleries', 'draw_originals', 'explain_run',
+           'summary']
 
 # %% ../nbs/11_explain.ipynb #4529945d
 def outcomes(pred: pd.DataFrame, gt: pd.DataFrame, thr: float, hit_iou: float = 0.3) -> pd.DataFrame:
@@ -70,26 +71,12 @@ def _pick(O: pd.DataFrame, e) -> tuple[pd.DataFrame, pd.DataFrame]:
                      for _, g in O.groupby(['cls', 'outcome'])]) if len(O) else O
     return les.drop(columns='key'), gal
 
-def explain_run(p, rd: Path, progress: bool = True) -> dict:
-    "CAMs for run `rd` on `explain.split`: per-lesion energy table, per-class summary, galleries (in `<run>/explain/`)."
-    import matplotlib.pyplot as plt
+def explain_marks(V, ex, les: pd.DataFrame, gal: pd.DataFrame, methods, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """The maps of every scored lesion and gallery mark (one per mark, each image read once): the per-lesion energy
+    table, and the gallery marks' (PNG, first targeted map)."""
     from tqdm import tqdm
-    e, run = p.explain, RunDir(rd)
-    rd = run.dir
-    V = check_version(p)
-    M, pf = run.metrics, run.predictions(e.split)
-    if not (M is not None and pf.exists()): raise TrainError(f"run '{rd.name}' has no evaluation of '{e.split}' (run `mammo evaluate`)")
-    thr = e.threshold if e.threshold is not None else (M.get('operating_point') or {}).get('threshold')
-    thr = 0.25 if thr is None else thr
-    pred = pd.read_csv(pf, dtype={'image_id': str})
-    gt = V.boxes[V.boxes.split == e.split]
-    O = outcomes(pred, gt, thr, p.evaluate.hit_iou)
-    les, gal = _pick(O, e)
-    if check_device(p.train.device) == 'cpu': cpu_threads(p.train.threads)
-    ex = family_of_weights(run.best).explainer(run.best, run.imgsz(p.train.imgsz), e.layers)
-    targeted = [m for m in e.methods if m != 'eigencam']
+    targeted = [m for m in methods if m != 'eigencam']
     im = V.images.set_index('image_id')
-    out = rd / 'explain'; out.mkdir(exist_ok=True)
     rows, maps = [], {}
     items = pd.concat([les.assign(scored=True), gal.assign(scored=False)])
     items = items.assign(k=[(i, c, o, b) for i, c, o, b in zip(items.image_id, items.cls, items.outcome, items.box)])
@@ -98,7 +85,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     for iid, g in tqdm(items.groupby('image_id', sort=True), desc='explain', disable=not progress, mininterval=5):
         png = cv2.imread(str(V.dir / im.loc[iid, 'png']), cv2.IMREAD_UNCHANGED)
         ex.set_image(png)
-        eig = ex.map('eigencam') if 'eigencam' in e.methods else None
+        eig = ex.map('eigencam') if 'eigencam' in methods else None
         for it in g.itertuples():
             mm = {m: ex.map(m, it.cls, it.box) for m in targeted}
             if eig is not None: mm['eigencam'] = eig
@@ -108,12 +95,12 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
                                      **cam_energy(a, it.gt_box)))
             if (iid, it.cls, it.outcome, it.box) in in_gallery:
                 maps[(iid, it.cls, it.outcome, it.box)] = png, mm[targeted[0] if targeted else 'eigencam']
-    L = pd.DataFrame(rows)
-    L.to_csv(out / 'lesions.csv', index=False)
-    S = summary(L)
-    S.to_csv(out / 'summary.csv')
-    # galleries: per class, rows TP / FP / FN
-    figs = []
+    return pd.DataFrame(rows), maps
+
+def draw_galleries(gal: pd.DataFrame, gt: pd.DataFrame, maps: dict, e, out: Path) -> list[str]:
+    "Per class, a gallery of its marks' maps in rows TP / FP / FN (`gallery-<class>.png` in `out`); the file names."
+    import matplotlib.pyplot as plt
+    figs, first = [], next((m for m in e.methods if m != 'eigencam'), 'eigencam')
     for c, g in gal.groupby('cls'):
         kinds = [k for k in ('TP', 'FP', 'FN') if (g.outcome == k).any()]
         fig, axs = plt.subplots(len(kinds), e.per_class, figsize=(2.6 * e.per_class, 3.2 * len(kinds)), squeeze=False)
@@ -124,11 +111,17 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
                 bx = [(b, 'lime', 'GT') for b in gt[(gt.image_id == it.image_id) & (gt.cls == c)][BOX].to_numpy()]
                 if k != 'FN': bx.append((it.box, 'orange', f'{it.score:.2f}'))
                 overlay(axs[r_, c_], png, m, bx, e.alpha, f'{k} {it.image_id[:8]}')
-        fig.suptitle(f'{c}: {targeted[0] if targeted else "eigencam"} (GT green, prediction orange)', fontsize=9)
+        fig.suptitle(f'{c}: {first} (GT green, prediction orange)', fontsize=9)
         fig.tight_layout()
         f = out / f"gallery-{c.replace(' ', '_')}.png"; fig.savefig(f, dpi=90); plt.close(fig); figs.append(f.name)
-    # a few lesions on the original, uncropped mammogram
-    origs, tps = [], gal[gal.outcome == 'TP'].head(e.n_original)
+    return figs
+
+def draw_originals(p, V, gal: pd.DataFrame, maps: dict, out: Path) -> list[str]:
+    """The first `explain.n_original` true positives of the galleries on the original, uncropped mammogram (read again
+    from the source by the data layer, `prepare.originals`), map and boxes mapped back; the file names."""
+    import matplotlib.pyplot as plt
+    e, im, origs = p.explain, V.images.set_index('image_id'), []
+    tps = gal[gal.outcome == 'TP'].head(e.n_original)
     for n, (it, (_, g0)) in enumerate(zip(tps.itertuples(), originals(p, list(tps.image_id)))):
         r = im.loc[it.image_id]
         m0 = to_original_grid(maps[(it.image_id, it.cls, 'TP', it.box)][1], g0.decoded_crop, g0.image.shape)    # on the decoded grid
@@ -138,9 +131,29 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
         overlay(ax, g0.image, m0, [(gb, 'lime', it.cls), (pb, 'orange', f'{it.cls} {it.score:.2f}')], e.alpha,
                 f'original {g0.shape[1]}x{g0.shape[0]}, {it.cls}', extent=g0.shape)
         f = out / f'original-{n}.png'; fig.savefig(f, dpi=90); plt.close(fig); origs.append(f.name)
-    res = dict(run=rd.name, split=e.split, threshold=thr, methods=list(e.methods), layers=list(ex.layers),
+    return origs
+
+def explain_run(p, rd: Path, progress: bool = True) -> dict:
+    """CAMs for run `rd` on `explain.split`: the outcomes at the operating point, the maps (`explain_marks`), per-lesion
+    energy table and per-class summary, galleries and originals (in `<run>/explain/`)."""
+    e, run = p.explain, RunDir(rd)
+    V = check_version(p)
+    M, pf = run.metrics, run.predictions(e.split)
+    if not (M is not None and pf.exists()): raise TrainError(f"run '{run.name}' has no evaluation of '{e.split}' (run `mammo evaluate`)")
+    thr = e.threshold if e.threshold is not None else (M.get('operating_point') or {}).get('threshold')
+    thr = 0.25 if thr is None else thr
+    gt = V.boxes[V.boxes.split == e.split]
+    O = outcomes(pd.read_csv(pf, dtype={'image_id': str}), gt, thr, p.evaluate.hit_iou)
+    les, gal = _pick(O, e)
+    if check_device(p.train.device) == 'cpu': cpu_threads(p.train.threads)
+    ex = family_of_weights(run.best).explainer(run.best, run.imgsz(p.train.imgsz), e.layers)
+    out = run.dir / 'explain'; out.mkdir(exist_ok=True)
+    L, maps = explain_marks(V, ex, les, gal, e.methods, progress)
+    L.to_csv(out / 'lesions.csv', index=False)
+    summary(L).to_csv(out / 'summary.csv')
+    res = dict(run=run.name, split=e.split, threshold=thr, methods=list(e.methods), layers=list(ex.layers),
                outcomes=O.outcome.value_counts().to_dict(), lesions_scored=int(les.shape[0]),
-               galleries=figs, originals=origs)
+               galleries=draw_galleries(gal, gt, maps, e, out), originals=draw_originals(p, V, gal, maps, out))
     (out / 'explain.json').write_text(json.dumps(res, indent=1, default=str))
     return res
 

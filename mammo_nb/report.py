@@ -5,7 +5,6 @@
 # %% ../nbs/09a_report.ipynb #81ca90de
 from __future__ import annotations
 import html, platform, sys
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 

@@ -17,7 +17,7 @@ from .errors import TrainError
 from .evaluate import evaluate_run, predict
 from .files import file_sha256
 from .metrics import fmt_ci, hit_matrix, lesion_ids
-from .prepare import SPLITS, Version, derive_version, load_version, version_counts
+from .prepare import Version, derive_version, load_version, version_counts
 from .runs import RunDir, learning_settings, models
 from .split import group_keys
 from .train import train_run
