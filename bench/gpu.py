@@ -21,7 +21,7 @@ os.environ.setdefault('YOLO_OFFLINE', '1')
 import numpy as np
 import pydicom
 
-from mammo_nb.ingest import _frame, decode, j2k_header, reduce_level
+from mammo_nb.ingest import first_frame, decode, j2k_header, reduce_level
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def gpu_decoder():
 
 def bench_decode(files: list[Path], batch: int = 8) -> dict:
     ds = [pydicom.dcmread(f) for f in files]
-    frames = [_frame(d) for d in ds]
+    frames = [first_frame(d) for d in ds]
     rows, ref = {}, []
     t = time.perf_counter()
     for d in ds: ref.append(decode(d)[0])

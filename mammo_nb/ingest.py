@@ -16,9 +16,10 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless
 
 # %% auto #0
-__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'j2k_header', 'reduce_level', 'stored_bits', 'decode', 'voi_lut',
-           'voi', 'breast_mask', 'crop_box', 'full_mask', 'mask_crop', 'to_decoded', 'from_decoded', 'Ingested',
-           'pseudonym', 'key_fingerprint', 'load_key', 'read_dicom', 'read_raster', 'for_processing', 'ingest']
+__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level', 'stored_bits',
+           'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask', 'mask_crop', 'to_decoded',
+           'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'read_dicom', 'read_raster',
+           'for_processing', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -27,15 +28,17 @@ class IngestError(Exception):
         super().__init__(f'{reason}: {detail}' if detail else reason)
         self.reason, self.detail = reason, detail
 
-def _frame(ds) -> bytes: return next(generate_frames(ds.PixelData, number_of_frames=1))
+def first_frame(ds) -> bytes:
+    "The first frame of encapsulated (compressed) pixel data, as stored."
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 def _decode_jpegls(ds) -> np.ndarray:
     import imagecodecs
-    return imagecodecs.jpegls_decode(_frame(ds))
+    return imagecodecs.jpegls_decode(first_frame(ds))
 
 def _decode_j2k(ds, threads: int) -> np.ndarray:
     import imagecodecs
-    return imagecodecs.jpeg2k_decode(_frame(ds), numthreads=threads)
+    return imagecodecs.jpeg2k_decode(first_frame(ds), numthreads=threads)
 
 def j2k_header(frame: bytes) -> dict | None:
     """Image size, offset, precision, sign and wavelet levels from a JPEG 2000 codestream's main header (SIZ and
@@ -114,7 +117,7 @@ def _decode(ds: pydicom.Dataset, threads: int = 1, reduce: int = 0) -> tuple[np.
             return buf.reshape(ds.Rows, ds.Columns), 'numpy'
         if ts in (JPEGLSLossless, JPEGLSNearLossless): return _decode_jpegls(ds), 'imagecodecs'
         if ts in (JPEG2000Lossless, JPEG2000):
-            if reduce: return _decode_j2k_reduced(_frame(ds), reduce), f'pillow-reduce{reduce}'
+            if reduce: return _decode_j2k_reduced(first_frame(ds), reduce), f'pillow-reduce{reduce}'
             try: return _decode_j2k(ds, threads), 'imagecodecs'
             except (ImportError, RuntimeError, ValueError):
                 try: return _decode_plugin(ds, 'gdcm'), 'gdcm'
@@ -372,7 +375,7 @@ def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray
 def _j2k_plan(ds: pydicom.Dataset, need: int | None) -> tuple[int, tuple | None]:
     "The JPEG 2000 level to decode first for a crop of `need` px, and the image's (rows, cols) from its codestream."
     if not need or 'PixelData' not in ds or ds.file_meta.TransferSyntaxUID not in (JPEG2000Lossless, JPEG2000): return 0, None
-    try: h = j2k_header(_frame(ds))
+    try: h = j2k_header(first_frame(ds))
     except Exception: return 0, None
     r = reduce_level(h, need)
     return r, (h['height'], h['width']) if r else None
