@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .annotations import BOX_COLUMNS, IMAGE_COLUMNS, NO_FINDING, failure, read_vindr
+from .files import within_root
 from .ingest import IngestError, decode, pseudonym, read_dicom
 
 # %% auto #0
@@ -128,7 +129,7 @@ def mask_boxes(root: str | Path, candidates: list[str], shape: tuple, min_frac: 
     H, W = shape
     heads = []
     for rel in candidates:
-        if not (Path(root) / rel).is_file(): continue
+        if (f := within_root(root, rel)) is None or not f.is_file(): continue          # (a path leaving the root: not read)
         try: ds = read_dicom(Path(root) / rel, stop_before_pixels=True)
         except IngestError: continue
         if int(ds.get('Rows') or 0) > 0 and int(ds.get('Columns') or 0) > 0: heads.append((rel, int(ds.Rows), int(ds.Columns)))

@@ -21,7 +21,7 @@ from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class
 from .clahe import render, settings, write_png
 from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym
 from .errors import PrepareError
-from .files import file_sha256, git_commit, to_json, write_tracked
+from .files import file_sha256, git_commit, safe_name, within_root, to_json, write_tracked
 from .params import SYNTH_REVISION, result_settings
 from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets
 from .synth_layouts import synth_source
@@ -84,13 +84,17 @@ def pseudonym_key(p, create: bool = True) -> bytes:
 
 def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """The images and boxes tables of the recipe's dataset (`source.layout`, see `mammo_nb.adapters`), and the rows
-    that failed to parse; identifiers pseudonymised under `key` (default: the recipe's key)."""
-    root = source_root(p)
+    that failed to parse; identifiers pseudonymised under `key` (default: the recipe's key), and an image or study id
+    that cannot name a file (`files.safe_name`: `../`, a separator, a newline...) replaced by its keyed pseudonym."""
+    root, key = source_root(p), key or pseudonym_key(p)
     if not root.is_dir():
         hint = ' (write it first: `mammo synth --params <recipe>`)' if p.source.root is None else ''
         raise PrepareError(f"dataset root '{root}' not found{hint}")
-    try: return read_layout(p.source.layout, root, p.source.class_map, p.source.csv, key=key or pseudonym_key(p))
+    try: images, boxes, fails = read_layout(p.source.layout, root, p.source.class_map, p.source.csv, key=key)
     except FileNotFoundError as e: raise PrepareError(f"'{root}' is not a {p.source.layout} dataset: {e.filename} missing") from None
+    safe = lambda kind: lambda v: v if safe_name(str(v)) or not pseudonym(v, key, kind) else f'{kind[0]}{pseudonym(v, key, kind)}'
+    images = images.assign(image_id=images.image_id.map(safe('image')), study_id=images.study_id.map(safe('study')))
+    return images, boxes.assign(image_id=boxes.image_id.map(safe('image'))), fails
 
 # %% ../nbs/06_prepare.ipynb #411d542f
 def source_fingerprint(path: str | Path, chunk: int = 1 << 16) -> str:
@@ -106,6 +110,7 @@ def process_image(job: dict) -> dict:
     "Ingest one DICOM and write its CLAHE PNG; a record (`ok`) or a failure (`reason`), plus `_perf`."
     t0 = time.perf_counter()
     try:
+        if job['src'] is None: raise IngestError('path_outside_root', "the annotation's path leaves source.root")
         g = ingest(job['src'], job['margin'], job.get('for_processing', 'skip'), bytes.fromhex(job['key']), job.get('need'))
         img, geo = render(g, **job['clahe'])
         sha = write_png(job['dst'], img)
@@ -160,7 +165,7 @@ def ingest_images(p, shard: str | None = None, progress: bool = True) -> dict:
     done = load_records(work)
     mine = images.iloc[i::n]
     todo = [r for r in mine.itertuples() if not (r.image_id in done and (not done[r.image_id]['ok'] or (out / done[r.image_id]['png']).exists()))]
-    jobs = [dict(image_id=r.image_id, src=str(root / r.path), png=f'images/{r.study_id}/{r.image_id}.png',
+    jobs = [dict(image_id=r.image_id, src=str(src) if (src := within_root(root, r.path)) else None, png=f'images/{r.study_id}/{r.image_id}.png',
                  dst=str(out / f'images/{r.study_id}/{r.image_id}.png'), margin=p.prepare.margin, clahe=settings(p.clahe, r.image_id),
                  for_processing=p.prepare.for_processing, key=key.hex(), need=decode_need(p),
                  root=str(root), masks=masks.get(r.image_id, []))
@@ -367,7 +372,7 @@ def load_version(p_or_dir) -> Version:
     return Version(d, json.loads((d / 'manifest.json').read_text()), im,
                    pd.read_csv(d / 'boxes.csv', dtype={'image_id': str}), pd.read_csv(d / 'failures.csv', dtype=str).fillna(''))
 
-# %% ../nbs/06_prepare.ipynb #2c9d6438
+# %% ../nbs/06_prepare.ipynb #b8f34f19
 def derive_version(V: Version, out: str | Path, images: pd.DataFrame, boxes: pd.DataFrame, lists: dict[str, pd.DataFrame],
                    manifest: dict, parent: Version | None = None, labels: dict[str, str] | None = None,
                    coco_classes: list[str] | None = None) -> Version:

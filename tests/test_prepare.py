@@ -226,3 +226,36 @@ def test_jpeg2000_decoded_at_the_level_the_version_needs(tmp_path):
     rb, fb = (V.boxes.sort_values(k + ['x0']).reset_index(drop=True) for V in (R, F))
     assert (rb[k] == fb[k]).all().all()
     assert np.abs(rb[['x0', 'y0', 'x1', 'y1']].to_numpy() - fb[['x0', 'y0', 'x1', 'y1']].to_numpy()).max() < 2   # output px
+
+
+def test_paths_never_leave_their_roots(tiny_set, tmp_path):
+    "An id with `../` is refused (`path_outside_root`) and writes nothing outside; an id with a newline gets a safe name."
+    from mammo_nb.files import safe_name
+    ds = tmp_path / 'root' / 'ds'
+    shutil.copytree(tiny_set, ds)
+    b = pd.read_csv(ds / 'breast-level_annotations.csv', dtype=str)
+    fa = pd.read_csv(ds / 'finding_annotations.csv', dtype=str)
+    # 1. an image id climbing out of the root to a real DICOM beside it
+    nf = b.iloc[0]
+    outside = tmp_path / 'root' / 'outside'; outside.mkdir()
+    shutil.copy(ds / 'images' / nf.study_id / f'{nf.image_id}.dicom', outside / 'x.dicom')
+    for t in (b, fa): t.loc[t.image_id == nf.image_id, 'image_id'] = '../../../outside/x'
+    # 2. a study id with a newline (and its folder renamed to match)
+    st = b.study_id[b.study_id != nf.study_id].iloc[0]
+    (ds / 'images' / st).rename(ds / 'images' / f'{st}\nx')
+    b.loc[b.study_id == st, 'study_id'] = f'{st}\nx'; fa.loc[fa.study_id == st, 'study_id'] = f'{st}\nx'
+    b.to_csv(ds / 'breast-level_annotations.csv', index=False); fa.to_csv(ds / 'finding_annotations.csv', index=False)
+    f = recipe(tmp_path, ds, tmp_path / 'v')
+    r = mammo('prepare', f, '--quiet')
+    V = load_version(vdir(f))
+    assert list(V.failures.reason) == ['path_outside_root'], V.failures
+    assert '..' not in V.failures.detail.iloc[0] and 'outside' not in V.failures.detail.iloc[0]
+    assert sorted(p.name for p in outside.iterdir()) == ['x.dicom']                     # nothing written beside it
+    assert not [p for p in tmp_path.rglob('*.png') if vdir(f).resolve() not in p.resolve().parents]
+    assert len(V.images) == len(b) - 1 and V.images.study_id.map(safe_name).all() and V.images.image_id.map(safe_name).all()
+    moved = V.images[~V.images.study_id.isin(b.study_id)]
+    assert len(moved) == (b.study_id == f'{st}\nx').sum() and moved.study_id.str.match(r'^s[0-9a-f]{16}$').all()
+    listed = [l for sp in ('train', 'val', 'test') for l in (vdir(f) / f'{sp}.txt').read_text().splitlines()]
+    assert len(listed) == V.images.role.isin(['positive', 'negative']).sum()
+    assert all((vdir(f) / l).resolve().is_file() and vdir(f).resolve() in (vdir(f) / l).resolve().parents for l in listed)
+    assert 'failures: 1' in r.stdout
