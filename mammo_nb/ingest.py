@@ -9,6 +9,11 @@ from pathlib import Path
 
 import hashlib, hmac, io, math, os, secrets, struct
 
+# Decompression bombs: a file may claim any size. No frame over MAX_PIXELS is decoded: the header (DICOM Rows x
+# Columns, a JPEG 2000 codestream's SIZ, a PNG/JPEG/TIFF header) is checked first, and OpenCV's and Pillow's own
+# guards are set to the same limit. A full-field mammogram is at most ~40 M pixels.
+MAX_PIXELS = 80_000_000
+os.environ.setdefault('OPENCV_IO_MAX_IMAGE_PIXELS', str(MAX_PIXELS))     # read by OpenCV at its first image read
 import cv2
 import numpy as np
 import pydicom
@@ -16,10 +21,10 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless
 
 # %% auto #0
-__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level', 'stored_bits',
-           'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask', 'mask_crop', 'to_decoded',
-           'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'read_dicom', 'read_raster',
-           'for_processing', 'ingest']
+__all__ = ['MAX_PIXELS', 'HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level',
+           'check_pixels', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask',
+           'mask_crop', 'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key',
+           'read_dicom', 'read_raster', 'for_processing', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -69,9 +74,21 @@ def reduce_level(h: dict, need: int, work_side: int = 512) -> int:
     while r and any(_pillow_size(n, r) != math.ceil(n / (1 << r)) for n in (W, H)): r -= 1
     return r
 
+def check_pixels(rows, cols, what: str = 'header') -> None:
+    "`IngestError('too_large')` when an image claims more than `MAX_PIXELS` pixels per frame: checked before decoding."
+    try: n = int(rows) * int(cols)
+    except (TypeError, ValueError): return                  # no size claimed: the decoder's own checks apply
+    if n > MAX_PIXELS: raise IngestError('too_large', f'the {what} claims {n:,} pixels per frame (limit {MAX_PIXELS:,})')
+
+def _pillow():
+    "Pillow with its decompression-bomb guard at `MAX_PIXELS` (`check_pixels` refuses first; Pillow's guard is the backstop)."
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    return Image
+
 def _decode_j2k_reduced(frame: bytes, r: int) -> np.ndarray:
     "Pillow's OpenJPEG decoder stopped `r` levels early; Pillow scales samples to 8/16 bits, which is undone."
-    from PIL import Image
+    Image = _pillow()
     h = j2k_header(frame)
     with Image.open(io.BytesIO(frame)) as im:
         im.reduce = r; im.load()
@@ -340,6 +357,12 @@ def read_raster(path: str | Path) -> tuple[np.ndarray, dict]:
     from their minimum to their maximum. Colour files are converted to grey."""
     path = Path(path)
     if not path.is_file(): raise IngestError('missing_file')
+    Image = _pillow()
+    try:
+        with Image.open(path) as im: w, h = im.size                   # the header only: nothing decoded yet
+    except Image.DecompressionBombError: raise IngestError('too_large', 'the image header claims too many pixels') from None
+    except Exception: w = h = None                                   # not Pillow's: OpenCV reads it or says unreadable
+    check_pixels(h, w, f'{path.suffix.lower().lstrip(".").upper()} header')
     a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if a is None: raise IngestError('unreadable', path.suffix.lower())
     if a.ndim == 3: a = cv2.cvtColor(a[..., :3], cv2.COLOR_BGR2GRAY)
@@ -394,6 +417,11 @@ def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip
     if Path(path).suffix.lower() in RASTER: img, rec = read_raster(path)
     else:
         ds = read_dicom(path)
+        check_pixels(ds.get('Rows'), ds.get('Columns'), 'DICOM header')
+        if 'PixelData' in ds and ds.file_meta.TransferSyntaxUID in (JPEG2000Lossless, JPEG2000):
+            try: h = j2k_header(first_frame(ds))
+            except Exception: h = None                                   # (a broken stream: the decoder says why)
+            if h: check_pixels(h['height'], h['width'], 'JPEG 2000 codestream')
         if for_processing_images != 'keep' and for_processing(ds):
             raise IngestError('for_processing', 'PresentationIntentType FOR PROCESSING (raw detector data); prepare.for_processing: keep to use it')
         r, shape = _j2k_plan(ds, need)

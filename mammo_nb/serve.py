@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .clahe import render, settings, to_original
-from .ingest import IngestError, ingest
+from .ingest import MAX_PIXELS, IngestError, ingest
 from .families import family_of_weights
 from .files import file_sha256
 from .runs import RunDir
@@ -177,7 +177,9 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'c
     async def run(fn, file):
         path = await upload(file)
         try: return await run_in_threadpool(fn, path)
-        except IngestError as e: raise HTTPException(422, f'the image could not be read: {e.reason}' + (f' ({e.detail})' if e.detail else '')) from None
+        except IngestError as e:                  # a reason code and a fixed sentence: nothing from the file's header echoed
+            if e.reason == 'too_large': raise HTTPException(413, f'the image claims more than {MAX_PIXELS:,} pixels per frame (too_large)') from None
+            raise HTTPException(422, f'the image could not be read ({e.reason})') from None
         finally: path.unlink(missing_ok=True)
 
     @app.exception_handler(Exception)

@@ -95,6 +95,21 @@ def test_predict_png_and_explain(client, trained):
     assert (np.abs(im[..., 0].astype(int) - im[..., 2]) > 30).mean() > 0.01        # a coloured map, not only grey
 
 
+def png_claiming(w: int, h: int) -> bytes:
+    "A ~1 KB PNG whose header claims w x h pixels (a decompression bomb as far as any decoder is concerned)."
+    import struct, zlib
+    chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(b'\0' * 1000)) + chunk(b'IEND', b''))
+
+
+def dicom_claiming(data: bytes, rows: int, cols: int) -> bytes:
+    "The DICOM `data` with its header's Rows and Columns set to `rows` x `cols`."
+    import io
+    ds = pydicom.dcmread(io.BytesIO(data)); ds.Rows, ds.Columns = rows, cols
+    b = io.BytesIO(); ds.save_as(b); return b.getvalue()
+
+
 def test_bad_uploads_get_4xx_and_the_server_stays_up(client, trained):
     p, rd, V, raw = trained
     f, _ = lesion_image(V, raw)
@@ -105,11 +120,15 @@ def test_bad_uploads_get_4xx_and_the_server_stays_up(client, trained):
         'truncated DICOM': (('x.dcm', data[:len(data) // 3], 'application/dicom'), 422, 'could not be read'),
         'oversize': (('big.png', b'\x89PNG\r\n\x1a\n' + os.urandom(3 * 2**20), 'image/png'), 413, 'limit'),
         'corrupt PNG': (('x.png', b'\x89PNG\r\n\x1a\n' + b'\0' * 500, 'image/png'), 422, 'could not be read'),
+        'decompression bomb': (('bomb.png', png_claiming(20000, 20000), 'image/png'), 413, 'too_large'),
+        'header bomb': (('bomb.dcm', dicom_claiming(data, 60000, 60000), 'application/dicom'), 413, 'too_large'),
     }
     for name, (file, code, msg) in cases.items():
         r = client.post('/predict', files={'file': file})
         assert r.status_code == code, (name, r.status_code, r.text)
         assert msg in r.json()['detail'], (name, r.text)
+    for p_ in ('/predict', '/explain'):                                               # both endpoints refuse a bomb
+        assert client.post(p_, files={'file': ('bomb.png', png_claiming(20000, 20000), 'image/png')}).status_code == 413
     assert client.post('/predict').status_code == 422                               # no file at all
     assert client.get('/health').status_code == 200
 
