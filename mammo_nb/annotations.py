@@ -35,6 +35,14 @@ def _labels(s) -> list[str]:
 
 _SPLITS = {'training': 'train', 'train': 'train', 'test': 'test'}
 
+def _size(v, column: str) -> int:
+    "An image side from an annotation table: a positive whole number of pixels, else `ValueError` naming the column."
+    if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == '': raise ValueError(f"column '{column}': empty")
+    try: f = float(v)
+    except (TypeError, ValueError): raise ValueError(f"column '{column}': not a number") from None
+    if not np.isfinite(f) or f < 1 or f != int(f): raise ValueError(f"column '{column}': not a positive whole number")
+    return int(f)
+
 def _read_findings(path: Path, layer: str, fails: list) -> tuple[list, list, pd.DataFrame]:
     "Image-level labels, boxes and the table itself of one VinDr-style finding CSV."
     df = pd.read_csv(path, dtype={'study_id': str, 'series_id': str, 'image_id': str}, keep_default_na=True)
@@ -64,15 +72,24 @@ def read_vindr(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]
         boxes += sb
     img_labels = {}
     for iid, labs in fl: img_labels.setdefault(iid, set()).update(labs)
-    fmeta = fdf.drop_duplicates('image_id').set_index('image_id')          # images listed only in the finding CSV
-    meta = pd.concat([bl.set_index('image_id'), fmeta[~fmeta.index.isin(bl.image_id)]])
-    rows = []
-    for iid, m in meta.iterrows():
+    bl = bl.assign(src_file='breast-level_annotations.csv', src_row=[f'breast-level_annotations.csv:{i + 2}' for i in range(len(bl))])
+    fmeta = fdf.assign(src_file='finding_annotations.csv', src_row=[f'finding_annotations.csv:{i + 2}' for i in range(len(fdf))])
+    meta = pd.concat([bl, fmeta[~fmeta.image_id.isin(bl.image_id)].drop_duplicates('image_id')])  # + images only in the finding CSV
+    rows, seen = [], {}
+    for m in meta.itertuples(index=False):
+        iid = m.image_id
+        if iid in seen:                                     # the same image id listed again: the first row stands
+            why = 'image_in_two_studies' if str(m.study_id) != str(seen[iid]) else 'duplicate_row'
+            fails.append(failure('read', why, iid, m.src_file, m.src_row, 'also listed under another study id' if why != 'duplicate_row' else 'listed twice'))
+            continue
+        try: h, w = (_size(getattr(m, c), c) for c in ('height', 'width'))
+        except ValueError as e: fails.append(failure('read', 'bad_row', iid, m.src_file, m.src_row, str(e))); continue
+        seen[iid] = m.study_id
         labs = img_labels.get(iid, {NO_FINDING})
         if len(labs) > 1: labs = labs - {NO_FINDING}
         rows.append(dict(image_id=iid, study_id=m.study_id, patient=None, path=f'images/{m.study_id}/{iid}.dicom',
                          laterality=m.laterality, view=m.view_position, source_split=_SPLITS.get(str(m.split), ''),
-                         height=int(m.height), width=int(m.width), labels=sorted(labs),
+                         height=h, width=w, labels=sorted(labs),
                          birads=m.breast_birads, density=m.breast_density, pathology=''))
     images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).sort_values('image_id', ignore_index=True)
     images.attrs['rows'] = {'breast-level_annotations.csv': len(bl), 'finding_annotations.csv': len(fdf)}

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MammoError', 'ParamsError', 'PrepareError', 'TrainError', 'PretrainError', 'CVError', 'ChainError', 'SlurmError']
 
-# %% ../nbs/00b_errors.ipynb #bc5436e1
+# %% ../nbs/00b_errors.ipynb #0ba43096
 class MammoError(Exception):
     "A problem the user can fix; the message says what and how. The CLI prints it without a traceback."
 
