@@ -173,13 +173,17 @@ def check_external(Vx, Vy, allow_overlap: bool, cmd: str) -> dict:
     return dict(ov, allowed=allow_overlap)
 
 def version_overlap(Vx, Vy) -> dict:
-    """What two dataset versions share: images (same source-file fingerprint) and patients (same pseudonym, which
-    only means the same patient when both were made with the same pseudonym key)."""
-    fx, fy = (set(V.images.get('source_fingerprint', pd.Series(dtype=str)).dropna()) for V in (Vx, Vy))
+    """What two dataset versions share: images (the same source file, `source_fingerprint`, or the same decoded
+    pixels, `pixel_fingerprint`: a re-export under another header) and patients (same pseudonym, which only means
+    the same patient when both were made with the same pseudonym key)."""
+    keys = lambda V: [{f'{c}:{v}' for c, v in r.items() if pd.notna(v)}
+                      for r in V.images.reindex(columns=['source_fingerprint', 'pixel_fingerprint']).to_dict('records')]
+    kx, ky = keys(Vx), keys(Vy)
+    fx = set().union(*kx)
     same_key = Vx.manifest.get('pseudonym_key_fingerprint') == Vy.manifest.get('pseudonym_key_fingerprint')
     px, py = (set(group_keys(V.images)) for V in (Vx, Vy))
-    return dict(images=len(fx & fy), patients=len(px & py) if same_key else 0, same_pseudonym_key=same_key,
-                files_compared=bool(fx and fy))
+    return dict(images=sum(bool(k & fx) for k in ky), patients=len(px & py) if same_key else 0, same_pseudonym_key=same_key,
+                files_compared=bool(fx and any(ky)))
 
 def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | None = None, allow_overlap: bool = False,
                       progress: bool = True) -> dict:

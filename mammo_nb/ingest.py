@@ -24,7 +24,7 @@ from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLo
 __all__ = ['MAX_PIXELS', 'HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level',
            'check_pixels', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask',
            'mask_crop', 'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key',
-           'read_dicom', 'read_raster', 'for_processing', 'ingest']
+           'read_dicom', 'read_raster', 'for_processing', 'pixel_fingerprint', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -374,7 +374,8 @@ def read_raster(path: str | Path) -> tuple[np.ndarray, dict]:
     else: raise IngestError('unsupported_layout', str(a.dtype))
     rec = {k.lower(): None for k in HEADER_FIELDS}
     rec.update(rows=a.shape[0], columns=a.shape[1], bitsstored=8 * a.dtype.itemsize, photometricinterpretation='MONOCHROME2',
-               transfer_syntax=path.suffix.lower().lstrip('.').upper(), decoder='opencv', patient=None, **v)
+               transfer_syntax=path.suffix.lower().lstrip('.').upper(), decoder='opencv', patient=None,
+               pixel_fingerprint=pixel_fingerprint(a), **v)
     return img, rec
 
 MIN_SIDE = 64    # pixels: smaller images are vendor test patterns or thumbnails, not mammograms to learn from
@@ -382,6 +383,12 @@ MIN_SIDE = 64    # pixels: smaller images are vendor test patterns or thumbnails
 def for_processing(ds: pydicom.Dataset) -> bool:
     "A For-Processing image (raw detector data, `PresentationIntentType` FOR PROCESSING), not what radiologists read."
     return str(ds.get('PresentationIntentType', '') or '').strip().upper() == 'FOR PROCESSING'
+
+def pixel_fingerprint(arr: np.ndarray) -> str:
+    """SHA-256 (16 hex digits) of the decoded stored pixels, their type and shape: the same picture whatever its
+    header or container says (a re-export under another PatientID, a copy in another study, a lossless re-encode)."""
+    a = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder('<'))
+    return hashlib.sha256(f'{a.dtype.str}{a.shape}|'.encode() + a.tobytes()).hexdigest()[:16]
 
 def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray, dict, int]:
     "Decode at level `r` (falling back to the full decode if the reduced one fails), VOI, and the record (patient pseudonymised under `key`)."
@@ -392,7 +399,8 @@ def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray
     if min(arr.shape[:2]) < MIN_SIDE >> r: raise IngestError('too_small', f'{arr.shape[0]}x{arr.shape[1]} px')
     img, vinfo = voi(arr, ds, stride=max(1, 4 >> r))
     rec = {k.lower(): _plain(ds.get(k)) for k in HEADER_FIELDS}
-    rec.update(transfer_syntax=ds.file_meta.TransferSyntaxUID.name, decoder=decoder, patient=pseudonym(ds.get('PatientID'), key), **vinfo)
+    rec.update(transfer_syntax=ds.file_meta.TransferSyntaxUID.name, decoder=decoder, patient=pseudonym(ds.get('PatientID'), key),
+               pixel_fingerprint=pixel_fingerprint(arr), **vinfo)
     return img, rec, r
 
 def _j2k_plan(ds: pydicom.Dataset, need: int | None) -> tuple[int, tuple | None]:

@@ -203,7 +203,7 @@ def _strict_check(p, fails: list[dict]):
 
 IMAGE_OUT = ['image_id', 'study_id', 'patient', 'split', 'role', 'labels', 'pathology', 'laterality', 'view', 'birads', 'density',
              'path', 'png', 'rows', 'cols', 'crop', 'scale', 'size', 'transfer_syntax', 'decoder', 'photometricinterpretation',
-             'bitsstored', 'decode_reduce', 'source_fingerprint', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
+             'bitsstored', 'decode_reduce', 'source_fingerprint', 'pixel_fingerprint', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
 
 def check_key(out: Path, key: bytes):
     """A version's pseudonyms all come from one key: the first ingest records the key's fingerprint in `_work/`, and a
@@ -322,7 +322,7 @@ def prepare(p, shard: str | None = None, merge_only: bool = False, progress: boo
     man = merge(p)
     return dict(version=man['version'], dir=str(version_dir(p)), ingest=ing, images=man['counts']['images'],
                 per_split=man['counts']['images_per_split'], groups=man['grouping']['groups'],
-                merged_groups=man['grouping']['merged_groups'], warnings=man['warnings'], failures=man['failures']['total'],
+                merged_groups=man['grouping']['merged_groups'], duplicate_images=man['grouping']['duplicate_images'], warnings=man['warnings'], failures=man['failures']['total'],
                 failures_by_reason=man['failures']['by_reason'], seconds=round(time.perf_counter() - t0, 1))
 
 def dry_run(p) -> dict:
@@ -367,12 +367,12 @@ def load_version(p_or_dir) -> Version:
     d = Path(p_or_dir) if isinstance(p_or_dir, (str, Path)) else version_dir(p_or_dir)
     if not (d / 'manifest.json').exists(): raise PrepareError(f"no dataset version at '{d}' (run `mammo prepare`)")
     lit = lambda s: ast.literal_eval(s) if isinstance(s, str) else s
-    im = pd.read_csv(d / 'images.csv', dtype={'image_id': str, 'study_id': str, 'source_fingerprint': str})
+    im = pd.read_csv(d / 'images.csv', dtype={'image_id': str, 'study_id': str, 'source_fingerprint': str, 'pixel_fingerprint': str})
     for c in ('labels', 'crop', 'scale', 'size', 'pixelspacing'): im[c] = im[c].map(lit)
     return Version(d, json.loads((d / 'manifest.json').read_text()), im,
                    pd.read_csv(d / 'boxes.csv', dtype={'image_id': str}), pd.read_csv(d / 'failures.csv', dtype=str).fillna(''))
 
-# %% ../nbs/06_prepare.ipynb #3b0f88a4
+# %% ../nbs/06_prepare.ipynb #08323e40
 def derive_version(V: Version, out: str | Path, images: pd.DataFrame, boxes: pd.DataFrame, lists: dict[str, pd.DataFrame],
                    manifest: dict, parent: Version | None = None, labels: dict[str, str] | None = None,
                    coco_classes: list[str] | None = None) -> Version:

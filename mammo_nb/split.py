@@ -12,38 +12,47 @@ __all__ = ['SPLIT_REVISION', 'group_keys', 'grouping_summary', 'label_counts', '
            'assert_no_leakage', 'split_targets', 'split_fractions', 'in_path_order', 'assign_splits']
 
 # %% ../nbs/05_split.ipynb #c8f43c11
-def _components(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    "Connected component (an int) of each row, rows linked when they share a value of `a` or of `b` (None: no link)."
+def _components(a: np.ndarray, *links: np.ndarray) -> np.ndarray:
+    "Connected component (an int) of each row, rows linked when they share a value of `a` or of any of `links` (None: no link)."
     parent = {}
     def find(x):
         while parent.setdefault(x, x) != x: parent[x] = parent[parent[x]]; x = parent[x]
         return x
-    for u, v in zip(a, b):
-        if v is not None: parent[find(('a', u))] = find(('b', v))
+    for j, b in enumerate(links):
+        for u, v in zip(a, b):
+            if v is not None: parent[find(('a', u))] = find((j, v))
     roots = [find(('a', u)) for u in a]
     return pd.factorize(pd.Series([str(r) for r in roots]))[0]
 
 def group_keys(images: pd.DataFrame) -> pd.Series:
-    """The splitting unit of each image: images sharing a patient pseudonym or a study are one group (transitively);
-    named `patient:<smallest pseudonym in it>`, or `study:<smallest study_id>` when none of its images has one."""
+    """The splitting unit of each image: images sharing a patient pseudonym, a study or their decoded pixels
+    (`pixel_fingerprint`: the same picture re-exported under another PatientID or copied into another study) are one
+    group (transitively); named `patient:<smallest pseudonym in it>`, or `study:<smallest study_id>` when none of its
+    images has one."""
     pat = images['patient'] if 'patient' in images else pd.Series(None, index=images.index)
     known = pat.notna() & (pat.astype(str) != '')
     study = images.study_id.astype(str).to_numpy()
-    comp = _components(study, np.where(known, pat.astype(str), None))
+    fp = images['pixel_fingerprint'] if 'pixel_fingerprint' in images else pd.Series(None, index=images.index)
+    same = fp.notna() & (fp.astype(str) != '')
+    comp = _components(study, np.where(known, pat.astype(str), None), np.where(same, fp.astype(str), None))
     df = pd.DataFrame(dict(c=comp, p=np.where(known, pat.astype(str), None), s=study))
     first_p, first_s = df.dropna(subset=['p']).groupby('c').p.min(), df.groupby('c').s.min()
     name = {c: f'patient:{first_p[c]}' if c in first_p.index else f'study:{first_s[c]}' for c in first_s.index}
     return pd.Series([name[c] for c in comp], index=images.index, name='group')
 
 def grouping_summary(images: pd.DataFrame) -> dict:
-    """How the groups came about: groups, groups that merged several patient pseudonyms (a study carrying two IDs),
-    and studies with an image whose patient is unknown."""
+    """How the groups came about: groups, groups that merged several patient pseudonyms (a study carrying two IDs, or
+    one picture under two IDs), studies with an image whose patient is unknown, and the duplicate pictures: images
+    whose decoded pixels another image of the set has too, and how many distinct pictures they are."""
     g = group_keys(images)
     pat = images['patient'] if 'patient' in images else pd.Series(None, index=images.index)
     known = pat.notna() & (pat.astype(str) != '')
     per = pd.DataFrame(dict(g=g.values, p=pat.where(known).values)).groupby('g').p.nunique()
+    fp = images['pixel_fingerprint'].dropna() if 'pixel_fingerprint' in images else pd.Series(dtype=str)
+    n = fp.value_counts()
     return dict(groups=int(g.nunique()), merged_groups=int((per > 1).sum()),
-                studies_without_patient=int(images.study_id[~known.values].nunique()))
+                studies_without_patient=int(images.study_id[~known.values].nunique()),
+                duplicate_images=int(n[n > 1].sum()), duplicate_pictures=int((n > 1).sum()))
 def label_counts(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], groups: pd.Series) -> pd.DataFrame:
     """Per group: number of images with each class, of images without any box (`_negative`) and, where the dataset
     gives pathology (RSNA's image-level cancer label, CBIS-DDSM, mini-MIAS), of malignant images (`_malignant`)."""

@@ -259,3 +259,33 @@ def test_paths_never_leave_their_roots(tiny_set, tmp_path):
     assert len(listed) == V.images.role.isin(['positive', 'negative']).sum()
     assert all((vdir(f) / l).resolve().is_file() and vdir(f).resolve() in (vdir(f) / l).resolve().parents for l in listed)
     assert 'failures: 1' in r.stdout
+
+
+def test_the_same_picture_never_in_two_splits(tiny_set, tmp_path):
+    "A re-export under another PatientID and a byte copy in another study share the original's group, so its split."
+    ds_root = tmp_path / 'dup'
+    shutil.copytree(tiny_set, ds_root)
+    b = pd.read_csv(ds_root / 'breast-level_annotations.csv', dtype=str)
+    fa = pd.read_csv(ds_root / 'finding_annotations.csv', dtype=str)
+    src = b.iloc[0]
+    f0 = ds_root / 'images' / src.study_id / f'{src.image_id}.dicom'
+    copies = {'reexport': ('f' * 32, 'e' * 32), 'copy': ('d' * 32, 'c' * 32)}   # (study_id, image_id), new ids
+    for kind, (st, im) in copies.items():
+        (ds_root / 'images' / st).mkdir()
+        if kind == 'copy': shutil.copy(f0, ds_root / 'images' / st / f'{im}.dicom')
+        else:
+            ds = pydicom.dcmread(f0); ds.PatientID = 'MIGRATED-0001'; ds.StudyInstanceUID = ds.SOPInstanceUID = f'2.25.{int(st[:8], 16)}'
+            ds.save_as(ds_root / 'images' / st / f'{im}.dicom')
+        b = pd.concat([b, b.iloc[[0]].assign(study_id=st, image_id=im)])
+        fa = pd.concat([fa, fa[fa.image_id == src.image_id].assign(study_id=st, image_id=im)])
+    b.to_csv(ds_root / 'breast-level_annotations.csv', index=False); fa.to_csv(ds_root / 'finding_annotations.csv', index=False)
+    f = recipe(tmp_path, ds_root, tmp_path / 'v')
+    r = mammo('prepare', f, '--quiet')
+    V = load_version(vdir(f))
+    same = V.images[V.images.image_id.isin([src.image_id, 'e' * 32, 'c' * 32])]
+    assert len(same) == 3 and same.pixel_fingerprint.nunique() == 1 and same.split.nunique() == 1, same[['image_id', 'split']]
+    from mammo_nb.split import group_keys
+    assert group_keys(V.images)[same.index].nunique() == 1
+    m = json.loads((vdir(f) / 'manifest.json').read_text())
+    assert m['grouping']['duplicate_images'] == 3 and m['grouping']['duplicate_pictures'] == 1
+    assert 'duplicate_images: 3' in r.stdout
