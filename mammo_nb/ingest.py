@@ -103,6 +103,7 @@ def stored_bits(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """The `BitsStored` bits ending at `HighBit` of each pixel, as 16-bit integers (sign-extended when
     `PixelRepresentation` is 1): vendor overlay or garbage bits above them are dropped, 8-bit data is widened."""
     if arr.dtype.itemsize > 2: raise IngestError('unsupported_layout', f'{arr.dtype} pixels (BitsAllocated {ds.get("BitsAllocated")})')
+    arr = arr.astype(arr.dtype.newbyteorder('='), copy=False)     # big-endian data (Explicit VR Big Endian): native order first
     signed = bool(int(ds.get('PixelRepresentation', 0) or 0))
     width = 8 * arr.dtype.itemsize
     bits = min(int(ds.get('BitsStored') or width), width)
@@ -130,6 +131,7 @@ def _decode(ds: pydicom.Dataset, threads: int = 1, reduce: int = 0) -> tuple[np.
         if not ts.is_compressed and ts.is_little_endian and ds.BitsAllocated == 16:
             n, got = ds.Rows * ds.Columns, len(ds.PixelData) // 2
             if got < n: raise IngestError('truncated', f'{got} of {n} pixels')
+            if got >= 2 * n: raise IngestError('unsupported_layout', f'pixel data holds {got // n} frames but NumberOfFrames says 1')
             buf = np.frombuffer(ds.PixelData, '<i2' if ds.PixelRepresentation else '<u2', count=n)
             return buf.reshape(ds.Rows, ds.Columns), 'numpy'
         if ts in (JPEGLSLossless, JPEGLSNearLossless): return _decode_jpegls(ds), 'imagecodecs'
@@ -149,9 +151,14 @@ def _first(v) -> float:
     return float(v[0]) if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else float(v)
 
 def _domain(ds) -> np.ndarray:
-    "Modality values (after rescale) of every 16-bit stored pattern 0..65535."
+    """Modality values of every 16-bit stored pattern 0..65535: through the Modality LUT Sequence when the header has
+    one (as the standard says; pydicom's `apply_modality_lut`), else Rescale Slope and Intercept."""
     i = np.arange(65536, dtype=np.int64)
     if int(ds.get('PixelRepresentation', 0)): i = np.where(i >= 32768, i - 65536, i)
+    if 'ModalityLUTSequence' in ds:
+        from pydicom.pixels import apply_modality_lut
+        try: return np.asarray(apply_modality_lut(i, ds), np.float64)
+        except Exception as e: raise IngestError('unsupported_layout', f'Modality LUT Sequence unreadable ({type(e).__name__})') from None
     slope, icpt = float(ds.get('RescaleSlope', 1) or 1), float(ds.get('RescaleIntercept', 0) or 0)
     return i * slope + icpt
 
