@@ -118,6 +118,8 @@ def label_boxes(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], i
         cls = pick_class(b.labels, classes, priority)
         if cls is None: continue                                    # ignored class: image-level label only
         W, H = g.cols, g.rows
+        if not np.isfinite(np.asarray([b.x0, b.y0, b.x1, b.y1], float)).all():    # inf would clip to the image's edge
+            f('bad_row', 'box coordinates: not finite'); bad_img.add(b.image_id); continue
         if not (b.x1 > b.x0 and b.y1 > b.y0): f('degenerate_box', f'{b.x0},{b.y0},{b.x1},{b.y1}'); bad_img.add(b.image_id); continue
         c = np.clip([b.x0, b.y0, b.x1, b.y1], 0, [W, H, W, H])
         if c[2] <= c[0] or c[3] <= c[1]: f('box_outside_image', f'{b.x0},{b.y0},{b.x1},{b.y1} in {W}x{H}'); bad_img.add(b.image_id); continue

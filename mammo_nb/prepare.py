@@ -372,7 +372,7 @@ def load_version(p_or_dir) -> Version:
     return Version(d, json.loads((d / 'manifest.json').read_text()), im,
                    pd.read_csv(d / 'boxes.csv', dtype={'image_id': str}), pd.read_csv(d / 'failures.csv', dtype=str).fillna(''))
 
-# %% ../nbs/06_prepare.ipynb #7e5cefee
+# %% ../nbs/06_prepare.ipynb #25cb78c4
 def derive_version(V: Version, out: str | Path, images: pd.DataFrame, boxes: pd.DataFrame, lists: dict[str, pd.DataFrame],
                    manifest: dict, parent: Version | None = None, labels: dict[str, str] | None = None,
                    coco_classes: list[str] | None = None) -> Version:
