@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MammoError', 'ParamsError', 'PrepareError', 'TrainError', 'PretrainError', 'CVError', 'ChainError', 'SlurmError']
 
-# %% ../nbs/00b_errors.ipynb #5c4e1f43
+# %% ../nbs/00b_errors.ipynb #45600515
 class MammoError(Exception):
     "A problem the user can fix; the message says what and how. The CLI prints it without a traceback."
 

@@ -410,11 +410,15 @@ def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray
                pixel_fingerprint=pixel_fingerprint(arr), **vinfo)
     return img, rec, r
 
-def _j2k_plan(ds: pydicom.Dataset, need: int | None) -> tuple[int, tuple | None]:
-    "The JPEG 2000 level to decode first for a crop of `need` px, and the image's (rows, cols) from its codestream."
-    if not need or 'PixelData' not in ds or ds.file_meta.TransferSyntaxUID not in (JPEG2000Lossless, JPEG2000): return 0, None
-    try: h = j2k_header(first_frame(ds))
-    except Exception: return 0, None
+def _j2k_siz(ds: pydicom.Dataset) -> dict | None:
+    "The codestream header (`j2k_header`) of a JPEG 2000 DICOM, None for another syntax or a stream whose header cannot be read."
+    if 'PixelData' not in ds or ds.file_meta.TransferSyntaxUID not in (JPEG2000Lossless, JPEG2000): return None
+    try: return j2k_header(first_frame(ds))
+    except Exception: return None                            # (a broken stream: the decoder says why)
+
+def _j2k_plan(h: dict | None, need: int | None) -> tuple[int, tuple | None]:
+    "The JPEG 2000 level to decode first for a crop of `need` px, and the image's (rows, cols), from its codestream header `h`."
+    if not need or not h: return 0, None
     r = reduce_level(h, need)
     return r, (h['height'], h['width']) if r else None
 
@@ -433,13 +437,11 @@ def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip
     else:
         ds = read_dicom(path)
         check_pixels(ds.get('Rows'), ds.get('Columns'), 'DICOM header')
-        if 'PixelData' in ds and ds.file_meta.TransferSyntaxUID in (JPEG2000Lossless, JPEG2000):
-            try: h = j2k_header(first_frame(ds))
-            except Exception: h = None                                   # (a broken stream: the decoder says why)
-            if h: check_pixels(h['height'], h['width'], 'JPEG 2000 codestream')
+        siz = _j2k_siz(ds)                                       # read once: the size check and the decode plan
+        if siz: check_pixels(siz['height'], siz['width'], 'JPEG 2000 codestream')
         if for_processing_images != 'keep' and for_processing(ds):
             raise IngestError('for_processing', 'PresentationIntentType FOR PROCESSING (raw detector data); prepare.for_processing: keep to use it')
-        r, shape = _j2k_plan(ds, need)
+        r, shape = _j2k_plan(siz, need)
         img, rec, r = _display(ds, key, r)
     while True:
         full = shape if r else img.shape[:2]

@@ -371,7 +371,7 @@ def validate(d: dict, source: str = '<params>') -> AttrDict:
     if errs: raise ParamsError(f"{source}: " + ('\n  '.join([''] + errs) if len(errs) > 1 else errs[0]))
     return _attr(out)
 
-# %% ../nbs/00_params.ipynb #5ffa4fe0
+# %% ../nbs/00_params.ipynb #935bc292
 def result_settings(values: dict, section: str | None = None, drop=('runtime',)) -> dict:
     """`values` (a recipe, or its `section` such as `'train'`) without the fields whose `effect` is in `drop`; nested
     sections are walked, free-form mappings (`train.hyp`) kept whole."""

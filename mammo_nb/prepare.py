@@ -86,13 +86,16 @@ def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     """The images and boxes tables of the recipe's dataset (`source.layout`, see `mammo_nb.adapters`), and the rows
     that failed to parse; identifiers pseudonymised under `key` (default: the recipe's key), and an image or study id
     that cannot name a file (`files.safe_name`: `../`, a separator, a newline...) replaced by its keyed pseudonym."""
-    root, key = source_root(p), key or pseudonym_key(p)
+    root = source_root(p)
     if not root.is_dir():
         hint = ' (write it first: `mammo synth --params <recipe>`)' if p.source.root is None else ''
         raise PrepareError(f"dataset root '{root}' not found{hint}")
+    key = key or pseudonym_key(p)                           # (made only once the root is there)
     try: images, boxes, fails = read_layout(p.source.layout, root, p.source.class_map, p.source.csv, key=key)
     except FileNotFoundError as e: raise PrepareError(f"'{root}' is not a {p.source.layout} dataset: {e.filename} missing") from None
-    safe = lambda kind: lambda v: v if safe_name(str(v)) or not pseudonym(v, key, kind) else f'{kind[0]}{pseudonym(v, key, kind)}'
+    def safe(kind):
+        "An id as a file name: itself when safe, else `<i|s><its keyed pseudonym>` (an empty id stays as it is)."
+        return lambda v: v if safe_name(str(v)) or not (ps := pseudonym(v, key, kind)) else f'{kind[0]}{ps}'
     images = images.assign(image_id=images.image_id.map(safe('image')), study_id=images.study_id.map(safe('study')))
     return images, boxes.assign(image_id=boxes.image_id.map(safe('image'))), fails
 
@@ -372,7 +375,7 @@ def load_version(p_or_dir) -> Version:
     return Version(d, json.loads((d / 'manifest.json').read_text()), im,
                    pd.read_csv(d / 'boxes.csv', dtype={'image_id': str}), pd.read_csv(d / 'failures.csv', dtype=str).fillna(''))
 
-# %% ../nbs/06_prepare.ipynb #25cb78c4
+# %% ../nbs/06_prepare.ipynb #1f427b8f
 def derive_version(V: Version, out: str | Path, images: pd.DataFrame, boxes: pd.DataFrame, lists: dict[str, pd.DataFrame],
                    manifest: dict, parent: Version | None = None, labels: dict[str, str] | None = None,
                    coco_classes: list[str] | None = None) -> Version:

@@ -39,7 +39,7 @@ def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
 # %% auto #0
 __all__ = ['models', 'learning_settings', 'run_name', 'run_dir', 'run_dirs', 'RunDir']
 
-# %% ../nbs/07a_runs.ipynb #ca9897df
+# %% ../nbs/07a_runs.ipynb #82bc5946
 @dataclass(frozen=True)
 class RunDir:
     "A run folder `dir` and the files every detector family writes in it."

@@ -372,7 +372,7 @@ def truth_counts(truth: pd.DataFrame) -> pd.DataFrame:
     t['kind'] = np.where(t.get('txmin', pd.Series(np.nan, index=t.index)).notna(), 'box', 'image level')
     return t.pivot_table(index='categories', columns='kind', values='path', aggfunc='count', fill_value=0)
 
-# %% ../nbs/01a_synth_layouts.ipynb #e42273a0
+# %% ../nbs/01a_synth_layouts.ipynb #959fe82d
 def synth_overrides(s) -> dict:
     "The preset overrides set in a recipe's `synth` section: its `results` fields other than preset and seed."
     return {k: s[k] for k, f in SCHEMA['synth'].items() if k not in ('preset', 'seed') and f.effect == 'results' and s.get(k) is not None}

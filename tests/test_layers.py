@@ -35,8 +35,7 @@ def private_imports(files) -> list[str]:
     out = []
     for f in files:
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
-            if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('mammo_nb') or \
-               isinstance(node, ast.ImportFrom) and node.level > 0:
+            if isinstance(node, ast.ImportFrom) and ((node.module or '').startswith('mammo_nb') or node.level > 0):
                 mod = f'{"." * node.level}{node.module or ""}'
                 out += [f'{f.relative_to(ROOT)}:{node.lineno} {mod}.{a.name}' for a in node.names
                         if a.name.startswith('_') and not a.name.startswith('__')]
