@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .annotations import BOX_COLUMNS, IMAGE_COLUMNS, NO_FINDING, failure, read_vindr
+from .annotations import BOX_COLUMNS, IMAGE_COLUMNS, NO_FINDING, failure, image_side, read_vindr
 from .files import within_root
 from .ingest import IngestError, decode, pseudonym, read_dicom
 
@@ -238,6 +238,8 @@ def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None 
         path, pid = r['image'].strip(), r['patient_id'].strip()
         if not path or not pid: fails.append(failure('read', 'bad_row', '', name, row, 'image / patient_id')); continue
         iid = pseudonym(path, key, 'image')
+        try: hw = [image_side(v, c) if (v := r.get(c, '').strip()) else np.nan for c in ('height', 'width')]
+        except ValueError as e: fails.append(failure('read', 'bad_row', iid, name, row, str(e))); continue
         raw = [l.strip() for l in r.get('label', '').split(';') if l.strip()]
         unknown = [l for l in raw if l != NO_FINDING and cmap and l not in cmap]
         labels = [x for l in raw for x in (cmap.get(l, [l]) if l != NO_FINDING else [l])]
@@ -245,8 +247,7 @@ def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None 
         im = imgs.setdefault(iid, dict(image_id=iid, study_id=study_key(r.get('study_id', '').strip() or pid, key), patient=pseudonym(pid, key),
                                        path=path, laterality=r.get('laterality', '').strip().upper()[:1], view=r.get('view', '').strip().upper(),
                                        source_split='test' if r.get('split', '').strip().lower() == 'test' else '',
-                                       height=pd.to_numeric(r.get('height', ''), errors='coerce'),
-                                       width=pd.to_numeric(r.get('width', ''), errors='coerce'),
+                                       height=hw[0], width=hw[1],
                                        labels=set(), birads='', density='', pathology=''))
         _pathology(im, patho)
         if unknown: fails.append(failure('read', 'unknown_class', iid, name, row, ', '.join(unknown))); continue

@@ -13,8 +13,8 @@ import pandas as pd
 from .clahe import to_output
 
 # %% auto #0
-__all__ = ['IMAGE_COLUMNS', 'BOX_COLUMNS', 'FAILURE_COLUMNS', 'NO_FINDING', 'failure', 'read_vindr', 'pick_class', 'label_boxes',
-           'yolo_lines', 'write_yolo', 'coco']
+__all__ = ['IMAGE_COLUMNS', 'BOX_COLUMNS', 'FAILURE_COLUMNS', 'NO_FINDING', 'failure', 'image_side', 'read_vindr', 'pick_class',
+           'annotated_scale', 'label_boxes', 'yolo_lines', 'write_yolo', 'coco']
 
 # %% ../nbs/04_annotations.ipynb #71e57641
 IMAGE_COLUMNS = ['image_id', 'study_id', 'patient', 'path', 'laterality', 'view', 'source_split', 'height', 'width',
@@ -35,7 +35,7 @@ def _labels(s) -> list[str]:
 
 _SPLITS = {'training': 'train', 'train': 'train', 'test': 'test'}
 
-def _size(v, column: str) -> int:
+def image_side(v, column: str) -> int:
     "An image side from an annotation table: a positive whole number of pixels, else `ValueError` naming the column."
     if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == '': raise ValueError(f"column '{column}': empty")
     try: f = float(v)
@@ -82,7 +82,7 @@ def read_vindr(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]
             why = 'image_in_two_studies' if str(m.study_id) != str(seen[iid]) else 'duplicate_row'
             fails.append(failure('read', why, iid, m.src_file, m.src_row, 'also listed under another study id' if why != 'duplicate_row' else 'listed twice'))
             continue
-        try: h, w = (_size(getattr(m, c), c) for c in ('height', 'width'))
+        try: h, w = (image_side(getattr(m, c), c) for c in ('height', 'width'))
         except ValueError as e: fails.append(failure('read', 'bad_row', iid, m.src_file, m.src_row, str(e))); continue
         seen[iid] = m.study_id
         labs = img_labels.get(iid, {NO_FINDING})
@@ -103,6 +103,16 @@ def pick_class(labels: list[str], classes: list[str], priority: list[str]) -> st
     order = {c: i for i, c in enumerate(list(priority) + [c for c in classes if c not in priority])}
     return min(cand, key=order.__getitem__)
 
+def annotated_scale(height, width, rows: int, cols: int, tol: float = 0.01) -> tuple | str | None:
+    """How boxes drawn on an image of the size an annotation states (`height` x `width`; NaN / None: not stated) map
+    onto the file's `rows` x `cols`: None when they agree (or no size is stated), (fx, fy) when the file is the same
+    picture at another scale (both sides by the same factor, to `tol`: an export at half size), else the reason they
+    cannot be mapped (a crop, a rotation, another image) for a `size_mismatch` failure."""
+    if height is None or width is None or pd.isna(height) or pd.isna(width) or (height, width) == (rows, cols): return None
+    fx, fy = cols / float(width), rows / float(height)
+    if abs(fx / fy - 1) <= tol: return (fx, fy)
+    return f'the annotation is for a {height:g} x {width:g} px image, the file is {rows} x {cols} px (not one scale)'
+
 def label_boxes(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], ignore: list[str] = (),
                 priority: list[str] = (), min_box_px: float = 2.0) -> tuple[pd.DataFrame, pd.Series, list[dict]]:
     "Boxes in output pixels (`cls`, `class_id`, x0..y1, normalised cx/cy/w/h), each image's role, and failures."
@@ -118,6 +128,10 @@ def label_boxes(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], i
         cls = pick_class(b.labels, classes, priority)
         if cls is None: continue                                    # ignored class: image-level label only
         W, H = g.cols, g.rows
+        xy, k = [b.x0, b.y0, b.x1, b.y1], annotated_scale(g.get('height'), g.get('width'), H, W)
+        if isinstance(k, str): f('size_mismatch', k); bad_img.add(b.image_id); continue
+        if k: xy = [v * s for v, s in zip(xy, k * 2)]
+        b = b._replace(x0=xy[0], y0=xy[1], x1=xy[2], y1=xy[3])
         if not np.isfinite(np.asarray([b.x0, b.y0, b.x1, b.y1], float)).all():    # inf would clip to the image's edge
             f('bad_row', 'box coordinates: not finite'); bad_img.add(b.image_id); continue
         if not (b.x1 > b.x0 and b.y1 > b.y0): f('degenerate_box', f'{b.x0},{b.y0},{b.x1},{b.y1}'); bad_img.add(b.image_id); continue
@@ -129,10 +143,10 @@ def label_boxes(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], i
         if o[2] <= o[0] or o[3] <= o[1]: f('box_outside_crop', f'{b.x0},{b.y0},{b.x1},{b.y1}'); bad_img.add(b.image_id); continue
         out.append(dict(image_id=b.image_id, cls=cls, class_id=classes.index(cls), x0=o[0], y0=o[1], x1=o[2], y1=o[3],
                         cx=(o[0] + o[2]) / 2 / w, cy=(o[1] + o[3]) / 2 / h, w=(o[2] - o[0]) / w, h=(o[3] - o[1]) / h,
-                        clipped=bool((c != [b.x0, b.y0, b.x1, b.y1]).any()), layer=b.layer, labels=b.labels, row=b.row,
+                        clipped=bool((c != [b.x0, b.y0, b.x1, b.y1]).any()), rescaled=bool(k), layer=b.layer, labels=b.labels, row=b.row,
                         pathology=getattr(b, 'pathology', '') if isinstance(getattr(b, 'pathology', ''), str) else ''))
     det = pd.DataFrame(out, columns=['image_id', 'cls', 'class_id', 'x0', 'y0', 'x1', 'y1', 'cx', 'cy', 'w', 'h',
-                                     'clipped', 'layer', 'labels', 'row', 'pathology'])
+                                     'clipped', 'rescaled', 'layer', 'labels', 'row', 'pathology'])
     has_box = set(det.image_id)
     role = images.apply(lambda r: 'positive' if r.image_id in has_box else
                         'negative' if r.labels == [NO_FINDING] and r.image_id not in bad_img else 'image_level', axis=1)

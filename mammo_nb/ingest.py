@@ -9,11 +9,14 @@ from pathlib import Path
 
 import hashlib, hmac, io, math, os, secrets, struct
 
-# Decompression bombs: a file may claim any size. No frame over MAX_PIXELS is decoded: the header (DICOM Rows x
-# Columns, a JPEG 2000 codestream's SIZ, a PNG/JPEG/TIFF header) is checked first, and OpenCV's and Pillow's own
-# guards are set to the same limit. A full-field mammogram is at most ~40 M pixels.
-MAX_PIXELS = 80_000_000
-os.environ.setdefault('OPENCV_IO_MAX_IMAGE_PIXELS', str(MAX_PIXELS))     # read by OpenCV at its first image read
+# Decompression bombs: a file may claim any size. No frame over the limit (`prepare.max_pixels`, default
+# `params.MAX_PIXELS`) is decoded: the claims (DICOM Rows x Columns, a JPEG 2000 codestream's SIZ, a JPEG / JPEG-LS frame header, a
+# PNG/JPEG/TIFF file header, a deflated dataset's inflated size) are checked first, and Pillow's guard is set to the
+# same limit. A full-field mammogram is at most ~40 M pixels. OpenCV's guard is process-wide and read once, at its
+# first image read, so it is set to PIXEL_CEILING, the highest limit a recipe may ask for: a backstop behind ours.
+from .params import MAX_PIXELS, PIXEL_CEILING
+os.environ.setdefault('OPENCV_IO_MAX_IMAGE_PIXELS', str(PIXEL_CEILING))
+import re, warnings, zlib
 import cv2
 import numpy as np
 import pydicom
@@ -21,10 +24,10 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level',
-           'check_pixels', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask',
-           'mask_crop', 'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key',
-           'read_dicom', 'read_raster', 'for_processing', 'pixel_fingerprint', 'ingest']
+__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level', 'check_pixels',
+           'jpeg_size', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask', 'mask_crop',
+           'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'inflate_limit',
+           'read_dicom', 'read_raster', 'for_processing', 'warning_lines', 'pixel_fingerprint', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -74,21 +77,38 @@ def reduce_level(h: dict, need: int, work_side: int = 512) -> int:
     while r and any(_pillow_size(n, r) != math.ceil(n / (1 << r)) for n in (W, H)): r -= 1
     return r
 
-def check_pixels(rows, cols, what: str = 'header') -> None:
-    "`IngestError('too_large')` when an image claims more than `MAX_PIXELS` pixels per frame: checked before decoding."
+def check_pixels(rows, cols, what: str = 'header', limit: int = MAX_PIXELS) -> None:
+    "`IngestError('too_large')` when an image claims more than `limit` pixels per frame: checked before decoding."
     try: n = int(rows) * int(cols)
     except (TypeError, ValueError): return                  # no size claimed: the decoder's own checks apply
-    if n > MAX_PIXELS: raise IngestError('too_large', f'the {what} claims {n:,} pixels per frame (limit {MAX_PIXELS:,})')
+    if n > limit: raise IngestError('too_large', f'the {what} claims {n:,} pixels per frame (limit {limit:,})')
 
-def _pillow():
-    "Pillow with its decompression-bomb guard at `MAX_PIXELS` (`check_pixels` refuses first; Pillow's guard is the backstop)."
+_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}   # 0xF7: JPEG-LS SOF55
+
+def jpeg_size(frame: bytes, scan: int = 1 << 16) -> tuple[int, int] | None:
+    "(rows, cols) from a JPEG or JPEG-LS frame header (SOFn / SOF55 marker), None when there is none in the first `scan` bytes."
+    if frame[:2] != b'\xff\xd8': return None
+    i = 2
+    while i + 9 <= min(len(frame), scan):
+        if frame[i] != 0xFF: return None
+        m = frame[i + 1]
+        if m == 0xFF: i += 1; continue                         # fill byte
+        if m in _SOF:
+            h, w = struct.unpack('>HH', frame[i + 5:i + 9])
+            return (h, w) if h else None                       # 0: the height comes later (DNL), the DICOM header's applies
+        if m == 0x01 or 0xD0 <= m <= 0xD8: i += 2; continue    # markers without a length
+        i += 2 + struct.unpack('>H', frame[i + 2:i + 4])[0]
+    return None
+
+def _pillow(limit: int = MAX_PIXELS):
+    "Pillow with its decompression-bomb guard at `limit` (`check_pixels` refuses first; Pillow's guard is the backstop)."
     from PIL import Image
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
     return Image
 
 def _decode_j2k_reduced(frame: bytes, r: int) -> np.ndarray:
     "Pillow's OpenJPEG decoder stopped `r` levels early; Pillow scales samples to 8/16 bits, which is undone."
-    Image = _pillow()
+    Image = _pillow(PIXEL_CEILING)                               # (the claimed size was checked before)
     h = j2k_header(frame)
     with Image.open(io.BytesIO(frame)) as im:
         im.reduce = r; im.load()
@@ -348,9 +368,33 @@ def load_key(path: str | Path) -> bytes:
     if len(key) < 32: raise IngestError('bad_key', f'{path}: a pseudonym key needs at least 32 characters')
     return key.encode()
 
-def read_dicom(path: str | Path, **kw) -> pydicom.Dataset:
-    "`pydicom.dcmread` with failures turned into `IngestError` reasons."
-    try: ds = pydicom.dcmread(path, **kw)
+def inflate_limit(max_pixels: int = MAX_PIXELS) -> int:
+    "The most bytes a deflated dataset may inflate to: a 16-bit frame of `max_pixels` and 64 MiB of everything else."
+    return 2 * max_pixels + (64 << 20)
+
+def _read_deflated(path: Path, limit: int) -> pydicom.Dataset | None:
+    """A Deflated Explicit VR Little Endian file read with its dataset inflated to at most `limit` bytes (pydicom
+    inflates the whole stream at once, so a 1 MB file can ask for gigabytes); None for any other transfer syntax."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset, read_preamble
+    with open(path, 'rb') as fp:
+        preamble = read_preamble(fp, False)
+        meta = FileMetaDataset(read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=lambda t, vr, n: t >> 16 != 2))
+        if meta.get('TransferSyntaxUID') != pydicom.uid.DeflatedExplicitVRLittleEndian: return None
+        raw = fp.read()
+    z, n, rest = zlib.decompressobj(-zlib.MAX_WBITS), 0, raw   # a first pass counts, 16 MiB at a time, keeping nothing
+    while rest and n <= limit:
+        n += len(z.decompress(rest, 1 << 24)); rest = z.unconsumed_tail
+    if n > limit: raise IngestError('too_large', f'the deflated dataset inflates to more than {limit:,} bytes')
+    data = zlib.decompress(raw, -zlib.MAX_WBITS)
+    ds = read_dataset(DicomBytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    return FileDataset(str(path), ds, preamble=preamble, file_meta=meta, is_implicit_VR=False, is_little_endian=True)
+
+def read_dicom(path: str | Path, max_pixels: int = MAX_PIXELS, **kw) -> pydicom.Dataset:
+    "`pydicom.dcmread` with failures turned into `IngestError` reasons; a deflated dataset inflated within `inflate_limit`."
+    try: ds = _read_deflated(Path(path), inflate_limit(max_pixels)) or pydicom.dcmread(path, **kw)
+    except IngestError: raise
     except FileNotFoundError: raise IngestError('missing_file') from None
     except Exception as e: raise IngestError('unreadable', type(e).__name__) from None
     if 'TransferSyntaxUID' not in getattr(ds, 'file_meta', {}): raise IngestError('unreadable', 'no file meta / transfer syntax')
@@ -358,18 +402,18 @@ def read_dicom(path: str | Path, **kw) -> pydicom.Dataset:
 
 RASTER = ('.png', '.jpg', '.jpeg', '.pgm', '.pnm', '.tif', '.tiff', '.bmp')
 
-def read_raster(path: str | Path) -> tuple[np.ndarray, dict]:
+def read_raster(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
     """A PNG / JPEG / PGM / TIFF mammogram as a `uint16` display image and its record. 8-bit files are display
     images already (film scans such as mini-MIAS, exported PNGs) and are only widened; 16-bit files are stretched
     from their minimum to their maximum. Colour files are converted to grey."""
     path = Path(path)
     if not path.is_file(): raise IngestError('missing_file')
-    Image = _pillow()
+    Image = _pillow(max_pixels)
     try:
         with Image.open(path) as im: w, h = im.size                   # the header only: nothing decoded yet
     except Image.DecompressionBombError: raise IngestError('too_large', 'the image header claims too many pixels') from None
     except Exception: w = h = None                                   # not Pillow's: OpenCV reads it or says unreadable
-    check_pixels(h, w, f'{path.suffix.lower().lstrip(".").upper()} header')
+    check_pixels(h, w, f'{path.suffix.lower().lstrip(".").upper()} header', max_pixels)
     a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if a is None: raise IngestError('unreadable', path.suffix.lower())
     if a.ndim == 3: a = cv2.cvtColor(a[..., :3], cv2.COLOR_BGR2GRAY)
@@ -391,6 +435,12 @@ def for_processing(ds: pydicom.Dataset) -> bool:
     "A For-Processing image (raw detector data, `PresentationIntentType` FOR PROCESSING), not what radiologists read."
     return str(ds.get('PresentationIntentType', '') or '').strip().upper() == 'FOR PROCESSING'
 
+def warning_lines(caught: list) -> str:
+    """The warnings a decoder raised for one image, one `Category: message` each, without quoted values (a
+    decoder may quote a header value, e.g. a malformed name or date) and at most 120 characters each."""
+    lines = {f'{w.category.__name__}: ' + re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", str(w.message)).splitlines()[0][:120] for w in caught}
+    return ' | '.join(sorted(lines))
+
 def pixel_fingerprint(arr: np.ndarray) -> str:
     """SHA-256 (16 hex digits) of the decoded stored pixels, their type and shape: the same picture whatever its
     header or container says (a re-export under another PatientID, a copy in another study, a lossless re-encode)."""
@@ -410,6 +460,14 @@ def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray
                pixel_fingerprint=pixel_fingerprint(arr), **vinfo)
     return img, rec, r
 
+def _check_frame(ds: pydicom.Dataset, siz: dict | None, limit: int):
+    "The sizes a compressed frame claims (JPEG 2000 SIZ `siz`, a JPEG / JPEG-LS frame header) against `limit`, before any decoder runs."
+    if siz: check_pixels(siz['height'], siz['width'], 'JPEG 2000 codestream', limit)
+    elif 'PixelData' in ds and ds.file_meta.TransferSyntaxUID.is_compressed:
+        try: hw = jpeg_size(first_frame(ds))
+        except Exception: hw = None                              # not encapsulated JPEG: the header's size applies
+        if hw: check_pixels(*hw, 'JPEG frame header', limit)
+
 def _j2k_siz(ds: pydicom.Dataset) -> dict | None:
     "The codestream header (`j2k_header`) of a JPEG 2000 DICOM, None for another syntax or a stream whose header cannot be read."
     if 'PixelData' not in ds or ds.file_meta.TransferSyntaxUID not in (JPEG2000Lossless, JPEG2000): return None
@@ -423,7 +481,7 @@ def _j2k_plan(h: dict | None, need: int | None) -> tuple[int, tuple | None]:
     return r, (h['height'], h['width']) if r else None
 
 def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip', key: bytes | None = None,
-           need: int | None = None) -> Ingested:
+           need: int | None = None, max_pixels: int = MAX_PIXELS) -> Ingested:
     """Read one image file: decode, VOI, MONOCHROME1 inversion, breast mask and crop. DICOM unless the name ends
     in one of `RASTER`. Raises `IngestError` with a reason: also for images under `MIN_SIDE` px (`too_small`),
     constant after VOI (`blank_image`) and, unless `for_processing_images='keep'`, For-Processing images. The
@@ -431,14 +489,16 @@ def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip
 
     `need`: the long side (pixels) the breast crop must keep. JPEG 2000 is then decoded at the coarsest wavelet level
     whose crop still holds it (one level finer again if the breast turns out too small in its image); the record's
-    `decode_reduce` says which. None: every image at full resolution."""
+    `decode_reduce` says which. None: every image at full resolution.
+
+    `max_pixels`: no frame claiming more pixels is decoded (`too_large`, see `check_pixels`)."""
     ds, r, shape = None, 0, None
-    if Path(path).suffix.lower() in RASTER: img, rec = read_raster(path)
+    if Path(path).suffix.lower() in RASTER: img, rec = read_raster(path, max_pixels)
     else:
-        ds = read_dicom(path)
-        check_pixels(ds.get('Rows'), ds.get('Columns'), 'DICOM header')
+        ds = read_dicom(path, max_pixels)
+        check_pixels(ds.get('Rows'), ds.get('Columns'), 'DICOM header', max_pixels)
         siz = _j2k_siz(ds)                                       # read once: the size check and the decode plan
-        if siz: check_pixels(siz['height'], siz['width'], 'JPEG 2000 codestream')
+        _check_frame(ds, siz, max_pixels)
         if for_processing_images != 'keep' and for_processing(ds):
             raise IngestError('for_processing', 'PresentationIntentType FOR PROCESSING (raw detector data); prepare.for_processing: keep to use it')
         r, shape = _j2k_plan(siz, need)

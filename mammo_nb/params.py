@@ -16,8 +16,8 @@ from .errors import ParamsError
 from .looks import look_spec
 
 # %% auto #0
-__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'SCHEMA', 'Field', 'validate',
-           'result_settings', 'load_params']
+__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'MAX_PIXELS', 'PIXEL_CEILING',
+           'SCHEMA', 'Field', 'validate', 'result_settings', 'named_settings', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -34,6 +34,7 @@ class Field:
     max: float | None = None
     items: type | None = None       # element type of a list field
     effect: str = 'results'          # see EFFECTS: what a change of this value changes
+    late: bool = False               # added after names were written: enters version and run names only when set (`named_settings`)
 
 # %% ../nbs/00_params.ipynb #9c9a5478
 VINDR_CLASSES = ('Mass', 'Suspicious Calcification', 'Architectural Distortion', 'Asymmetry', 'Focal Asymmetry',
@@ -46,6 +47,10 @@ VINDR_PRIORITY = ('Mass', 'Suspicious Calcification', 'Architectural Distortion'
 # It names the default `synth.out` folder and enters each synthetic version's name, so no stale set is reused.
 SYNTH_REVISION = 2
 FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)   # false positives per image where FROC sensitivity is read
+# Decompression bombs: no image frame claiming more pixels than `prepare.max_pixels` (default MAX_PIXELS; a
+# full-field mammogram is at most ~40 M) is decoded, in prepare, serve or explain. PIXEL_CEILING: the most it may be set to.
+MAX_PIXELS = 80_000_000
+PIXEL_CEILING = 400_000_000
 
 # %% ../nbs/00_params.ipynb #e105428e
 SCHEMA = {
@@ -98,6 +103,13 @@ SCHEMA = {
         'full_decode': Field(bool, False, 'decode every JPEG 2000 image at full resolution (default: at the coarsest wavelet '
                              'level whose breast crop keeps clahe.long_side x decode_safety pixels)'),
         'decode_safety': Field(float, 1.0, 'the decoded breast crop keeps at least this times clahe.long_side on its long side', min=0.5),
+        'max_pixels': Field(int, MAX_PIXELS, 'largest image (pixels per frame) decoded, checked against every size a file '
+                            'claims before anything is decoded (`too_large` above it); serve and explain use the '
+                            "version's", min=1, max=PIXEL_CEILING, late=True),
+        'duplicates': Field(str, 'merge', 'images with the same decoded pixels (`pixel_fingerprint`: a re-export under '
+                            'another PatientID, a copy in another study): `merge` their groups so they share a split, '
+                            '`drop` all but the first (by image id; the others are failures `duplicate_image`), or '
+                            '`keep` them apart (counted in the manifest, nothing else)', ('merge', 'drop', 'keep'), late=True),
     },
     'clahe': {
         'clip_limit': Field(float, 2.0, 'CLAHE clip limit (OpenCV)', min=0),
@@ -122,7 +134,7 @@ SCHEMA = {
                        'trains each and writes a per-class comparison table', items=str),
         'weights': Field((str, dict), None, "local state dict (.pth) a torchvision detector starts from: a COCO detector's "
                          "(its class-dependent head left out) or an ImageNet backbone's; with several, {name: .pth} "
-                         "(None: random weights; nothing is downloaded)"),
+                         "(None: random weights; nothing is downloaded)", late=True),
         'imgsz': Field(int, 640, 'training and inference image size (long side, pixels)', min=32),
         'epochs': Field(int, 100, 'training epochs', min=1),
         'batch': Field(int, 16, 'images per batch (over all GPUs)', min=1),
@@ -153,9 +165,9 @@ SCHEMA = {
         'hyp': Field(dict, None, 'any other ultralytics train argument (e.g. `mosaic: 0.5`), passed through'),
         'reset_head': Field(bool, False, 'allow `.pt` weights trained on another class list (a new head is fitted)'),
         'freeze': Field(int, 0, 'fine-tuning: keep the first N layers as loaded (YOLOv8: modules, 10 = its backbone; '
-                        'torchvision: blocks of the backbone body)', min=0),
+                        'torchvision: blocks of the backbone body)', min=0, late=True),
         'transfer_lr': Field(float, 1.0, 'fine-tuning: the layers loaded from `.pt` / `train.weights` learn at lr x this; '
-                             'new layers (a rebuilt head) at lr', min=0, max=1),
+                             'new layers (a rebuilt head) at lr', min=0, max=1, late=True),
         'run_name': Field(str, None, 'run folder under `<version>/runs/`; None: `<model>-<hash of train params>`', effect='report'),
         'resume': Field(bool, True, 'resume an interrupted run from its `last.pt`', effect='runtime'),
         'evaluate': Field(bool, True, '`mammo train` evaluates each run when it finishes', effect='report'),
@@ -250,9 +262,15 @@ SCHEMA = {
     'serve': {
         'host': Field(str, '127.0.0.1', 'address `mammo serve` binds to (127.0.0.1: this machine only)'),
         'port': Field(int, 8000, 'port of `mammo serve`', min=1, max=65535),
-        'max_upload_mb': Field(float, 256.0, 'largest upload accepted (413 above it)', min=0),
+        'max_upload_mb': Field(float, 256.0, 'largest upload accepted (413 above it, refused from its Content-Length '
+                               'before the body is read)', min=0),
         'conf': Field(float, 0.05, 'lowest box score returned by /predict', min=0, max=1),
         'device': Field((str, int), 'cpu', "inference device: 'cpu' or a GPU index"),
+        'workers': Field(int, 2, 'images decoded and predicted at once (each holds at most one image of '
+                         "the version's `prepare.max_pixels`); further requests wait", min=1),
+        'queue': Field(int, 16, 'requests waiting for a worker; beyond it 503 at once', min=0),
+        'timeout_s': Field(float, 60.0, "seconds a request may wait and run; 503 after it (its worker finishes the "
+                           'image, so memory stays bounded)', min=1),
     },
     'slurm': {
         'partition': Field(str, 'cpu', 'partition of the CPU jobs (synth, prepare shards, merge + report)'),
@@ -380,6 +398,13 @@ def result_settings(values: dict, section: str | None = None, drop=('runtime',))
         return {k: walk(x, sc[k]) if isinstance(sc.get(k), dict) and isinstance(x, dict) else x
                 for k, x in v.items() if not (isinstance(sc.get(k), Field) and sc[k].effect in drop)}
     return walk(dict(values), schema)
+
+def named_settings(values: dict, section: str, drop=('runtime',)) -> dict:
+    """`result_settings` less the `late` fields left at their default: what a dataset version's or a run's name
+    hashes, so that a setting added later does not rename what was built before it existed."""
+    sc = SCHEMA[section]
+    return {k: v for k, v in result_settings(values, section, drop).items()
+            if not (isinstance(sc.get(k), Field) and sc[k].late and v == sc[k].default)}
 
 # %% ../nbs/00_params.ipynb #48263f6c
 def _merge(a: dict, b: dict) -> dict:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_prepare.ipynb #b8cf0f3a
 from __future__ import annotations
-import ast, hashlib, json, math, multiprocessing as mp, os, resource, secrets, sys, time
+import ast, hashlib, json, math, multiprocessing as mp, os, re, resource, secrets, sys, time, warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,29 +19,29 @@ import mammo_nb
 from .adapters import LAYOUT_REVISION, expand_masks, mask_boxes, read_layout
 from .annotations import FAILURE_COLUMNS, coco, failure, label_boxes, pick_class, write_yolo
 from .clahe import render, settings, write_png
-from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym
+from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym, warning_lines
 from .errors import PrepareError
 from .files import file_sha256, git_commit, safe_name, within_root, to_json, write_tracked
-from .params import SYNTH_REVISION, result_settings
+from .params import MAX_PIXELS, SYNTH_REVISION, named_settings, result_settings
 from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets
 from .synth_layouts import synth_source
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_OUT', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root', 'key_path',
            'source_paths', 'pseudonym_key', 'read_source', 'source_fingerprint', 'process_image', 'load_records',
-           'parse_shard', 'ingest_images', 'check_key', 'merge', 'version_counts', 'split_warnings', 'manifest',
-           'ensure_source', 'prepare', 'dry_run', 'Version', 'load_version', 'derive_version', 'originals',
-           'plot_counts', 'plot_roles', 'plot_box_sizes', 'show_steps']
+           'parse_shard', 'ingest_images', 'resolve_duplicates', 'check_key', 'merge', 'version_counts',
+           'split_warnings', 'manifest', 'ensure_source', 'prepare', 'dry_run', 'Version', 'load_version',
+           'derive_version', 'originals', 'plot_counts', 'plot_roles', 'plot_box_sizes', 'show_steps']
 
 # %% ../nbs/06_prepare.ipynb #df7a7dd7
 SPLITS = ('train', 'val', 'test')
 
 def data_params(p) -> dict:
     """The parameters that change a dataset version's content (and so its name): the `results` fields of its sections
-    (`params.result_settings`), less the pseudonym key (a secret: its fingerprint is checked instead, `check_key`) and
+    (`params.named_settings`), less the pseudonym key (a secret: its fingerprint is checked instead, `check_key`) and
     `split.folds` (folds are derived versions of this one)."""
     d = dict(source={k: v for k, v in p.source.items() if v is not None or k == 'root'},
-             prepare={k: v for k, v in result_settings(p.prepare, 'prepare').items() if k != 'pseudonym_key'},
+             prepare={k: v for k, v in named_settings(p.prepare, 'prepare').items() if k != 'pseudonym_key'},
              clahe={k: v for k, v in p.clahe.items() if k != 'off_rate' or v}, package=mammo_nb.__version__,
              split={**{k: v for k, v in p.split.items() if k != 'folds'}, 'revision': SPLIT_REVISION})
     if p.source.root is None:                              # (no randomisation: the names versions had before it existed)
@@ -110,11 +110,20 @@ def source_fingerprint(path: str | Path, chunk: int = 1 << 16) -> str:
     return hashlib.sha256(str(n).encode() + b'|' + head + b'|' + tail).hexdigest()[:16]
 
 def process_image(job: dict) -> dict:
-    "Ingest one DICOM and write its CLAHE PNG; a record (`ok`) or a failure (`reason`), plus `_perf`."
+    """Ingest one DICOM and write its CLAHE PNG; a record (`ok`) or a failure (`reason`), plus `_perf`. Warnings
+    raised while reading it go into its record (`decode_warnings`), not to the console."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        rec = _process_image(job)
+    rec['decode_warnings'] = warning_lines(caught)
+    return rec
+
+def _process_image(job: dict) -> dict:
     t0 = time.perf_counter()
     try:
         if job['src'] is None: raise IngestError('path_outside_root', "the annotation's path leaves source.root")
-        g = ingest(job['src'], job['margin'], job.get('for_processing', 'skip'), bytes.fromhex(job['key']), job.get('need'))
+        g = ingest(job['src'], job['margin'], job.get('for_processing', 'skip'), bytes.fromhex(job['key']), job.get('need'),
+                   job.get('max_pixels', MAX_PIXELS))
         img, geo = render(g, **job['clahe'])
         sha = write_png(job['dst'], img)
         rec = {**{k: v for k, v in g.record.items() if k != 'columns'}, **geo, 'image_id': job['image_id'], 'ok': True,
@@ -170,7 +179,7 @@ def ingest_images(p, shard: str | None = None, progress: bool = True) -> dict:
     todo = [r for r in mine.itertuples() if not (r.image_id in done and (not done[r.image_id]['ok'] or (out / done[r.image_id]['png']).exists()))]
     jobs = [dict(image_id=r.image_id, src=str(src) if (src := within_root(root, r.path)) else None, png=f'images/{r.study_id}/{r.image_id}.png',
                  dst=str(out / f'images/{r.study_id}/{r.image_id}.png'), margin=p.prepare.margin, clahe=settings(p.clahe, r.image_id),
-                 for_processing=p.prepare.for_processing, key=key.hex(), need=decode_need(p),
+                 for_processing=p.prepare.for_processing, key=key.hex(), need=decode_need(p), max_pixels=p.prepare.max_pixels,
                  root=str(root), masks=masks.get(r.image_id, []))
             for r in todo]
     t0, perf, fails = time.perf_counter(), [], 0
@@ -206,7 +215,23 @@ def _strict_check(p, fails: list[dict]):
 
 IMAGE_OUT = ['image_id', 'study_id', 'patient', 'split', 'role', 'labels', 'pathology', 'laterality', 'view', 'birads', 'density',
              'path', 'png', 'rows', 'cols', 'crop', 'scale', 'size', 'transfer_syntax', 'decoder', 'photometricinterpretation',
-             'bitsstored', 'decode_reduce', 'source_fingerprint', 'pixel_fingerprint', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing']
+             'bitsstored', 'decode_reduce', 'source_fingerprint', 'pixel_fingerprint', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing',
+             'decode_warnings']
+
+def resolve_duplicates(ok: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, list[dict], dict]:
+    """Images with the same decoded pixels (`pixel_fingerprint`) under `prepare.duplicates`: `merge` and `keep` keep
+    every image (`merge` puts them in one split group through `split.group_keys`); `drop` keeps the first by image id
+    and makes the others failures (`duplicate_image`, naming the image kept). Also what was found."""
+    fp = ok.pixel_fingerprint.where(ok.pixel_fingerprint.notna() & (ok.pixel_fingerprint.astype(str) != ''))
+    n = fp.value_counts()
+    info = dict(policy=policy, images=int(n[n > 1].sum()), pictures=int((n > 1).sum()), dropped=0)
+    if policy != 'drop' or not info['pictures']: return ok, [], info
+    first = ok[fp.notna()].sort_values('image_id').groupby('pixel_fingerprint').image_id.first()
+    extra = fp.notna() & (ok.image_id != fp.map(first))
+    fails = [failure('duplicates', 'duplicate_image', r.image_id, r.path, '', f'the same pixels as image {first[r.pixel_fingerprint]} (kept)')
+             for r in ok[extra].itertuples()]
+    info['dropped'] = len(fails)
+    return ok[~extra].reset_index(drop=True), fails, info
 
 def check_key(out: Path, key: bytes):
     """A version's pseudonyms all come from one key: the first ingest records the key's fingerprint in `_work/`, and a
@@ -246,14 +271,19 @@ def merge(p) -> dict:
     listed = ok.patient.reset_index(drop=True)                       # the dataset's own patient id, where it has one
     ok = pd.concat([ok.drop(columns=[c for c in geo if c in ok]).reset_index(drop=True), geo], axis=1)
     ok['patient'] = listed.where(listed.notna(), ok.patient)
+    if 'decode_warnings' not in ok: ok['decode_warnings'] = ''          # (records journalled before it was kept)
+    ok, dfails, dups = resolve_duplicates(ok, p.prepare.duplicates)
+    fails += dfails
     det, role, bfails = label_boxes(ok, boxes, p.prepare.classes, p.prepare.ignore, p.prepare.priority, p.prepare.min_box_px)
     fails += bfails
     _strict_check(p, fails)
     ok['role'] = ok.image_id.map(role)
     s = p.split
-    ok['split'] = assign_splits(ok, det, p.prepare.classes, s.val_frac, s.test_frac, s.seed, s.official).values
-    targets = split_targets(ok, s.val_frac, s.test_frac, s.official)
-    warnings = split_warnings(ok, targets)
+    unit = ok.drop(columns=['pixel_fingerprint']) if p.prepare.duplicates == 'keep' else ok   # what a split group is made of
+    ok['split'] = assign_splits(unit, det, p.prepare.classes, s.val_frac, s.test_frac, s.seed, s.official).values
+    targets = split_targets(unit, s.val_frac, s.test_frac, s.official)
+    warnings = split_warnings(unit, targets)
+    dups['pictures_in_two_splits'] = int((ok.dropna(subset=['pixel_fingerprint']).groupby('pixel_fingerprint').split.nunique() > 1).sum())
     if p.strict and warnings: raise PrepareError(f'{warnings[0]} (strict)')
     det = det.merge(ok[['image_id', 'split']], on='image_id')
     shas = {ok.png[k]: recs[iid]['sha256'] for k, iid in enumerate(ok.image_id)}
@@ -272,7 +302,7 @@ def merge(p) -> dict:
     write_tracked(out, 'images.csv', ok[IMAGE_OUT].to_csv(index=False), shas)
     write_tracked(out, 'boxes.csv', det.drop(columns=['labels']).to_csv(index=False, float_format='%.3f'), shas)
     write_tracked(out, 'failures.csv', fdf.to_csv(index=False), shas)
-    man = manifest(p, ok, det, fdf, shas, n_listed=len(images), targets=targets, warnings=warnings, key=key)
+    man = manifest(p, ok, det, fdf, shas, n_listed=len(images), targets=targets, warnings=warnings, key=key, duplicates=dups)
     (out / 'manifest.json').write_text(to_json(man))
     return man
 
@@ -282,7 +312,8 @@ def version_counts(ok: pd.DataFrame, det: pd.DataFrame, classes: list[str]) -> d
     imgs = {c: {sp: int(det[(det.cls == c) & (det.split == sp)].image_id.nunique()) for sp in SPLITS} for c in classes}
     roles = {sp: {r: int(((ok.split == sp) & (ok.role == r)).sum()) for r in ('positive', 'negative', 'image_level')} for sp in SPLITS}
     return dict(images=int(len(ok)), images_per_split={sp: int((ok.split == sp).sum()) for sp in SPLITS},
-                roles=roles, boxes_per_class=boxes, images_per_class=imgs, groups_per_split={
+                roles=roles, boxes_per_class=boxes, images_per_class=imgs,
+                boxes_rescaled=int(det['rescaled'].sum()) if 'rescaled' in det else 0, groups_per_split={
                     sp: int(group_keys(ok[ok.split == sp]).nunique()) for sp in SPLITS})
 
 def split_warnings(ok: pd.DataFrame, targets: dict) -> list[str]:
@@ -291,17 +322,18 @@ def split_warnings(ok: pd.DataFrame, targets: dict) -> list[str]:
     return [f"split '{sp}' is empty: {g} group(s) in all cannot fill {', '.join(targets)} (shares {({k: round(v, 4) for k, v in targets.items()})}); "
             f"add patients or change split.val_frac / test_frac" for sp in targets if n.get(sp, 0) == 0]
 
-def manifest(p, ok, det, fdf, shas, n_listed, targets, warnings, key) -> dict:
+def manifest(p, ok, det, fdf, shas, n_listed, targets, warnings, key, duplicates=None) -> dict:
     "The version's manifest (no timestamps, so a rebuild from the same params is byte-identical)."
     return dict(version=version_dir(p).name, name=p.name, data_params=data_params(p), params=p,
                 code=dict(package='mammo_nb', version=mammo_nb.__version__, git_commit=git_commit()),
                 source=dict(layout=p.source.layout, root=str(source_root(p)), images_listed=n_listed),
                 classes=list(p.prepare.classes), clahe=dict(p.clahe), split=dict(p.split),
                 split_fractions=split_fractions(ok, ok.split, targets),
-                grouping=grouping_summary(ok), warnings=list(warnings), pseudonym_key_fingerprint=key_fingerprint(key),
+                grouping=grouping_summary(ok), duplicates=duplicates, warnings=list(warnings), pseudonym_key_fingerprint=key_fingerprint(key),
                 negative_sampling_seed=p.prepare.negative_seed, counts=version_counts(ok, det, p.prepare.classes),
                 decode=dict(full_decode=p.prepare.full_decode, decode_safety=p.prepare.decode_safety, need_px=decode_need(p),
-                            images_per_reduce_level={int(k): int(v) for k, v in ok.decode_reduce.value_counts().sort_index().items()}),
+                            images_per_reduce_level={int(k): int(v) for k, v in ok.decode_reduce.value_counts().sort_index().items()},
+                            max_pixels=p.prepare.max_pixels, images_with_warnings=int((ok.decode_warnings.fillna('') != '').sum())),
                 failures=dict(total=int(len(fdf)), by_reason=fdf.reason.value_counts().sort_index().to_dict(), file='failures.csv'),
                 files=dict(sorted(shas.items())))
 
@@ -325,7 +357,8 @@ def prepare(p, shard: str | None = None, merge_only: bool = False, progress: boo
     man = merge(p)
     return dict(version=man['version'], dir=str(version_dir(p)), ingest=ing, images=man['counts']['images'],
                 per_split=man['counts']['images_per_split'], groups=man['grouping']['groups'],
-                merged_groups=man['grouping']['merged_groups'], duplicate_images=man['grouping']['duplicate_images'], warnings=man['warnings'], failures=man['failures']['total'],
+                merged_groups=man['grouping']['merged_groups'], duplicates=man['duplicates'],
+                images_with_warnings=man['decode']['images_with_warnings'], warnings=man['warnings'], failures=man['failures']['total'],
                 failures_by_reason=man['failures']['by_reason'], seconds=round(time.perf_counter() - t0, 1))
 
 def dry_run(p) -> dict:

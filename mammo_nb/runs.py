@@ -8,10 +8,8 @@ import hashlib, json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .params import result_settings
+from .params import named_settings, result_settings
 from .prepare import version_dir
-
-_ADDED = {'weights': None, 'freeze': 0, 'transfer_lr': 1.0}       # settings added later enter the hash only when set: earlier runs keep their names
 
 def models(p) -> list[str]:
     "The recipe's model(s) as a list."
@@ -24,7 +22,7 @@ def learning_settings(p) -> dict:
 def run_name(p, model: str) -> str:
     "`train.run_name`, else `<model stem>-<8 hex of the learning params>`."
     if p.train.run_name: return p.train.run_name if len(models(p)) == 1 else f'{p.train.run_name}-{Path(model).stem}'
-    t = {k: v for k, v in learning_settings(p).items() if not (k in _ADDED and v == _ADDED[k])}
+    t = named_settings(p.train, 'train', drop=('runtime', 'report'))     # (settings added later count only when set)
     t['model'] = model
     h = hashlib.sha256(json.dumps(t, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f'{Path(model).stem}-{h}'

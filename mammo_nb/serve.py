@@ -4,24 +4,24 @@
 
 # %% ../nbs/13_serve.ipynb #ba6bc7d2
 from __future__ import annotations
-import base64, io, json, os, tempfile, threading, time
+import asyncio, base64, io, json, logging, os, shutil, tempfile, threading, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile     # module level: FastAPI resolves the annotations here
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .clahe import render, settings, to_original
-from .ingest import MAX_PIXELS, IngestError, ingest
+from .ingest import MAX_PIXELS, IngestError, ingest, warning_lines
 from .families import family_of_weights
 from .files import file_sha256
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'sniff', 'Predictor', 'create_app', 'serve']
+__all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'log', 'sniff', 'Predictor', 'BodyLimit', 'create_app', 'serve']
 
 # %% ../nbs/13_serve.ipynb #ec0e5fa0
 NOTICE = 'Research use only. Not a medical device; not for diagnosis or clinical decisions.'
@@ -48,6 +48,7 @@ class Predictor:
         self.margin = int(man.get('params', {}).get('prepare', {}).get('margin', 4))
         self.for_processing = man.get('params', {}).get('prepare', {}).get('for_processing', 'skip')
         self.need = man.get('decode', {}).get('need_px')            # as the version was decoded (None: full; older versions too)
+        self.max_pixels = int(man.get('params', {}).get('prepare', {}).get('max_pixels') or MAX_PIXELS)
         self.imgsz = int(run.imgsz(640))
         op = (run.metrics or {}).get('operating_point', {})
         known = op.get('threshold') is not None
@@ -62,7 +63,7 @@ class Predictor:
 
     def preprocess(self, path: str | Path):
         "`ingest` + `render` with the version's settings: (ingested, network image uint8, geometry)."
-        g = ingest(path, self.margin, self.for_processing, need=self.need)
+        g = ingest(path, self.margin, self.for_processing, need=self.need, max_pixels=self.max_pixels)
         img, geo = render(g, **settings(self.clahe))
         return g, (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img, geo
 
@@ -154,33 +155,101 @@ $('form').addEventListener('submit', async ev => {
 });
 </script></body></html>"""
 
+class BodyLimit:
+    """ASGI middleware: a request whose body is larger than `limit` bytes gets 413, from its Content-Length before a
+    byte of the body is read, or as soon as a body sent without one (chunked) passes the limit."""
+    def __init__(self, app, limit: int): self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http': return await self.app(scope, receive, send)
+        n = dict(scope['headers']).get(b'content-length', b'')
+        if n and (not n.isdigit() or int(n) > self.limit):
+            return await JSONResponse(status_code=413, content=dict(detail=self.message))(scope, receive, send)
+        seen = 0
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get('body', b''))
+            if seen > self.limit: raise HTTPException(413, self.message)
+            return msg
+        await self.app(scope, limited, send)
+
+    @property
+    def message(self) -> str: return f'request larger than the upload limit ({self.limit / 2**20:g} MB with the form; serve.max_upload_mb)'
+
+_local = threading.local()
+
+def _capture_warnings():
+    """Warnings raised in a request's worker thread go to that request's list (`_local.caught`), the log line of its
+    image, instead of the console (`warnings.catch_warnings` is not thread-safe); warnings elsewhere print as usual."""
+    if getattr(warnings.showwarning, '_mammo', False): return
+    shown = warnings.showwarning
+    def show(message, category, filename, lineno, file=None, line=None):
+        caught = getattr(_local, 'caught', None)
+        if caught is None: return shown(message, category, filename, lineno, file, line)
+        caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+    show._mammo = True
+    warnings.showwarning = show
+    for m in ('pydicom', 'PIL', 'imagecodecs'): warnings.filterwarnings('always', module=m)   # every image, not once
+
+log = logging.getLogger('mammo_nb.serve')
+
 def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'cpu', conf: float = 0.05, layers=None,
-               threads: int | None = None):
-    "The FastAPI app serving run `run_dir` (`threads`: CPU threads, None: every core)."
+               threads: int | None = None, workers: int = 2, queue: int = 16, timeout_s: float = 60.0):
+    """The FastAPI app serving run `run_dir` (`threads`: CPU threads, None: every core). At most `workers` images are
+    decoded and predicted at once (each bounded by the version's `prepare.max_pixels`), at most `queue` more wait,
+    and a request answers 503 after `timeout_s`: N concurrent heavy uploads never hold N images' memory."""
     P = Predictor(run_dir, device, conf, layers, threads)
     limit = int(max_upload_mb * 2**20)
     app = FastAPI(title='mammo_nb', description=NOTICE)
+    app.add_middleware(BodyLimit, limit=limit + (1 << 20))      # the file plus the multipart form around it
     app.state.predictor = P
+    pool = ThreadPoolExecutor(workers, thread_name_prefix='mammo-serve')
+    state = dict(active=0, served=0)
+    _capture_warnings()
 
     async def upload(file: UploadFile) -> Path:
         ct = (file.content_type or '').split(';')[0].strip().lower()
         if ct not in CONTENT_TYPES:
             raise HTTPException(415, f"unsupported content type '{ct}': send a DICOM (application/dicom), PNG or JPEG")
-        data = await file.read(limit + 1)
-        if len(data) > limit: raise HTTPException(413, f'file larger than the {max_upload_mb:g} MB limit (serve.max_upload_mb)')
-        kind = sniff(data[:256])
+        head = await file.read(256)
+        kind = sniff(head)
         if kind is None: raise HTTPException(415, 'not a DICOM, PNG or JPEG file')
         fd, name = tempfile.mkstemp(suffix=f'.{kind}', prefix='mammo-upload-')
-        with os.fdopen(fd, 'wb') as f: f.write(data)
+        with os.fdopen(fd, 'wb') as f:                             # streamed: never the whole upload in memory
+            f.write(head)
+            await run_sync(lambda: shutil.copyfileobj(file.file, f, 1 << 20))
+        if os.path.getsize(name) > limit:
+            os.unlink(name); raise HTTPException(413, f'file larger than the {max_upload_mb:g} MB limit (serve.max_upload_mb)')
         return Path(name)
 
+    async def run_sync(fn):
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    def work(fn, path: Path, rid: int):
+        _local.caught = []
+        try: return fn(path)
+        finally:
+            if _local.caught: log.warning('request %d: decoder warnings: %s', rid, warning_lines(_local.caught))
+            _local.caught = None
+            path.unlink(missing_ok=True)
+
     async def run(fn, file):
+        if state['active'] >= workers + queue:
+            raise HTTPException(503, f'busy: {workers} image(s) in work and {queue} waiting (serve.workers, serve.queue); try again')
         path = await upload(file)
-        try: return await run_in_threadpool(fn, path)
+        state['active'] += 1; state['served'] += 1
+        fut = pool.submit(work, fn, path, state['served'])
+        loop = asyncio.get_running_loop()
+        def release(): state['active'] -= 1
+        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(release))   # when the image is done, not when the request gives up
+        fut.add_done_callback(lambda f: f.cancelled() and path.unlink(missing_ok=True))   # timed out while waiting
+        try: return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f'the image took longer than {timeout_s:g} s (serve.timeout_s)') from None
         except IngestError as e:                  # a reason code and a fixed sentence: nothing from the file's header echoed
-            if e.reason == 'too_large': raise HTTPException(413, f'the image claims more than {MAX_PIXELS:,} pixels per frame (too_large)') from None
+            if e.reason == 'too_large': raise HTTPException(413, f'the image claims more than {P.max_pixels:,} pixels per frame (too_large)') from None
             raise HTTPException(422, f'the image could not be read ({e.reason})') from None
-        finally: path.unlink(missing_ok=True)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
@@ -190,7 +259,8 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'c
     def page(): return PAGE
 
     @app.get('/health')
-    def health(): return dict(status='ok', notice=NOTICE, **P.ids)
+    def health(): return dict(status='ok', notice=NOTICE, **P.ids, limits=dict(max_pixels=P.max_pixels, max_upload_mb=max_upload_mb,
+                                                                                workers=workers, queue=queue, timeout_s=timeout_s))
 
     @app.post('/predict')
     async def predict(file: UploadFile = File(...), preview: bool = False):

@@ -12,7 +12,7 @@ import yaml
 from conftest import BIN, cli, mammo
 from mammo_nb.clahe import to_output
 from mammo_nb.params import load_params
-from mammo_nb.prepare import load_version, version_dir
+from mammo_nb.prepare import load_version, prepare, version_dir
 
 
 def recipe(tmp, root, out, **extra):
@@ -211,7 +211,8 @@ def test_jpeg2000_decoded_at_the_level_the_version_needs(tmp_path):
     assert j2k.any() and (~j2k).any()
     assert (r.decode_reduce[j2k] == 1).all() and (r.decode_reduce[~j2k] == 0).all() and (f.decode_reduce == 0).all()
     assert R.manifest['decode'] == dict(full_decode=False, decode_safety=1.0, need_px=256,
-                                        images_per_reduce_level={'0': int((~j2k).sum()), '1': int(j2k.sum())})
+                                        images_per_reduce_level={'0': int((~j2k).sum()), '1': int(j2k.sum())},
+                                        max_pixels=80_000_000, images_with_warnings=0)
     assert F.manifest['decode']['need_px'] is None
     assert (r[['rows', 'cols']] == f[['rows', 'cols']]).all().all()             # original sizes either way
     dcrop = np.abs(np.stack(r.crop) - np.stack(f.crop))
@@ -288,4 +289,15 @@ def test_the_same_picture_never_in_two_splits(tiny_set, tmp_path):
     assert group_keys(V.images)[same.index].nunique() == 1
     m = json.loads((vdir(f) / 'manifest.json').read_text())
     assert m['grouping']['duplicate_images'] == 3 and m['grouping']['duplicate_pictures'] == 1
-    assert 'duplicate_images: 3' in r.stdout
+    assert m['duplicates'] == dict(policy='merge', images=3, pictures=1, dropped=0, pictures_in_two_splits=0)
+    assert "'images': 3" in r.stdout.split('duplicates:')[1].splitlines()[0]
+    # `drop`: the first by image id stays, the two others are failures naming it; the journal of the first build is not reused
+    p = load_params(recipe(tmp_path, ds_root, tmp_path / 'v', prepare={'out': str(tmp_path / 'v'), 'workers': 1, 'duplicates': 'drop'}))
+    assert version_dir(p) != vdir(f)
+    prepare(p, progress=False)
+    D = load_version(version_dir(p))
+    first = min([src.image_id, 'e' * 32, 'c' * 32])
+    assert first in set(D.images.image_id) and len(D.images) == len(V.images) - 2
+    dropped = D.failures[D.failures.reason == 'duplicate_image']
+    assert sorted(dropped.image_id) == sorted({src.image_id, 'e' * 32, 'c' * 32} - {first})
+    assert (dropped.detail == f'the same pixels as image {first} (kept)').all() and D.manifest['duplicates']['dropped'] == 2

@@ -1,7 +1,7 @@
 """`mammo serve`: the FastAPI app on a run trained on the tiny preset (test client), bad uploads answered with a 4xx
 while the server stays up, no PHI echoed, the same preprocessing as the dataset version, and a real browser
 (Debian's headless chromium) uploading a synthetic DICOM through the page."""
-import json, os, shutil, socket, subprocess, time, urllib.request
+import json, os, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import cv2
@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, chromium, mammo
+sys.path.insert(0, str(ROOT / 'bench'))
+from serve_load import deflate_bomb, dicom_claiming, j2k_claiming, load_test, png_claiming
 from mammo_nb.clahe import to_original
 from mammo_nb.params import load_params
 from mammo_nb.prepare import version_dir
@@ -95,19 +97,6 @@ def test_predict_png_and_explain(client, trained):
     assert (np.abs(im[..., 0].astype(int) - im[..., 2]) > 30).mean() > 0.01        # a coloured map, not only grey
 
 
-def png_claiming(w: int, h: int) -> bytes:
-    "A ~1 KB PNG whose header claims w x h pixels (a decompression bomb as far as any decoder is concerned)."
-    import struct, zlib
-    chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0))
-            + chunk(b'IDAT', zlib.compress(b'\0' * 1000)) + chunk(b'IEND', b''))
-
-
-def dicom_claiming(data: bytes, rows: int, cols: int) -> bytes:
-    "The DICOM `data` with its header's Rows and Columns set to `rows` x `cols`."
-    import io
-    ds = pydicom.dcmread(io.BytesIO(data)); ds.Rows, ds.Columns = rows, cols
-    b = io.BytesIO(); ds.save_as(b); return b.getvalue()
 
 
 def test_bad_uploads_get_4xx_and_the_server_stays_up(client, trained):
@@ -122,6 +111,8 @@ def test_bad_uploads_get_4xx_and_the_server_stays_up(client, trained):
         'corrupt PNG': (('x.png', b'\x89PNG\r\n\x1a\n' + b'\0' * 500, 'image/png'), 422, 'could not be read'),
         'decompression bomb': (('bomb.png', png_claiming(20000, 20000), 'image/png'), 413, 'too_large'),
         'header bomb': (('bomb.dcm', dicom_claiming(data, 60000, 60000), 'application/dicom'), 413, 'too_large'),
+        'codestream bomb': (('bomb.dcm', j2k_bomb(V, raw), 'application/dicom'), 413, 'too_large'),
+        'deflate bomb (300 MB inflated)': (('bomb.dcm', deflate_bomb(data), 'application/dicom'), 413, 'too_large'),
     }
     for name, (file, code, msg) in cases.items():
         r = client.post('/predict', files={'file': file})
@@ -131,6 +122,35 @@ def test_bad_uploads_get_4xx_and_the_server_stays_up(client, trained):
         assert client.post(p_, files={'file': ('bomb.png', png_claiming(20000, 20000), 'image/png')}).status_code == 413
     assert client.post('/predict').status_code == 422                               # no file at all
     assert client.get('/health').status_code == 200
+
+
+def j2k_bomb(V, raw) -> bytes:
+    "A JPEG 2000 DICOM of the tiny set whose codestream claims 60000 x 60000 pixels."
+    j2k = V.images[V.images.transfer_syntax.str.contains('JPEG 2000')].path
+    return j2k_claiming((raw / j2k.iloc[0]).read_bytes())
+
+
+def test_upload_limit_before_the_body_is_read(client):
+    "An oversize request is refused from its Content-Length, and a chunked one (no length) once it passes the limit."
+    big = b'x' * (4 * 2**20)
+    r = client.post('/predict', content=big, headers={'content-type': 'multipart/form-data; boundary=b'})
+    assert r.status_code == 413 and 'upload limit' in r.json()['detail']
+    chunks = (big[i:i + 2**16] for i in range(0, len(big), 2**16))                 # httpx sends a generator chunked
+    r = client.post('/predict', content=chunks, headers={'content-type': 'multipart/form-data; boundary=b'})
+    assert r.status_code == 413 and 'upload limit' in r.json()['detail']
+    assert client.get('/health').json()['limits']['max_upload_mb'] == 2
+
+
+def test_load_with_bombs_mixed_in(trained):
+    """The real server (`mammo serve`, uvicorn) under 6 concurrent clients: 16 good requests and 10 hostile ones
+    (bombs of every kind, an oversize upload). Every good one answered, every bomb 413, and the server's peak memory
+    within 600 MB of its idle size (two workers; a bomb is refused before its claimed size is allocated)."""
+    p, rd, V, raw = trained
+    files = [raw / x for x in V.images.path[:8]]
+    r = load_test(rd, files, good=16, n_bombs=10, clients=6, workers=2, max_upload_mb=4)
+    assert r['good_200'] == 16 and r['bombs_413'] == 10, r
+    assert len(r['bomb_codes']) == 5 and r['alive_after'], r
+    assert r['rss_peak_mb'] - r['rss_idle_mb'] < 600, r
 
 
 def test_browser_upload_shows_overlay(trained, tmp_path):
