@@ -21,13 +21,13 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
-from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless
+from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, RLELossless
 
 # %% auto #0
 __all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level', 'check_pixels',
            'jpeg_size', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask', 'mask_crop',
            'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'inflate_limit',
-           'read_dicom', 'read_raster', 'for_processing', 'warning_lines', 'pixel_fingerprint', 'ingest']
+           'read_dicom', 'read_raster', 'for_processing', 'warning_lines', 'pixel_fingerprint', 'frames_in', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -460,8 +460,24 @@ def _display(ds: pydicom.Dataset, key: bytes | None, r: int) -> tuple[np.ndarray
                pixel_fingerprint=pixel_fingerprint(arr), **vinfo)
     return img, rec, r
 
+_STARTS = (b'\xff\xd8\xff', b'\xff\x4f\xff\x51', b'\x00\x00\x00\x0cjP  ')   # JPEG / JPEG-LS SOI, JPEG 2000 SOC+SIZ, JP2 signature
+
+def frames_in(pixel_data: bytes, rle: bool = False) -> int:
+    """How many images encapsulated pixel data holds, whatever NumberOfFrames says: its fragments that start a
+    codestream (a frame may span several fragments; under RLE each frame is one fragment)."""
+    from pydicom.encaps import generate_fragments
+    if len(pixel_data) < 8: return 0
+    bot = struct.unpack('<I', pixel_data[4:8])[0]                # the Basic Offset Table item comes first
+    return sum(rle or f.startswith(_STARTS) for f in generate_fragments(pixel_data[8 + bot:]))
+
 def _check_frame(ds: pydicom.Dataset, siz: dict | None, limit: int):
-    "The sizes a compressed frame claims (JPEG 2000 SIZ `siz`, a JPEG / JPEG-LS frame header) against `limit`, before any decoder runs."
+    """The sizes a compressed frame claims (JPEG 2000 SIZ `siz`, a JPEG / JPEG-LS frame header) against `limit`, before
+    any decoder runs; encapsulated data holding more images than one, without NumberOfFrames saying so, is refused."""
+    ts = ds.file_meta.TransferSyntaxUID
+    if 'PixelData' in ds and ts.is_compressed and int(ds.get('NumberOfFrames', 1) or 1) == 1:
+        try: n = frames_in(ds.PixelData, ts == RLELossless)
+        except Exception: n = 1                                  # not parseable as items: the decoder says why
+        if n > 1: raise IngestError('unsupported_layout', f'the pixel data holds {n} frames but NumberOfFrames says 1')
     if siz: check_pixels(siz['height'], siz['width'], 'JPEG 2000 codestream', limit)
     elif 'PixelData' in ds and ds.file_meta.TransferSyntaxUID.is_compressed:
         try: hw = jpeg_size(first_frame(ds))
