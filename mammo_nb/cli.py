@@ -241,7 +241,7 @@ def cmd_serve(a) -> int:
     p = load_params(a.params) if a.params else validate({'name': 'serve'})
     s = p.serve
     serve(a.run, a.host or s.host, a.port or s.port, max_upload_mb=s.max_upload_mb, device=str(s.device), conf=s.conf,
-          layers=tuple(p.explain.layers), threads=p.train.threads, workers=s.workers, queue=s.queue, timeout_s=s.timeout_s)
+          layers=tuple(p.explain.layers or ()) or None, threads=p.train.threads, workers=s.workers, queue=s.queue, timeout_s=s.timeout_s)
     return 0
 
 def cmd_slurm(a) -> int:

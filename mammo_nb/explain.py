@@ -16,6 +16,7 @@ from .clahe import to_original
 from .errors import TrainError
 from .families import family_of_weights
 from .metrics import BOX, by_key, hit_matrix
+from .params import HIT_RULE
 from .prepare import originals
 from .runs import RunDir
 from .trainutil import check_device, check_version, cpu_threads
@@ -25,13 +26,14 @@ __all__ = ['outcomes', 'to_original_grid', 'overlay', 'explain_marks', 'draw_gal
            'summary']
 
 # %% ../nbs/11_explain.ipynb #4529945d
-def outcomes(pred: pd.DataFrame, gt: pd.DataFrame, thr: float, hit_iou: float = 0.3) -> pd.DataFrame:
-    "TP / FP (predictions >= `thr`) and FN (lesions no such prediction of their class hits), per image and class."
+def outcomes(pred: pd.DataFrame, gt: pd.DataFrame, thr: float, hit_iou: float = 0.3, hit: dict | None = None) -> pd.DataFrame:
+    """TP / FP (predictions >= `thr`) and FN (lesions no such prediction of their class hits), per image and class,
+    each class under its FROC hit rule (`hit`: class -> rule, `metrics.parse_hit`)."""
     rows = []
     pred = pred[pred.score >= thr]
     keys = sorted(set(zip(pred.image_id, pred.cls)) | set(zip(gt.image_id, gt.cls)))
     for (iid, c), pb, ps, gb in by_key(pred, gt, keys, by=['image_id', 'cls']):
-        H = hit_matrix(pb, gb, hit_iou)
+        H = hit_matrix(pb, gb, hit_iou, (hit or {}).get(c, HIT_RULE))
         for i in range(len(pb)):
             j = int(np.argmax(H[i])) if H[i].any() else None
             rows.append(dict(image_id=iid, cls=c, outcome='TP' if j is not None else 'FP', score=ps[i],
@@ -143,7 +145,7 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     thr = e.threshold if e.threshold is not None else (M.get('operating_point') or {}).get('threshold')
     thr = 0.25 if thr is None else thr
     gt = V.boxes[V.boxes.split == e.split]
-    O = outcomes(pd.read_csv(pf, dtype={'image_id': str}), gt, thr, p.evaluate.hit_iou)
+    O = outcomes(pd.read_csv(pf, dtype={'image_id': str}), gt, thr, p.evaluate.hit_iou, p.evaluate.hit)
     les, gal = _pick(O, e)
     if check_device(p.train.device) == 'cpu': cpu_threads(p.train.threads)
     ex = family_of_weights(run.best).explainer(run.best, run.imgsz(p.train.imgsz), e.layers)

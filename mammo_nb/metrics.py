@@ -12,14 +12,14 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from .files import clean_json
-from .params import FROC_FPS
+from .params import FROC_FPS, HIT_RULE, parse_hit
 from .split import group_keys
 
 # %% auto #0
-__all__ = ['BOX', 'IOU_THRESHOLDS', 'RECALL_THRESHOLDS', 'SCORING', 'box_iou', 'hit_matrix', 'match_tp', 'coco_ap', 'froc_curve',
-           'sens_at', 'roc_auc', 'average_precision', 'lesion_ids', 'nms_agnostic', 'by_key', 'Scored', 'group_weights',
-           'unit_name', 'bootstrap', 'choose_threshold', 'sens_spec', 'conventions', 'nest', 'fmt_ci',
-           'per_class_table', 'froc_table', 'summary_table', 'conventions_table', 'to_version_pixels',
+__all__ = ['BOX', 'IOU_THRESHOLDS', 'RECALL_THRESHOLDS', 'SCORING', 'box_iou', 'describe_hit', 'hit_matrix', 'match_tp',
+           'coco_ap', 'froc_curve', 'sens_at', 'roc_auc', 'average_precision', 'lesion_ids', 'nms_agnostic', 'by_key',
+           'Scored', 'group_weights', 'unit_name', 'bootstrap', 'choose_threshold', 'sens_spec', 'conventions', 'nest',
+           'fmt_ci', 'per_class_table', 'froc_table', 'summary_table', 'conventions_table', 'to_version_pixels',
            'score_predictions']
 
 # %% ../nbs/08_metrics.ipynb #7e0f8717
@@ -35,13 +35,21 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)
     return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
-def hit_matrix(pred: np.ndarray, gt: np.ndarray, hit_iou: float = 0.3) -> np.ndarray:
-    "(n, m) bool: prediction i hits lesion j (centre inside the lesion's box, or IoU >= `hit_iou`)."
+def describe_hit(rule: str, hit_iou: float = 0.3) -> str:
+    "A hit rule in words, for `conventions`."
+    centre, iou = parse_hit(rule, hit_iou)
+    parts = (['its centre lies inside the lesion box'] if centre else []) + ([f'IoU >= {iou:g}'] if iou is not None else [])
+    return 'a mark hits a lesion when ' + ' or '.join(parts)
+
+def hit_matrix(pred: np.ndarray, gt: np.ndarray, hit_iou: float = 0.3, rule: str = HIT_RULE) -> np.ndarray:
+    "(n, m) bool: prediction i hits lesion j under `rule` (`parse_hit`; default: centre inside the lesion's box, or IoU >= `hit_iou`)."
+    centre, iou = parse_hit(rule, hit_iou)
     pred, gt = np.asarray(pred, float).reshape(-1, 4), np.asarray(gt, float).reshape(-1, 4)
     cx, cy = (pred[:, 0] + pred[:, 2]) / 2, (pred[:, 1] + pred[:, 3]) / 2
     inside = ((cx[:, None] >= gt[None, :, 0]) & (cx[:, None] <= gt[None, :, 2]) &
               (cy[:, None] >= gt[None, :, 1]) & (cy[:, None] <= gt[None, :, 3]))
-    return inside | (box_iou(pred, gt) >= hit_iou)
+    over = box_iou(pred, gt) >= iou if iou is not None else np.zeros(inside.shape, bool)
+    return (inside & centre) | over
 
 def match_tp(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou=0.5) -> np.ndarray:
     """COCO matching in one image and class: True where a prediction, taken in score order, takes the still-free GT
@@ -169,14 +177,25 @@ def by_key(pred: pd.DataFrame, gt: pd.DataFrame, keys, by='image_id'):
         yield (k, np.zeros((0, 4)) if p is None else p[BOX].to_numpy(float),
                np.zeros(0) if p is None else p.score.to_numpy(float), np.zeros((0, 4)) if g is None else g[BOX].to_numpy(float))
 
-def _lesion_items(pred, gt, img_index, hit_iou, lesion=None):
+def _hits(pb, gb, cls, hit_iou, rules: dict | None):
+    "One image's hit matrix, each lesion (column) under its class's rule (`rules`: class -> rule; the rest `HIT_RULE`)."
+    if not rules or cls is None: return hit_matrix(pb, gb, hit_iou)
+    col = np.array([rules.get(c, HIT_RULE) for c in cls])
+    H = np.zeros((len(pb), len(gb)), bool)
+    for r in pd.unique(col): H[:, col == r] = hit_matrix(pb, gb[col == r], hit_iou, r)
+    return H
+
+def _lesion_items(pred, gt, img_index, hit_iou, lesion=None, rules: dict | None = None):
     """Per lesion: best hitting score (-inf if none) and image index; per false positive: score and image index.
-    `lesion` (one id per GT row) merges boxes into lesions: a mark hitting any of a lesion's boxes finds it."""
+    `lesion` (one id per GT row) merges boxes into lesions: a mark hitting any of a lesion's boxes finds it. `rules`:
+    the hit rule of each class it names (`parse_hit`), applied to that class's lesions."""
     gt = gt.assign(_lesion=np.arange(len(gt)) if lesion is None else np.asarray(lesion))
     ls, li, fs, fi = [], [], [], []
     les = dict(tuple(gt.groupby('image_id')._lesion))
+    gt_cls = {k: v.to_numpy() for k, v in gt.groupby('image_id').cls} if rules and 'cls' in gt else {}
     for iid, pb, ps, gb in by_key(pred, gt, img_index):
-        k, H = img_index[iid], hit_matrix(pb, gb, hit_iou)
+        k = img_index[iid]
+        H = _hits(pb, gb, gt_cls.get(iid), hit_iou, rules)
         if len(gb):
             lid = les[iid].to_numpy()
             for u in pd.unique(lid):
@@ -202,8 +221,9 @@ class Scored:
     "A split's predictions matched once against its ground truth; `metrics(w)` scores any image weighting."
     def __init__(self, images: pd.DataFrame, gt: pd.DataFrame, pred: pd.DataFrame, classes: list[str],
                  score_classes: list[str] | None = None, hit_iou: float = 0.3, rates=FROC_FPS,
-                 pooled_nms_iou: float = 0.5, max_det: int = 100):
+                 pooled_nms_iou: float = 0.5, max_det: int = 100, hit: dict | None = None):
         self.images, self.classes, self.rates = images.reset_index(drop=True), list(classes), tuple(rates)
+        self.hit = dict(hit or {})                                            # class -> FROC hit rule (others HIT_RULE)
         self.score_classes = list(score_classes or classes)
         det = self.images.role.isin(['positive', 'negative']).to_numpy()      # images the detector is scored on
         self.det = det
@@ -211,8 +231,8 @@ class Scored:
         gt = gt[gt.image_id.isin(idx)].reset_index(drop=True)
         pred_det = pred[pred.image_id.isin(idx)]
         self.ap = {c: _ap_items(pred_det[pred_det.cls == c], gt[gt.cls == c], idx, len(det), max_det) for c in self.classes}
-        self.froc = {c: _lesion_items(pred_det[pred_det.cls == c], gt[gt.cls == c], idx, hit_iou) for c in self.classes}
-        self.froc['all'] = _lesion_items(nms_agnostic(pred_det, pooled_nms_iou), gt, idx, hit_iou, lesion_ids(gt))
+        self.froc = {c: _lesion_items(pred_det[pred_det.cls == c], gt[gt.cls == c], idx, hit_iou, rules=self.hit) for c in self.classes}
+        self.froc['all'] = _lesion_items(nms_agnostic(pred_det, pooled_nms_iou), gt, idx, hit_iou, lesion_ids(gt), self.hit)
         self.n_boxes = int(len(gt))
         # image level: max score over the relevant classes, label from the image's findings (boxed or not)
         rel = pred[pred.cls.isin(self.score_classes)].groupby('image_id').score.max()
@@ -313,8 +333,9 @@ def sens_spec(y: np.ndarray, s: np.ndarray, thr: float, w: np.ndarray | None = N
 SCORING = 4          # version of the scoring code: a metrics.json from another version is recomputed
 
 def conventions(hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int = 100, n_boot: int = 1000,
-                ci: float = 0.95, seed: int = 0, unit: str = 'patient') -> dict:
-    "Every convention behind the figures, in words, for `metrics.json` and the report."
+                ci: float = 0.95, seed: int = 0, unit: str = 'patient', hit: dict | None = None) -> dict:
+    "Every convention behind the figures, in words, for `metrics.json` and the report (`hit`: the per-class FROC hit rules)."
+    per_class = {c: describe_hit(r, hit_iou) for c, r in sorted((hit or {}).items())}
     return dict(
         ap=f"COCO (pycocotools' rule): predictions in score order take the still-free GT box of their class they overlap most "
            f"at IoU >= t; precision made monotone (best precision at recall >= r) and read at 101 recall thresholds "
@@ -322,7 +343,8 @@ def conventions(hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int 
            f"at most {max_det} boxes per image and class",
         ap_ultralytics="ultralytics' validator, reported beside ours as *_ultralytics: its envelope ends with (recall 1, "
                        "precision 0) and is interpolated, which credits recall the detector never reached",
-        froc_hit=f'a mark hits a lesion when its centre lies inside the lesion box or IoU >= {hit_iou}',
+        froc_hit=describe_hit(HIT_RULE, hit_iou) + (' (classes not in froc_hit_per_class)' if per_class else ''),
+        **({'froc_hit_per_class': per_class} if per_class else {}),
         froc_second_mark='ignored: a further mark on an already-found lesion is neither a hit nor a false positive '
                          '(as in the LUNA16 / CAMELYON16 FROC)',
         froc_one_mark_many_lesions='allowed: a mark inside two overlapping lesions finds both',
@@ -410,7 +432,7 @@ def to_version_pixels(pred: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
 def score_predictions(pred, version, split: str | list[str] = 'test', pixels: str = 'png', score_classes: list[str] | None = None,
                       hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int = 100, rates=FROC_FPS,
                       n_boot: int = 1000, seed: int = 0, ci: float = 0.95, threshold: float | None = None,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, hit: dict | None = None) -> dict:
     """metrics.json-style figures of any detector's boxes `pred` (a DataFrame or CSV path) on `split` of `version`
     (a dataset version folder, or a loaded `Version`): per-class COCO AP, FROC, image/breast AUCs, patient-bootstrap
     intervals and the conventions. Rows of images outside the split are ignored. A list of splits is scored as one
@@ -426,8 +448,8 @@ def score_predictions(pred, version, split: str | list[str] = 'test', pixels: st
     im, bx = version.images[version.images.split.isin(splits)], version.boxes[version.boxes.split.isin(splits)]
     if pixels == 'original': pred = to_version_pixels(pred, im)
     elif pixels != 'png': raise ValueError(f"pixels must be 'png' or 'original', got {pixels!r}")
-    S = Scored(im, bx, pred, version.manifest['classes'], score_classes, hit_iou, rates, pooled_nms_iou, max_det)
+    S = Scored(im, bx, pred, version.manifest['classes'], score_classes, hit_iou, rates, pooled_nms_iou, max_det, hit)
     S.threshold = threshold
     B = bootstrap(S.metrics, S.group, n_boot, seed, ci, progress)
-    conv = conventions(hit_iou, pooled_nms_iou, max_det, n_boot, ci, seed, unit_name(S.group))
+    conv = conventions(hit_iou, pooled_nms_iou, max_det, n_boot, ci, seed, unit_name(S.group), hit)
     return clean_json(dict(version=version.manifest.get('version'), scoring=SCORING, conventions=conv, splits={'+'.join(splits): nest(B, S)}))

@@ -16,8 +16,9 @@ from .errors import ParamsError
 from .looks import look_spec
 
 # %% auto #0
-__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'MAX_PIXELS', 'PIXEL_CEILING',
-           'SCHEMA', 'Field', 'validate', 'result_settings', 'named_settings', 'load_params']
+__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'MAX_PIXELS',
+           'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate', 'result_settings', 'named_settings',
+           'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -47,6 +48,21 @@ VINDR_PRIORITY = ('Mass', 'Suspicious Calcification', 'Architectural Distortion'
 # It names the default `synth.out` folder and enters each synthetic version's name, so no stale set is reused.
 SYNTH_REVISION = 2
 FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)   # false positives per image where FROC sensitivity is read
+HIT_RULE = 'centre|iou'      # the FROC hit rule of every class the recipe's `evaluate.hit` does not name
+
+def parse_hit(rule: str, hit_iou: float = 0.3) -> tuple[bool, float | None]:
+    """A FROC hit rule -> (does a mark's centre inside the lesion box count, the IoU that counts or None):
+    `centre`, `iou` (IoU >= `hit_iou`), `iou:0.1` (its own threshold), or two joined by `|` (either counts)."""
+    centre, iou = False, None
+    for part in str(rule).replace(' ', '').split('|'):
+        if part == 'centre': centre = True
+        elif part == 'iou': iou = float(hit_iou)
+        elif part.startswith('iou:'):
+            try: iou = float(part[4:])
+            except ValueError: iou = -1.0
+            if not 0 < iou <= 1: raise ValueError(f"hit rule {rule!r}: the IoU after 'iou:' must be in (0, 1]")
+        else: raise ValueError(f"hit rule {rule!r}: use 'centre', 'iou', 'iou:<threshold>' or two joined by '|'")
+    return centre, iou
 # Decompression bombs: no image frame claiming more pixels than `prepare.max_pixels` (default MAX_PIXELS; a
 # full-field mammogram is at most ~40 M) is decoded, in prepare, serve or explain. PIXEL_CEILING: the most it may be set to.
 MAX_PIXELS = 80_000_000
@@ -178,6 +194,9 @@ SCHEMA = {
         'iou': Field(float, 0.6, 'NMS IoU', min=0, max=1),
         'max_det': Field(int, 100, 'boxes kept per image', min=1),
         'hit_iou': Field(float, 0.3, 'FROC: a prediction hits a lesion if its centre is inside or IoU >= this', min=0, max=1),
+        'hit': Field(dict, None, "FROC hit rule per class, e.g. `{Suspicious Calcification: centre}`: `centre` (the mark's "
+                     "centre inside the lesion box), `iou` (IoU >= hit_iou), `iou:0.1`, or two joined by `|`; classes not "
+                     "named keep `centre|iou` (either). COCO AP keeps its own IoU rule"),
         'pooled_nms_iou': Field(float, 0.5, "'all lesions' FROC: class-agnostic NMS IoU over every class's marks first", min=0, max=1),
         'froc_fps': Field(list, FROC_FPS, 'false positives per image where FROC sensitivity is read', items=float),
         'score_classes': Field(list, None, 'classes whose max box score is the image/breast score (None: all classes)', items=str),
@@ -197,7 +216,8 @@ SCHEMA = {
     'explain': {
         'split': Field(str, 'test', 'split whose lesions and marks are explained', ('train', 'val', 'test')),
         'methods': Field(list, ('gradcam', 'gradcam++', 'eigencam'), 'maps: gradcam, gradcam++ (targeted), eigencam', items=str),
-        'layers': Field(list, (15, 18, 21), 'model layers the maps are taken from (YOLOv8 neck outputs at P3/P4/P5)', items=int),
+        'layers': Field(list, None, "model layers the maps are taken from; None: the layers the detector's head reads "
+                        '(YOLOv8: its neck outputs at P3/P4/P5, or P2-P5 with the P2 head; torchvision: every FPN level)', items=int),
         'threshold': Field(float, None, 'score threshold for TP/FP/FN (None: the operating point chosen on val)', min=0, max=1),
         'per_class': Field(int, 3, 'gallery examples per class and outcome', min=1),
         'max_lesions': Field(int, 300, 'lesions scored at most (in a fixed order)', min=1),
@@ -341,6 +361,10 @@ def _cross_check(p: dict, errs: list):
         if dup: errs.append(f"'{key}' repeats {dup}")
     both = sorted(set(cls) & set(ign))
     if both: errs.append(f"'prepare.ignore' and 'prepare.classes' share {both}")
+    for c, rule in ((p.get('evaluate') or {}).get('hit') or {}).items():
+        try: parse_hit(rule)
+        except ValueError as e: errs.append(f"'evaluate.hit.{c}': {e}")
+        if cls and c not in cls: errs.append(f"'evaluate.hit' names {c!r}, not one of 'prepare.classes'")
     cm = (p.get('source') or {}).get('class_map') or {}
     bad = sorted(str(k) for k, v in cm.items() if not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))))
     if bad: errs.append(f"'source.class_map' values must be a label or a list of labels, see {bad}")

@@ -179,14 +179,22 @@ def test_clear_errors(trained, tiny_set, tmp_path):
 def test_model_comparison_table(trained, tiny_set, tmp_path):
     f, p, _ = trained
     g = recipe(tmp_path, tiny_set, Path(p.prepare.out), name='cmp',
-               train={**TRAIN, 'model': ['yolov8n.yaml', 'yolo11n.yaml']})
+               train={**TRAIN, 'model': ['yolov8n.yaml', 'yolo11n.yaml', 'yolov8n-p2.yaml']})
     assert run_dir(load_params(g), 'yolov8n.yaml') == run_dir(p, 'yolov8n.yaml')   # the session's run: found finished
-    r = run_here('train', g)                                                          # only yolo11n trains
+    r = run_here('train', g)                                          # yolo11n and the stride-4 head (P2) train
     cmp = version_dir(p) / 'runs' / 'comparison-test.csv'
     assert str(cmp) in r.stdout
     t = pd.read_csv(cmp, index_col=0)
-    assert [c.split('-')[0] for c in t.columns] == ['yolov8n', 'yolo11n']     # another family, one interface
+    assert [c.split('-')[0] for c in t.columns] == ['yolov8n', 'yolo11n', 'yolov8n']     # other models, one interface
+    assert t.columns[2].startswith('yolov8n-p2-')
     assert 'Mass' in t.index and 'image ROC-AUC' in t.index
+    # the P2 run is evaluated like any other, and its maps come from the four layers its head reads (strides 4-32)
+    from mammo_nb.families import family_of_weights
+    from mammo_nb.runs import RunDir
+    p2 = RunDir(run_dir(load_params(g), 'yolov8n-p2.yaml'))
+    assert set(p2.metrics['splits']) == {'val', 'test'} and 'Suspicious Calcification' in p2.metrics['splits']['test']['per_class']
+    ex = family_of_weights(p2.best).explainer(p2.best, 128)
+    assert len(ex.idx) == 4 and ex.det.strides == [4, 8, 16, 32]
 
 
 def _weights(rd: Path) -> dict:

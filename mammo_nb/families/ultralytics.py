@@ -35,9 +35,9 @@ from ..trainutil import (CPUThreads, NegativeSampler, check_device, class_weight
                                 scale_transferred, threaded, transfer_report, trim_results, weights_record, write_transfer)
 
 # %% auto #0
-__all__ = ['YOLO_NECK', 'FocalBCE', 'MammoDetectionLoss', 'sampled_loader', 'log_negatives', 'MammoTrainer', 'write_run_data',
-           'train_args', 'resumable', 'train_run', 'MultiLabelPredictor', 'MammoValidator', 'predict', 'library_val',
-           'Detector', 'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'cam', 'to_input_grid',
+__all__ = ['FocalBCE', 'MammoDetectionLoss', 'sampled_loader', 'log_negatives', 'MammoTrainer', 'write_run_data', 'train_args',
+           'resumable', 'train_run', 'MultiLabelPredictor', 'MammoValidator', 'predict', 'library_val', 'Detector',
+           'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'cam', 'to_input_grid', 'head_inputs',
            'YoloExplainer', 'UltralyticsFamily']
 
 # %% ../../nbs/07d_ultralytics.ipynb #5e394472
@@ -262,8 +262,6 @@ def library_val(weights, data_yaml, split, out: Path, imgsz, p, device='cpu') ->
                 confusion_matrix=cm.matrix.astype(int).tolist() if cm is not None else None)
 
 # %% ../../nbs/07d_ultralytics.ipynb #59338f4c
-YOLO_NECK = (15, 18, 21)      # YOLOv8's neck outputs at strides 8, 16, 32: the layers its maps come from
-
 class Detector(nn.Module):
     "The inner YOLO `nn.Module`, returning only the decoded (B, 4 + nc, anchors) tensor."
     def __init__(self, weights):
@@ -331,10 +329,17 @@ def to_input_grid(box, lb) -> tuple:
     r, px, py = lb
     return (box[0] * r + px, box[1] * r + py, box[2] * r + px, box[3] * r + py)
 
+def head_inputs(model) -> list[int]:
+    "The layers an ultralytics detection model's head (its last module) reads: the neck outputs, one per stride."
+    f = model.model[-1].f
+    return [f] if isinstance(f, int) else list(f)
+
 class YoloExplainer:
-    "CAMs of an ultralytics run: the letterboxed image, `BoxClassTarget` over the anchors in the box, the neck `layers`."
-    def __init__(self, weights, imgsz: int, layers=YOLO_NECK):
-        self.det, self.imgsz, self.idx = Detector(weights), imgsz, list(layers)
+    """CAMs of an ultralytics run: the letterboxed image, `BoxClassTarget` over the anchors in the box, and `layers`
+    (None: the head's inputs, `head_inputs`)."""
+    def __init__(self, weights, imgsz: int, layers=None):
+        self.det, self.imgsz = Detector(weights), imgsz
+        self.idx = list(layers) if layers else head_inputs(self.det.m)
         self.cent, self.cid = anchor_centres(imgsz, self.det.strides), {v: k for k, v in self.det.names.items()}
         self.layers = [f'model.{i} ({type(self.det.m.model[i]).__name__})' for i in self.idx]
     def set_image(self, png: np.ndarray):
@@ -349,7 +354,7 @@ class UltralyticsFamily(Family):
     "YOLOv8 and the other ultralytics detectors (`.yaml` configs, `.pt` weights): the family everything else falls back to."
     name = 'ultralytics'
     val_ap = ('metrics/mAP50(B)', 'metrics/mAP50-95(B)')
-    cam_layers = YOLO_NECK
+    cam_layers = ()                    # the head's inputs (`head_inputs`): P3-P5, or P2-P5 with the P2 head
     def claims(self, model) -> bool: return True
     def owns(self, weights) -> bool: return True
     def weights_classes(self, weights):
