@@ -21,8 +21,11 @@ $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	($(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -r requirements.txt) \
 	  || $(BIN)/pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+	@# coco-froc-analysis: the independent FROC that tests/test_metrics.py checks ours against. Its metadata pins numpy<2
+	@# (and flake8), which its code does not need (it runs on this numpy 2 in that test), so it comes without them
+	$(BIN)/pip install -q --no-deps coco-froc-analysis==0.2.15 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb.cli, mammo_nb.train, mammo_nb.families.ultralytics, mammo_nb.families.torchvision, mammo_nb.evaluate, mammo_nb.explain, \
-	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, mammo_nb.cv, ensemble_boxes, pydicom, nbdev, papermill, pycocotools.coco, matplotlib.pyplot; \
+	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, mammo_nb.cv, ensemble_boxes, pydicom, nbdev, papermill, pycocotools.coco, coco_froc_analysis.froc.froc_curve, matplotlib.pyplot; \
 	  print('installed: torch', torch.__version__, '| mammo_nb', mammo_nb.__version__)"
 	touch $@
 

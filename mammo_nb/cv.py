@@ -132,7 +132,7 @@ def fuse_boxes(preds: list[pd.DataFrame], images: pd.DataFrame, classes: list[st
 def _scored(p, images, boxes, pred, classes, thr=None, oof: bool = False, progress: bool = False) -> tuple[Scored, dict]:
     "Score `pred` like one run's split (the recipe's evaluate settings); `oof`: the operating point is chosen on it."
     e = p.evaluate
-    S = Scored(images, boxes, pred, classes, e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det, e.hit)
+    S = Scored(images, boxes, pred, classes, e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det, e.hit, e.second_mark)
     S.threshold = choose_threshold(S.img_label, S.img_score, e.target_sensitivity) if oof else thr
     return S, nest(bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress), S)
 
@@ -180,7 +180,7 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
         for k, P in enumerate(preds): splits[f'test: fold {k}'] = _scored(p, te, gt, P, classes, thr, progress=progress)[1]
         ens = dict(method='Weighted Boxes Fusion (ensemble-boxes)', iou=iou, conf_type=p.cv.wbf_conf_type, skip_box_thr=0.0,
                    models=K, max_det=e.max_det, normalisation="coordinates / the PNG's width and height")
-    conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)), e.hit)
+    conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)), e.hit, e.second_mark)
     conv['oof'] = ("fold k's model scores fold k's images only; the K folds' val predictions are concatenated and scored "
                    "as one split (scores of different models pooled as they are); the bootstrap resamples the pooled "
                    "set's patients, the unit the folds were made of")

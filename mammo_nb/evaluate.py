@@ -119,7 +119,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         pred = predict(weights, V, split, imgsz, e.conf, e.iou, e.max_det, e.batch, device, progress, threads=p.train.threads)
         pred.to_csv(run.predictions(split), index=False)
         S = Scored(V.images[V.images.split == split], V.boxes[V.boxes.split == split], pred, classes,
-                   e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det, e.hit)
+                   e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det, e.hit, e.second_mark)
         if split == 'val':
             thr = choose_threshold(S.img_label, S.img_score, e.target_sensitivity)
             out['operating_point'] = dict(threshold=thr, chosen_on='val', rule='Youden J' if e.target_sensitivity is None
@@ -131,7 +131,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         ul = fam.validate(weights, rd, split, ev / split, imgsz, p, device)     # the library's own AP, if it has one
         out['splits'][split] = nest(B, S, ul)
         save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}', out['splits'][split])
-    conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units), e.hit)
+    conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units), e.hit, e.second_mark)
     out = clean_json(dict(out, conventions=conv, bootstrap=conv['bootstrap']))
     run.metrics_file.write_text(json.dumps(out, indent=1))
     return out
@@ -207,12 +207,12 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
     classes = list(dict.fromkeys(amap.values()))
     gt = Vy.boxes[Vy.boxes.image_id.isin(ims.image_id) & Vy.boxes.cls.isin(classes)]
     score = [amap[c] for c in (e.score_classes or Vx.manifest['classes']) if c in amap]
-    S = Scored(ims, gt, pred, classes, score, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det, e.hit)
+    S = Scored(ims, gt, pred, classes, score, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det, e.hit, e.second_mark)
     S.threshold = internal['operating_point']['threshold']
     B = bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress)
     out_dir = run.external_dir(Vy.manifest['version']); out_dir.mkdir(parents=True, exist_ok=True)
     pred.to_csv(out_dir / f'predictions-{split}.csv', index=False)
-    conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)), e.hit)
+    conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)), e.hit, e.second_mark)
     out = clean_json(dict(run=rd.name, trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split,
                       manifest_sha256=file_sha256(Vy.dir / 'manifest.json'), weights_sha256=file_sha256(weights), imgsz=imgsz,
                       class_alignment=dict(scored=amap, not_scorable=not_scorable,

@@ -12,7 +12,7 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from .files import clean_json
-from .params import FROC_FPS, HIT_RULE, parse_hit
+from .params import FROC_FPS, HIT_RULE, SECOND_MARK, parse_hit
 from .split import group_keys
 
 # %% auto #0
@@ -185,10 +185,12 @@ def _hits(pb, gb, cls, hit_iou, rules: dict | None):
     for r in pd.unique(col): H[:, col == r] = hit_matrix(pb, gb[col == r], hit_iou, r)
     return H
 
-def _lesion_items(pred, gt, img_index, hit_iou, lesion=None, rules: dict | None = None):
+def _lesion_items(pred, gt, img_index, hit_iou, lesion=None, rules: dict | None = None, second_mark: str = 'ignore'):
     """Per lesion: best hitting score (-inf if none) and image index; per false positive: score and image index.
     `lesion` (one id per GT row) merges boxes into lesions: a mark hitting any of a lesion's boxes finds it. `rules`:
-    the hit rule of each class it names (`parse_hit`), applied to that class's lesions."""
+    the hit rule of each class it names (`parse_hit`), applied to that class's lesions. `second_mark`: what a mark that
+    hits a lesion another mark found with a higher score is: `ignore` (neither hit nor false positive) or
+    `false_positive` (each lesion is found by one mark, its best; every other mark counts against the detector)."""
     gt = gt.assign(_lesion=np.arange(len(gt)) if lesion is None else np.asarray(lesion))
     ls, li, fs, fi = [], [], [], []
     les = dict(tuple(gt.groupby('image_id')._lesion))
@@ -196,12 +198,14 @@ def _lesion_items(pred, gt, img_index, hit_iou, lesion=None, rules: dict | None 
     for iid, pb, ps, gb in by_key(pred, gt, img_index):
         k = img_index[iid]
         H = _hits(pb, gb, gt_cls.get(iid), hit_iou, rules)
+        best = np.zeros(len(ps), bool)                           # the marks that find a lesion (its best)
         if len(gb):
             lid = les[iid].to_numpy()
             for u in pd.unique(lid):
                 h = H[:, lid == u].any(1)
                 ls.append(ps[h].max() if h.any() else -np.inf); li.append(k)
-        fp = ~H.any(1)
+                if h.any(): best[np.flatnonzero(h)[np.argmax(ps[h])]] = True
+        fp = ~H.any(1) if second_mark == 'ignore' else ~best
         fs.extend(ps[fp]); fi.extend([k] * int(fp.sum()))
     return np.array(ls, float), np.array(li, int), np.array(fs, float), np.array(fi, int)
 
@@ -221,9 +225,10 @@ class Scored:
     "A split's predictions matched once against its ground truth; `metrics(w)` scores any image weighting."
     def __init__(self, images: pd.DataFrame, gt: pd.DataFrame, pred: pd.DataFrame, classes: list[str],
                  score_classes: list[str] | None = None, hit_iou: float = 0.3, rates=FROC_FPS,
-                 pooled_nms_iou: float = 0.5, max_det: int = 100, hit: dict | None = None):
+                 pooled_nms_iou: float = 0.5, max_det: int = 100, hit: dict | None = None, second_mark: str = 'ignore'):
         self.images, self.classes, self.rates = images.reset_index(drop=True), list(classes), tuple(rates)
         self.hit = dict(hit or {})                                            # class -> FROC hit rule (others HIT_RULE)
+        if second_mark not in SECOND_MARK: raise ValueError(f'second_mark must be one of {SECOND_MARK}, got {second_mark!r}')
         self.score_classes = list(score_classes or classes)
         det = self.images.role.isin(['positive', 'negative']).to_numpy()      # images the detector is scored on
         self.det = det
@@ -231,8 +236,9 @@ class Scored:
         gt = gt[gt.image_id.isin(idx)].reset_index(drop=True)
         pred_det = pred[pred.image_id.isin(idx)]
         self.ap = {c: _ap_items(pred_det[pred_det.cls == c], gt[gt.cls == c], idx, len(det), max_det) for c in self.classes}
-        self.froc = {c: _lesion_items(pred_det[pred_det.cls == c], gt[gt.cls == c], idx, hit_iou, rules=self.hit) for c in self.classes}
-        self.froc['all'] = _lesion_items(nms_agnostic(pred_det, pooled_nms_iou), gt, idx, hit_iou, lesion_ids(gt), self.hit)
+        self.froc = {c: _lesion_items(pred_det[pred_det.cls == c], gt[gt.cls == c], idx, hit_iou, None, self.hit, second_mark)
+                     for c in self.classes}
+        self.froc['all'] = _lesion_items(nms_agnostic(pred_det, pooled_nms_iou), gt, idx, hit_iou, lesion_ids(gt), self.hit, second_mark)
         self.n_boxes = int(len(gt))
         # image level: max score over the relevant classes, label from the image's findings (boxed or not)
         rel = pred[pred.cls.isin(self.score_classes)].groupby('image_id').score.max()
@@ -333,7 +339,7 @@ def sens_spec(y: np.ndarray, s: np.ndarray, thr: float, w: np.ndarray | None = N
 SCORING = 4          # version of the scoring code: a metrics.json from another version is recomputed
 
 def conventions(hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int = 100, n_boot: int = 1000,
-                ci: float = 0.95, seed: int = 0, unit: str = 'patient', hit: dict | None = None) -> dict:
+                ci: float = 0.95, seed: int = 0, unit: str = 'patient', hit: dict | None = None, second_mark: str = 'ignore') -> dict:
     "Every convention behind the figures, in words, for `metrics.json` and the report (`hit`: the per-class FROC hit rules)."
     per_class = {c: describe_hit(r, hit_iou) for c, r in sorted((hit or {}).items())}
     return dict(
@@ -345,8 +351,10 @@ def conventions(hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int 
                        "precision 0) and is interpolated, which credits recall the detector never reached",
         froc_hit=describe_hit(HIT_RULE, hit_iou) + (' (classes not in froc_hit_per_class)' if per_class else ''),
         **({'froc_hit_per_class': per_class} if per_class else {}),
-        froc_second_mark='ignored: a further mark on an already-found lesion is neither a hit nor a false positive '
-                         '(as in the LUNA16 / CAMELYON16 FROC)',
+        froc_second_mark=('ignored: a further mark on an already-found lesion is neither a hit nor a false positive '
+                          '(as in the LUNA16 / CAMELYON16 FROC)') if second_mark == 'ignore' else
+                         ('a false positive: each lesion is found by its highest-scoring mark, every other mark counts as a '
+                          'false positive (the JAFROC non-lesion localisation)'),
         froc_one_mark_many_lesions='allowed: a mark inside two overlapping lesions finds both',
         froc_false_positive='a mark that hits no lesion; false positives per image = marks / detection images '
                             '(images with boxes and finding-free images)',
@@ -432,7 +440,7 @@ def to_version_pixels(pred: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
 def score_predictions(pred, version, split: str | list[str] = 'test', pixels: str = 'png', score_classes: list[str] | None = None,
                       hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int = 100, rates=FROC_FPS,
                       n_boot: int = 1000, seed: int = 0, ci: float = 0.95, threshold: float | None = None,
-                      progress: bool = False, hit: dict | None = None) -> dict:
+                      progress: bool = False, hit: dict | None = None, second_mark: str = 'ignore') -> dict:
     """metrics.json-style figures of any detector's boxes `pred` (a DataFrame or CSV path) on `split` of `version`
     (a dataset version folder, or a loaded `Version`): per-class COCO AP, FROC, image/breast AUCs, patient-bootstrap
     intervals and the conventions. Rows of images outside the split are ignored. A list of splits is scored as one
@@ -448,8 +456,8 @@ def score_predictions(pred, version, split: str | list[str] = 'test', pixels: st
     im, bx = version.images[version.images.split.isin(splits)], version.boxes[version.boxes.split.isin(splits)]
     if pixels == 'original': pred = to_version_pixels(pred, im)
     elif pixels != 'png': raise ValueError(f"pixels must be 'png' or 'original', got {pixels!r}")
-    S = Scored(im, bx, pred, version.manifest['classes'], score_classes, hit_iou, rates, pooled_nms_iou, max_det, hit)
+    S = Scored(im, bx, pred, version.manifest['classes'], score_classes, hit_iou, rates, pooled_nms_iou, max_det, hit, second_mark)
     S.threshold = threshold
     B = bootstrap(S.metrics, S.group, n_boot, seed, ci, progress)
-    conv = conventions(hit_iou, pooled_nms_iou, max_det, n_boot, ci, seed, unit_name(S.group), hit)
+    conv = conventions(hit_iou, pooled_nms_iou, max_det, n_boot, ci, seed, unit_name(S.group), hit, second_mark)
     return clean_json(dict(version=version.manifest.get('version'), scoring=SCORING, conventions=conv, splits={'+'.join(splits): nest(B, S)}))

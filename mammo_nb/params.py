@@ -16,9 +16,9 @@ from .errors import ParamsError
 from .looks import look_spec
 
 # %% auto #0
-__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'MAX_PIXELS',
-           'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate', 'result_settings', 'named_settings',
-           'load_params']
+__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
+           'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate', 'result_settings',
+           'named_settings', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -49,6 +49,7 @@ VINDR_PRIORITY = ('Mass', 'Suspicious Calcification', 'Architectural Distortion'
 SYNTH_REVISION = 2
 FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)   # false positives per image where FROC sensitivity is read
 HIT_RULE = 'centre|iou'      # the FROC hit rule of every class the recipe's `evaluate.hit` does not name
+SECOND_MARK = ('ignore', 'false_positive')      # what a further mark on an already-found lesion is (FROC)
 
 def parse_hit(rule: str, hit_iou: float = 0.3) -> tuple[bool, float | None]:
     """A FROC hit rule -> (does a mark's centre inside the lesion box count, the IoU that counts or None):
@@ -197,6 +198,8 @@ SCHEMA = {
         'hit': Field(dict, None, "FROC hit rule per class, e.g. `{Suspicious Calcification: centre}`: `centre` (the mark's "
                      "centre inside the lesion box), `iou` (IoU >= hit_iou), `iou:0.1`, or two joined by `|`; classes not "
                      "named keep `centre|iou` (either). COCO AP keeps its own IoU rule"),
+        'second_mark': Field(str, 'ignore', 'FROC: a further mark on a lesion another mark found: `ignore` (LUNA16, '
+                             'CAMELYON16) or `false_positive` (JAFROC: only the best mark of a lesion is a hit)', SECOND_MARK),
         'pooled_nms_iou': Field(float, 0.5, "'all lesions' FROC: class-agnostic NMS IoU over every class's marks first", min=0, max=1),
         'froc_fps': Field(list, FROC_FPS, 'false positives per image where FROC sensitivity is read', items=float),
         'score_classes': Field(list, None, 'classes whose max box score is the image/breast score (None: all classes)', items=str),

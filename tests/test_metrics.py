@@ -1,4 +1,4 @@
-"""The metrics against the reference implementation: per-class AP50 and AP50:95 of a real tiny run's predictions
+"""The metrics against the reference implementations: per-class AP50 and AP50:95 of a real tiny run's predictions
 agree with pycocotools to 1e-4; a predictions CSV scored from outside (`score_predictions`) gives the run's own
 metrics.json; the manifest records target and achieved split fractions."""
 import json
@@ -94,3 +94,81 @@ def test_manifest_records_split_fractions(run):
     base = n['train'] + n['val'] + (0 if fr['test']['target'] is None else n.get('test', 0))
     assert fr['val']['target'] == p.split.val_frac and abs(fr['val']['achieved'] - n['val'] / base) < 1e-6
     if fr['test']['target'] is not None: assert fr['test']['target'] == p.split.test_frac
+
+
+# --- FROC against an independent implementation: coco-froc-analysis (qbeer/coco-froc-analysis, 0.2.15) ----------
+
+def froc_reference(V, split: str, pred: pd.DataFrame, thresholds, use_iou: bool, iou: float = 0.3) -> dict:
+    """coco-froc-analysis' per-class counts at each score threshold (marks scoring above it): lesions found (LL),
+    non-lesion marks (NL), lesions and images, on the version's own COCO JSON of `split`."""
+    from coco_froc_analysis.froc.froc_curve import froc_point
+    gt = json.loads((V.dir / 'annotations' / f'{split}.json').read_text())
+    ids = {im['image_id']: im['id'] for im in gt['images']}
+    classes = V.manifest['classes']
+    pr = [dict(image_id=ids[r.image_id], category_id=classes.index(r.cls) + 1, score=float(r.score),
+               bbox=[r.x0, r.y0, r.x1 - r.x0, r.y1 - r.y0]) for r in pred.itertuples() if r.image_id in ids]
+    return {t: {classes[k - 1]: v for k, v in froc_point(gt, pr, t, use_iou, iou).items()} for t in thresholds}
+
+
+@pytest.fixture
+def hungarian_fixed(monkeypatch):
+    """coco-froc-analysis counts every pair its Hungarian assignment makes as a found lesion, also a pair that is no
+    hit (cost 1e6: a mark far from the lesion; its issue #13, closed unfixed). The one change: such pairs are dropped."""
+    from scipy.optimize import linear_sum_assignment
+    from coco_froc_analysis.froc import froc_stats
+    def hits_only(cost):
+        r, c = linear_sum_assignment(cost)
+        keep = cost[r, c] < 1e6
+        return r[keep], c[keep]
+    monkeypatch.setattr(froc_stats, 'linear_sum_assignment', hits_only)
+
+
+def test_coco_froc_analysis_counts_a_far_mark_as_found():
+    "The defect itself, a known answer: one lesion, one mark far from it. The package says found; it is not."
+    from coco_froc_analysis.froc.froc_curve import froc_point
+    gt = dict(images=[dict(id=1)], categories=[dict(id=1, name='Mass')],
+              annotations=[dict(id=1, image_id=1, category_id=1, bbox=[10, 10, 20, 20])])
+    far = [dict(image_id=1, category_id=1, score=0.9, bbox=[500, 500, 20, 20])]
+    assert froc_point(gt, far, 0.5, False, 0.3)[1]['LL'] == 1                 # (if this fails, the package was fixed)
+    images = pd.DataFrame(dict(image_id=['a'], study_id='s', patient='p', laterality='L', role='positive', labels=[['Mass']]))
+    S = Scored(images, pd.DataFrame(dict(image_id=['a'], cls='Mass', x0=[10], y0=[10], x1=[30], y1=[30])),
+               pd.DataFrame(dict(image_id=['a'], cls='Mass', score=[.9], x0=[500], y0=[500], x1=[520], y1=[520])), ['Mass'])
+    assert S.metrics()['froc/Mass/4'] == 0.0
+
+
+@pytest.mark.parametrize('split', ['val', 'test'])
+@pytest.mark.parametrize('rule', ['centre', 'iou:0.3'])
+def test_froc_agrees_with_coco_froc_analysis(run, split, rule, hungarian_fixed):
+    """On a real tiny run's predictions (and with a noisy oracle's marks added, so that lesions are found), at every
+    distinct score: lesions found and false positives per class agree with coco-froc-analysis (its Hungarian defect
+    fixed), under its conventions: the hit rule (`centre`, or IoU > 0.3) and a second mark on a lesion counted as a
+    false positive (`evaluate.second_mark: false_positive`). Then our FROC sensitivities at 1/8-4 FP per image equal
+    the best sensitivity among its points (one between every two distinct scores: the whole curve) within each rate."""
+    p, V, rd = run
+    real = pd.read_csv(rd / 'eval' / f'predictions-{split}.csv', dtype={'image_id': str})
+    pred = pd.concat([real, noisy_oracle(V, split, seed=1)], ignore_index=True)
+    classes = V.manifest['classes']
+    im = V.images[V.images.split == split]
+    S = Scored(im, V.boxes[V.boxes.split == split], pred, classes, hit={c: rule for c in classes}, second_mark='false_positive')
+    scores = np.unique(pred.score)
+    thresholds = np.r_[scores[0] - 1e-6, (scores[:-1] + scores[1:]) / 2, scores[-1] + 1e-6]   # between scores: '>' and '>=' agree
+    ref = froc_reference(V, split, pred, thresholds, rule != 'centre', 0.3)
+    n_img = int(S.det.sum())
+    found_any = 0
+    for c in classes:
+        ls, li, fs, fi = S.froc[c]
+        for t in thresholds:
+            r = ref[t][c]
+            assert (r['n_lesions'], r['n_images']) == (len(ls), n_img)
+            assert (r['LL'], r['NL']) == (int((ls > t).sum()), int((fs > t).sum())), (c, t)
+            found_any += r['LL']
+        if len(ls):                                                   # sensitivity at each FP rate, from its points
+            pts = [(ref[t][c]['NL'] / n_img, ref[t][c]['LL'] / len(ls)) for t in thresholds]
+            m = S.metrics()
+            for rate in e_rates(p):
+                theirs = max([s for f, s in pts if f <= rate], default=0.0)
+                assert abs(m[f'froc/{c}/{rate:g}'] - theirs) < 1e-12, (c, rate)
+    assert found_any > 0 and len(thresholds) > 10, (found_any, len(thresholds))
+
+
+def e_rates(p): return tuple(p.evaluate.froc_fps)
