@@ -17,7 +17,7 @@ from .looks import look_spec
 
 # %% auto #0
 __all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
-           'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate', 'result_settings',
+           'SLICES', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate', 'result_settings',
            'named_settings', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
@@ -50,6 +50,10 @@ SYNTH_REVISION = 2
 FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)   # false positives per image where FROC sensitivity is read
 HIT_RULE = 'centre|iou'      # the FROC hit rule of every class the recipe's `evaluate.hit` does not name
 SECOND_MARK = ('ignore', 'false_positive')      # what a further mark on an already-found lesion is (FROC)
+# Sliced inference (`evaluate.slices`, `mammo_nb.slices`): windows of `window` px of the version's PNG (None: the
+# run's input size, so each window is seen at native resolution), overlapping by `overlap` of a window; `whole`: the
+# whole downscaled image is predicted too; the boxes merged by class-wise `nms` or `wbf` (Weighted Boxes Fusion) at `iou`.
+SLICES = dict(window=None, overlap=0.2, whole=True, merge='nms', iou=0.5)
 
 def parse_hit(rule: str, hit_iou: float = 0.3) -> tuple[bool, float | None]:
     """A FROC hit rule -> (does a mark's centre inside the lesion box count, the IoU that counts or None):
@@ -193,6 +197,9 @@ SCHEMA = {
         'splits': Field(list, ('val', 'test'), 'splits to score (the operating point is always chosen on val)', items=str),
         'conf': Field(float, 0.001, 'lowest box score kept for the metrics', min=0, max=1),
         'iou': Field(float, 0.6, 'NMS IoU', min=0, max=1),
+        'slices': Field(dict, None, 'sliced inference for small findings, e.g. `{window: 320, overlap: 0.2}`: windows of '
+                        "the version's PNG, each predicted at the run's input size, boxes mapped back and merged (keys and "
+                        'defaults: `params.SLICES`); serve follows the run. None: whole images'),
         'max_det': Field(int, 100, 'boxes kept per image', min=1),
         'hit_iou': Field(float, 0.3, 'FROC: a prediction hits a lesion if its centre is inside or IoU >= this', min=0, max=1),
         'hit': Field(dict, None, "FROC hit rule per class, e.g. `{Suspicious Calcification: centre}`: `centre` (the mark's "
@@ -364,6 +371,13 @@ def _cross_check(p: dict, errs: list):
         if dup: errs.append(f"'{key}' repeats {dup}")
     both = sorted(set(cls) & set(ign))
     if both: errs.append(f"'prepare.ignore' and 'prepare.classes' share {both}")
+    sl = (p.get('evaluate') or {}).get('slices')
+    if sl:
+        if set(sl) - set(SLICES): errs.append(f"'evaluate.slices' keys are {sorted(SLICES)}, not {sorted(set(sl) - set(SLICES))}")
+        if sl.get('merge', 'nms') not in ('nms', 'wbf'): errs.append("'evaluate.slices.merge' must be 'nms' or 'wbf'")
+        if not 0 <= float(sl.get('overlap', 0.2)) < 1: errs.append("'evaluate.slices.overlap' must be in [0, 1)")
+        if sl.get('window') is not None and not (isinstance(sl['window'], int) and sl['window'] >= 32):
+            errs.append("'evaluate.slices.window' must be a whole number of pixels >= 32 (or null: the run's input size)")
     for c, rule in ((p.get('evaluate') or {}).get('hit') or {}).items():
         try: parse_hit(rule)
         except ValueError as e: errs.append(f"'evaluate.hit.{c}': {e}")
