@@ -115,8 +115,13 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
     check_classes(str(weights), classes, what='run weights')
     fam = family_of_weights(weights)
     tj = run.record
-    if tj.get('version') not in (None, V.manifest['version']):
+    tiles = tj.get('tiles')                                        # trained on tiles of this version: scored on its images
+    if tj.get('version') not in (None, V.manifest['version']) and (tiles or {}).get('parent') != V.manifest['version']:
         raise TrainError(f"run '{rd.name}' was trained on version {tj['version']}, not {V.manifest['version']}")
+    if tiles and p.evaluate.slices is None and not p.evaluate.whole_images:
+        raise TrainError(f"run '{rd.name}' was trained on tiles of {tiles['size']} px: evaluate it by sliced inference "
+                         f"(evaluate.slices, e.g. {{window: {tiles['size']}}}), or set evaluate.whole_images: true to score "
+                         f"it on whole images anyway")
     imgsz = run.imgsz(p.train.imgsz)
     device, e = check_device(p.train.device), p.evaluate
     ev = run.eval_dir; ev.mkdir(exist_ok=True)
@@ -141,7 +146,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         if split not in e.splits: continue
         B = bootstrap(S.metrics, S.group, e.bootstrap, e.seed, e.ci, progress)
         units.update(S.group)
-        ul = fam.validate(weights, rd, split, ev / split, imgsz, p, device)     # the library's own AP, if it has one
+        ul = None if tiles else fam.validate(weights, rd, split, ev / split, imgsz, p, device)   # the library's own AP (on whole images)
         out['splits'][split] = nest(B, S, ul)
         save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}', out['splits'][split])
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units), e.hit, e.second_mark)

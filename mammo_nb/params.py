@@ -17,8 +17,8 @@ from .looks import look_spec
 
 # %% auto #0
 __all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
-           'SLICES', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate', 'result_settings',
-           'named_settings', 'load_params']
+           'SLICES', 'TILES', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate',
+           'result_settings', 'named_settings', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -54,6 +54,10 @@ SECOND_MARK = ('ignore', 'false_positive')      # what a further mark on an alre
 # run's input size, so each window is seen at native resolution), overlapping by `overlap` of a window; `whole`: the
 # whole downscaled image is predicted too; the boxes merged by class-wise `nms` or `wbf` (Weighted Boxes Fusion) at `iou`.
 SLICES = dict(window=None, overlap=0.2, whole=True, merge='nms', iou=0.5)
+# Tiled training (`train.tiles`, `mammo_nb.tiles`): tiles of `size` px (None: train.imgsz) of the version's PNGs,
+# overlapping by `overlap`; a box kept in a tile showing >= `min_visible` of it; tiles without findings drawn each
+# epoch at `negative_ratio` x the tiles with findings (the No-Finding sampler's ratio while training on tiles).
+TILES = dict(size=None, overlap=0.2, min_visible=0.5, negative_ratio=1.0)
 
 def parse_hit(rule: str, hit_iou: float = 0.3) -> tuple[bool, float | None]:
     """A FROC hit rule -> (does a mark's centre inside the lesion box count, the IoU that counts or None):
@@ -184,6 +188,9 @@ SCHEMA = {
                                     'mean 1 (0: off, 1: inverse frequency)', min=0, max=1),
         'focal_gamma': Field(float, 0.0, 'focal-loss gamma on the classification loss (0: plain BCE)', min=0),
         'hyp': Field(dict, None, 'any other ultralytics train argument (e.g. `mosaic: 0.5`), passed through'),
+        'tiles': Field(dict, None, "train on tiles of the version's images at its own resolution, e.g. `{size: 320}` (keys "
+                       'and defaults: `params.TILES`); the run is evaluated on whole images through `evaluate.slices`. '
+                       'None: whole images', late=True),
         'reset_head': Field(bool, False, 'allow `.pt` weights trained on another class list (a new head is fitted)'),
         'freeze': Field(int, 0, 'fine-tuning: keep the first N layers as loaded (YOLOv8: modules, 10 = its backbone; '
                         'torchvision: blocks of the backbone body)', min=0, late=True),
@@ -200,6 +207,8 @@ SCHEMA = {
         'slices': Field(dict, None, 'sliced inference for small findings, e.g. `{window: 320, overlap: 0.2}`: windows of '
                         "the version's PNG, each predicted at the run's input size, boxes mapped back and merged (keys and "
                         'defaults: `params.SLICES`); serve follows the run. None: whole images'),
+        'whole_images': Field(bool, False, 'score a run trained on tiles (`train.tiles`) on whole images without '
+                              '`evaluate.slices` (refused otherwise: it never saw a whole image)'),
         'max_det': Field(int, 100, 'boxes kept per image', min=1),
         'hit_iou': Field(float, 0.3, 'FROC: a prediction hits a lesion if its centre is inside or IoU >= this', min=0, max=1),
         'hit': Field(dict, None, "FROC hit rule per class, e.g. `{Suspicious Calcification: centre}`: `centre` (the mark's "
@@ -371,6 +380,13 @@ def _cross_check(p: dict, errs: list):
         if dup: errs.append(f"'{key}' repeats {dup}")
     both = sorted(set(cls) & set(ign))
     if both: errs.append(f"'prepare.ignore' and 'prepare.classes' share {both}")
+    tl = (p.get('train') or {}).get('tiles')
+    if tl is not None:
+        if set(tl) - set(TILES): errs.append(f"'train.tiles' keys are {sorted(TILES)}, not {sorted(set(tl) - set(TILES))}")
+        if not 0 <= float(tl.get('overlap', 0.2)) < 1: errs.append("'train.tiles.overlap' must be in [0, 1)")
+        if not 0 < float(tl.get('min_visible', 0.5)) <= 1: errs.append("'train.tiles.min_visible' must be in (0, 1]")
+        if tl.get('size') is not None and not (isinstance(tl['size'], int) and tl['size'] >= 32):
+            errs.append("'train.tiles.size' must be a whole number of pixels >= 32 (or null: train.imgsz)")
     sl = (p.get('evaluate') or {}).get('slices')
     if sl:
         if set(sl) - set(SLICES): errs.append(f"'evaluate.slices' keys are {sorted(SLICES)}, not {sorted(set(sl) - set(SLICES))}")

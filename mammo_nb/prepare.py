@@ -411,12 +411,13 @@ def load_version(p_or_dir) -> Version:
 # %% ../nbs/06_prepare.ipynb #1f427b8f
 def derive_version(V: Version, out: str | Path, images: pd.DataFrame, boxes: pd.DataFrame, lists: dict[str, pd.DataFrame],
                    manifest: dict, parent: Version | None = None, labels: dict[str, str] | None = None,
-                   coco_classes: list[str] | None = None) -> Version:
+                   coco_classes: list[str] | None = None, shas: dict[str, str] | None = None) -> Version:
     """Write a dataset version derived from `V` at `out`: `V`'s PNGs through a link; for each split of `lists` (split
     -> image rows) its images' label files (`V`'s, or `labels[image_id]`), its list and, with `coco_classes`, its COCO
     JSON; `images`, `boxes`, `V`'s failures and `data.yaml`; and `manifest` with `derived_from` (`parent`, default
-    `V`) and the `files` table."""
-    out, parent, labels, shas = Path(out), parent or V, labels or {}, {}
+    `V`) and the `files` table (starting from `shas`: files the caller wrote, e.g. a tile version's own PNGs, which
+    then live in `out/images/` instead of the link)."""
+    out, parent, labels, shas = Path(out), parent or V, labels or {}, dict(shas or {})
     out.mkdir(parents=True, exist_ok=True)
     if not (out / 'images').exists(): os.symlink(os.path.relpath(V.dir / 'images', out), out / 'images')
     for sp, rows in lists.items():
@@ -426,7 +427,7 @@ def derive_version(V: Version, out: str | Path, images: pd.DataFrame, boxes: pd.
         write_tracked(out, f'{sp}.txt', ''.join(f'./{x}\n' for x in rows.png), shas)
         if coco_classes is not None:
             write_tracked(out, f'annotations/{sp}.json', to_json(coco(rows, boxes[boxes.split == sp], coco_classes)), shas)
-    write_tracked(out, 'images.csv', images[IMAGE_OUT].to_csv(index=False), shas)
+    write_tracked(out, 'images.csv', images.reindex(columns=IMAGE_OUT).to_csv(index=False), shas)
     write_tracked(out, 'boxes.csv', boxes.to_csv(index=False, float_format='%.3f'), shas)
     for rel in ('failures.csv', 'data.yaml'): write_tracked(out, rel, (V.dir / rel).read_text(), shas)
     src = dict(version=parent.manifest['version'], manifest_sha256=file_sha256(parent.dir / 'manifest.json'),

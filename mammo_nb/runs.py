@@ -8,7 +8,7 @@ import hashlib, json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .params import named_settings, result_settings
+from .params import TILES, named_settings, result_settings
 from .prepare import version_dir
 
 def models(p) -> list[str]:
@@ -27,7 +27,24 @@ def run_name(p, model: str) -> str:
     h = hashlib.sha256(json.dumps(t, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f'{Path(model).stem}-{h}'
 
-def run_dir(p, model: str) -> Path: return version_dir(p) / 'runs' / run_name(p, model)
+def tile_settings(tiles: dict | None, imgsz: int) -> dict | None:
+    "`train.tiles` with every default filled in (`params.TILES`; the tile size: `imgsz`); None stays None (whole images)."
+    if tiles is None: return None
+    s = {**TILES, **tiles}
+    s['size'] = int(s['size'] or imgsz)
+    return s
+
+def tiles_name(version: str, s: dict) -> str:
+    "The name of version `version`'s tile version under tile settings `s`: `<version>-tiles-<8 hex of the tiling>`."
+    key = {k: s[k] for k in ('size', 'overlap', 'min_visible')}
+    return f"{version}-tiles-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
+
+def train_version_dir(p) -> Path:
+    "The version the recipe's runs train on, and so live in: its dataset version, or that version's tiles (`train.tiles`)."
+    s = tile_settings(p.train.tiles, p.train.imgsz)
+    return version_dir(p) if s is None else version_dir(p).parent / tiles_name(version_dir(p).name, s)
+
+def run_dir(p, model: str) -> Path: return train_version_dir(p) / 'runs' / run_name(p, model)
 
 def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
     "The run folders `runs`, else those of the recipe's model(s)."
@@ -35,7 +52,8 @@ def run_dirs(p, runs: list[str] | None = None) -> list[Path]:
 
 
 # %% auto #0
-__all__ = ['models', 'learning_settings', 'run_name', 'run_dir', 'run_dirs', 'RunDir']
+__all__ = ['models', 'learning_settings', 'run_name', 'tile_settings', 'tiles_name', 'train_version_dir', 'run_dir', 'run_dirs',
+           'RunDir']
 
 # %% ../nbs/07a_runs.ipynb #82bc5946
 @dataclass(frozen=True)

@@ -4,12 +4,13 @@
 
 # %% ../nbs/07g_train.ipynb #7d901be6
 from __future__ import annotations
+import copy
 from pathlib import Path
 
 from .errors import TrainError
 from .families import family_of, family_of_weights
-from .prepare import Version
-from .runs import models, run_dir
+from .prepare import Version, version_dir
+from .runs import RunDir, models, run_dir, tile_settings
 from .trainutil import check_version, pretrain_file
 
 # %% auto #0
@@ -33,10 +34,22 @@ def check_classes(model: str, classes: list[str], what: str = "'train.model'"):
 # %% ../nbs/07g_train.ipynb #f07e6cd2
 def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -> Path:
     """Train (or resume, or find finished) the run of `model` on the recipe's version (or on `V`, e.g. a derived
-    self-training version, into `rd` = `<V.dir>/runs/<name>`) with its detector family; returns the run folder."""
+    self-training version, into `rd` = `<V.dir>/runs/<name>`) with its detector family; returns the run folder.
+    With `train.tiles`, the run trains on the version's tile version (`tiles.tile_version`), and its record says so."""
+    s = tile_settings(p.train.tiles, p.train.imgsz)
+    if s is not None and (rd is not None or (V is not None and Path(V.dir).resolve() != version_dir(p).resolve())):
+        raise TrainError("'train.tiles' trains the recipe's own version (mammo train); cross-validation and self-training "
+                         "rounds do not tile yet: leave train.tiles out of that recipe")
     V = V or check_version(p)
     if not (p.train.reset_head or pretrain_file(model)): check_classes(model, V.manifest['classes'])   # `mammo pretrain`'s: meant to get a new head
-    return family_of(model).train(p, model, V, Path(rd) if rd else run_dir(p, model))
+    if s is None: return family_of(model).train(p, model, V, Path(rd) if rd else run_dir(p, model))
+    from mammo_nb.tiles import tile_version
+    T, q = tile_version(V, s), copy.deepcopy(p)
+    q.train.negative_ratio = s['negative_ratio']                  # tiles without findings: the No-Finding sampler's ratio
+    rd = family_of(model).train(q, model, T, run_dir(p, model))
+    run = RunDir(rd)
+    run.write_record({**run.record, 'tiles': dict(s, version=T.manifest['version'], parent=V.manifest['version'])})
+    return rd
 
 def train(p, V: Version | None = None) -> list[Path]:
     "Train every model of the recipe (`train.model` may be a list); returns their run folders."

@@ -106,7 +106,7 @@ def tiny_run(tiny_set, tmp_path_factory):
 SECONDS = {'test_pipeline': 172, 'test_train': 106, 'test_slurm': 96, 'test_adapters': 75, 'test_classify': 100,
            'test_selftrain': 69, 'test_cv': 66, 'test_prepare': 56, 'test_external': 50, 'test_archive': 23,
            'test_explain': 23, 'test_synth_cli': 23, 'test_serve': 18, 'test_bench': 12, 'test_tvdet': 70, 'test_pretrain': 70,
-           'test_layers': 25}
+           'test_layers': 25, 'test_tiles': 55}
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: -SECONDS.get(it.path.stem, 0))          # stable: a file's tests keep their order
