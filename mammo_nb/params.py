@@ -84,7 +84,8 @@ SCHEMA = {
     'seed': Field(int, 0, 'global seed for everything not seeded below'),
     'strict': Field(bool, False, 'fail on the first bad file/row instead of recording it in failures.csv'),
     'synth': {
-        'preset': Field(str, 'demo', 'size preset of the synthetic VinDr-layout set', ('tiny', 'demo', 'full')),
+        'preset': Field(str, 'demo', 'size preset of the synthetic VinDr-layout set (`calc`: calcification-rich, specks of '
+                        'physical size, 2048 px)', ('tiny', 'demo', 'full', 'calc')),
         'seed': Field(int, 0, 'generator seed; same seed -> byte-identical files'),
         'out': Field(str, 'data/raw/synth-{preset}-s{seed}-r{rev}', 'output folder (`{preset}`/`{seed}`/`{rev}` (generator revision) are filled in)', effect='runtime'),
         'workers': Field(int, 2, 'processes used to render images', min=1, effect='runtime'),

@@ -19,11 +19,11 @@ from .looks import draw_look, film_look, look_spec, look_vendor, tissue_look
 from .params import SYNTH_REVISION
 
 # %% auto #0
-__all__ = ['FULL_H', 'FULL_W', 'FULL_SPACING', 'FINDING_CLASSES', 'PRESETS', 'VENDORS', 'VIEWS', 'DENSITY_P', 'BIRADS_OF',
-           'DENSITY_FRAC', 'SYNTAXES', 'MG_PRESENTATION', 'FINDING_COLUMNS', 'BREAST_COLUMNS', 'SynthConfig',
-           'get_config', 'powerlaw_noise', 'dicom_uid', 'plan_dataset', 'breast_profile', 'render_anatomy',
-           'skin_layer', 'render_finding', 'detector', 'synth_image', 'encode_pixels', 'write_dicom', 'class_counts',
-           'synth_dataset', 'example_job', 'display', 'show_boxes']
+__all__ = ['FULL_H', 'FULL_W', 'FULL_SPACING', 'FINDING_CLASSES', 'PRESETS', 'LATE_CONFIG', 'VENDORS', 'VIEWS', 'DENSITY_P',
+           'BIRADS_OF', 'DENSITY_FRAC', 'SYNTAXES', 'MG_PRESENTATION', 'FINDING_COLUMNS', 'BREAST_COLUMNS',
+           'SynthConfig', 'get_config', 'powerlaw_noise', 'dicom_uid', 'plan_dataset', 'breast_profile',
+           'render_anatomy', 'skin_layer', 'calc_cluster', 'benign_calcs', 'render_finding', 'detector', 'synth_image',
+           'encode_pixels', 'write_dicom', 'class_counts', 'synth_dataset', 'example_job', 'display', 'show_boxes']
 
 # %% ../nbs/01_synth.ipynb #0a52b5a7
 FULL_H, FULL_W, FULL_SPACING = 4084, 3328, 0.085   # pixels, pixels, mm
@@ -46,6 +46,8 @@ class SynthConfig:
     spiculated_rate: float = 0.35       # share of masses that are spiculated (-> Spiculation layer)
     test_frac: float = 0.2              # share of patients in the official test split
     randomize: dict | None = None       # domain randomisation: a `looks.look_spec` (None: the generator's one look)
+    calcifications: str = 'soft'        # 'physical': clusters of 5-30 specks of 0.1-0.8 mm drawn at FULL_SPACING (`calc_cluster`)
+    benign_calcs: float = 0.0           # mean number of benign coarse calcifications per image (unlabelled distractors)
     class_weights: tuple = (('Mass', 8), ('Suspicious Calcification', 4), ('Asymmetry', 1.5),
                             ('Focal Asymmetry', 1.5), ('Global Asymmetry', 1), ('Architectural Distortion', 2),
                             ('Skin Thickening', 1), ('Skin Retraction', 1), ('Nipple Retraction', 1),
@@ -60,7 +62,14 @@ PRESETS = {
     'tiny': SynthConfig(n_patients=5, height=512, finding_rate=0.75),
     'demo': SynthConfig(n_patients=100, height=1280, finding_rate=0.5),
     'full': SynthConfig(n_patients=4, height=FULL_H, finding_rate=0.6),
+    # calcification-rich, at half the detector's resolution (0.17 mm/px): specks of physical size, benign distractors
+    'calc': SynthConfig(n_patients=60, height=2048, finding_rate=0.8, calcifications='physical', benign_calcs=2.0,
+                        class_weights=(('Mass', 3), ('Suspicious Calcification', 6), ('Asymmetry', 0.5),
+                                       ('Focal Asymmetry', 0.5), ('Global Asymmetry', 0.3), ('Architectural Distortion', 0.7),
+                                       ('Skin Thickening', 0.3), ('Skin Retraction', 0.3), ('Nipple Retraction', 0.3),
+                                       ('Suspicious Lymph Node', 0.5))),
 }
+LATE_CONFIG = dict(calcifications='soft', benign_calcs=0.0)   # fields added later: recorded only when set (sets keep their info)
 
 def get_config(preset: str = 'tiny', **overrides) -> SynthConfig:
     "The `SynthConfig` of `preset` with `overrides` (None values ignored)."
@@ -126,6 +135,9 @@ def _sample_finding(cls, cfg, rng) -> dict:
         f['spiculated'] = bool(rng.random() < cfg.spiculated_rate)
         f['with_calc'] = bool(rng.random() < cfg.multilabel_rate)
         if f['spiculated']: f['shape'] = 'irregular'
+    if cls == 'Suspicious Calcification' and cfg.calcifications == 'physical':   # (more draws only then: other sets unchanged)
+        f.update(size_mm=float(rng.uniform(5, 15) * cfg.lesion_size), morph=str(rng.choice(['pleomorphic', 'linear'])),
+                 n_specks=int(rng.integers(5, 31)))
     if cls == 'Asymmetry': f['views'] = (str(rng.choice(['CC', 'MLO'])),)
     if cls == 'Suspicious Lymph Node': f['views'] = ('MLO',)
     return f
@@ -176,7 +188,8 @@ def plan_dataset(cfg: SynthConfig, seed: int = 0) -> list[dict]:
                     study_date=day.strftime('%Y%m%d'), age=age,
                     uids=dict(study=dicom_uid(seed, 'st', p, s), series=dicom_uid(seed, 'se', p, s, lat, view),
                               sop=dicom_uid(seed, 'sop', p, s, lat, view)),
-                    height=cfg.height, width=cfg.width, spacing=cfg.spacing, seed=image_seed))
+                    height=cfg.height, width=cfg.width, spacing=cfg.spacing, seed=image_seed,
+                    **({'benign_calcs': cfg.benign_calcs} if cfg.benign_calcs else {})))
     return jobs
 
 # %% ../nbs/01_synth.ipynb #70537d08
@@ -309,6 +322,54 @@ def _lines(H, W, cx, cy, n, length_px, width_px, rng, inner=0.0):
         cv2.line(out, p0, p1, 1.0, max(1, int(round(width_px))), cv2.LINE_AA)
     return cv2.GaussianBlur(out, (0, 0), max(0.6, width_px / 2))
 
+def calc_cluster(H, W, cx, cy, extent_px, n, morph, px_mm, rng) -> np.ndarray:
+    """A cluster of `n` calcifications as they are: specks of 0.1-0.8 mm (fine pleomorphic: irregular polygons) or
+    fine linear branching segments 0.1-0.3 mm wide, 0.5-2.5 mm long along 1-3 ducts (`morph`), within `extent_px`. Each
+    is drawn at the full detector's pixel spacing (`FULL_SPACING`) and area-averaged to this image's, so a speck
+    smaller than a pixel here is a faint pixel, not a blurred blob (its calcium spread over the pixel it falls in)."""
+    k = max(1, int(round(1 / (px_mm * FULL_SPACING))))                 # supersampling: full-spacing pixels per pixel
+    out = np.zeros((H, W), np.float32)
+    pts, ang = rng.normal(0, extent_px / 4, (n, 2)).clip(-extent_px / 2, extent_px / 2) + (cx, cy), rng.uniform(0, np.pi, n)
+    if morph == 'linear':                                               # along 1-3 ducts radiating from the cluster
+        ducts = rng.uniform(0, np.pi, int(rng.integers(1, 4)))
+        d = ducts[rng.integers(len(ducts), size=n)]
+        t = rng.uniform(-extent_px / 2, extent_px / 2, n)
+        pts = np.c_[cx + t * np.cos(d), cy + t * np.sin(d)] + rng.normal(0, 0.4 * px_mm, (n, 2))
+        ang = d + rng.normal(0, 0.2, n)
+    for (x, y), a in zip(pts, ang):
+        if morph == 'linear': L, w = rng.uniform(0.5, 2.5) * px_mm * k, rng.uniform(0.1, 0.3) * px_mm * k
+        else: L = w = rng.uniform(0.1, 0.8) * px_mm * k
+        r = int(np.ceil(max(L, w) / k)) + 2                             # patch half-side, image pixels
+        xi, yi = int(round(x)), int(round(y))
+        if not (r <= xi < W - r and r <= yi < H - r): continue
+        patch = np.zeros(((2 * r + 1) * k,) * 2, np.float32)
+        c0 = (x - (xi - r)) * k, (y - (yi - r)) * k
+        if morph == 'linear':                                          # a thin rod along its duct
+            cv2.ellipse(patch, (int(round(c0[0] * 16)), int(round(c0[1] * 16))), (max(1, int(L * 8)), max(1, int(w * 8))),
+                        float(np.degrees(a)), 0, 360, float(rng.uniform(0.7, 1.0)), -1, cv2.LINE_AA, shift=4)
+        else:                                                          # an irregular polygon of 5-7 corners
+            m = int(rng.integers(5, 8))
+            v, th = rng.uniform(0.6, 1.2, m) * L / 2, a + np.sort(rng.uniform(0, 2 * np.pi, m))
+            poly = np.round(np.c_[c0[0] + v * np.cos(th), c0[1] + v * np.sin(th)] * 16).astype(np.int32)
+            cv2.fillPoly(patch, [poly], float(rng.uniform(0.7, 1.0)), cv2.LINE_AA, shift=4)
+        small = cv2.resize(patch, (2 * r + 1, 2 * r + 1), interpolation=cv2.INTER_AREA)
+        ys_, xs_ = slice(yi - r, yi + r + 1), slice(xi - r, xi + r + 1)
+        out[ys_, xs_] = np.maximum(out[ys_, xs_], small)
+    return out
+
+def benign_calcs(A: dict, n: int, rng) -> None:
+    "`n` benign coarse calcifications (round or popcorn, 1-3 mm, unlabelled) added to anatomy `A` in place."
+    H, W = A['mask'].shape
+    px = A['px_mm']
+    for _ in range(n):
+        s = rng.uniform(1, 3) * px
+        cx, cy = _place(A, s, rng)
+        m = np.zeros((H, W), np.float32)
+        for _ in range(1 if rng.random() < 0.6 else int(rng.integers(2, 5))):   # popcorn: a few overlapping lumps
+            cv2.circle(m, (int(round(cx + rng.normal(0, s / 4))), int(round(cy + rng.normal(0, s / 4)))),
+                       max(1, int(round(s / 2 * rng.uniform(0.5, 1)))), 1.0, -1, cv2.LINE_AA)
+        A['att'] += 0.35 * cv2.GaussianBlur(m, (0, 0), max(0.5, 0.15 * px))
+
 def _specks(H, W, cx, cy, extent_px, n, size_px, rng):
     "A cluster of n sub-mm calcifications within `extent_px`."
     out = np.zeros((H, W), np.float32)
@@ -349,7 +410,8 @@ def render_finding(f: dict, A: dict, prof: dict, rng) -> tuple[np.ndarray, dict]
         fp = body > 0.1 * body.max()
     elif cls == 'Suspicious Calcification':
         cx, cy = _place(A, s, rng, depth=f['depth'], prof=prof)
-        sig = 0.45 * c * _specks(H, W, cx, cy, s, int(rng.integers(6, 18)), rng.uniform(0.25, 0.6) * px, rng)
+        if 'morph' in f: sig = 0.3 * c * calc_cluster(H, W, cx, cy, s, f['n_specks'], f['morph'], px, rng)   # physical
+        else: sig = 0.45 * c * _specks(H, W, cx, cy, s, int(rng.integers(6, 18)), rng.uniform(0.25, 0.6) * px, rng)
         A['att'] += sig
         fp = sig > 0.1 * sig.max()
     elif cls in ('Asymmetry', 'Focal Asymmetry', 'Global Asymmetry'):
@@ -483,6 +545,9 @@ def synth_image(job: dict) -> tuple[np.ndarray, list[dict]]:
         A['retraction_fp'] = ((np.abs(A['Y'] - yr) < width * 0.8) & (A['X'] > xr - depth - 2 * px)
                               & (A['X'] < xr + depth + px))
         A['retraction_xy'] = (xr, yr)
+    if job.get('benign_calcs'):                                   # their own random stream: nothing else moves
+        rb = np.random.default_rng([job['seed'], 23])
+        benign_calcs(A, int(rb.poisson(job['benign_calcs'])), rb)
     rows = []
     for f in job['findings']:
         fp, extra = render_finding(f, A, prof, np.random.default_rng([f['seed'], 1 if view == 'CC' else 2]))
@@ -673,7 +738,7 @@ def synth_dataset(out: str | Path, preset: str = 'tiny', seed: int = 0, workers:
     t0 = time.perf_counter()
     out = Path(out)
     cfg = get_config(preset, **overrides)
-    conf = {k: v for k, v in asdict(cfg).items() if k != 'randomize' or v}       # (no looks: the info sets had before them)
+    conf = {k: v for k, v in asdict(cfg).items() if (k != 'randomize' or v) and not (k in LATE_CONFIG and v == LATE_CONFIG[k])}   # (the info sets had before)
     info = json.loads(json.dumps(dict(preset=preset, seed=seed, revision=SYNTH_REVISION, config=conf)))
     tables = dict(findings='finding_annotations.csv', breast='breast-level_annotations.csv',
                   spiculation='spiculation_annotations.csv', truth='synth_truth.csv')
@@ -717,7 +782,8 @@ def example_job(findings=(), view='CC', laterality='L', vendor=0, density='B', p
                 laterality=laterality, view_position=view, split='training', density=density, findings=fs,
                 breast_findings=fs, vendor=VENDORS[vendor], study_date='20200101', age=60,
                 uids=dict(study=dicom_uid('ex', seed), series=dicom_uid('exs', seed), sop=dicom_uid('exi', seed, view)),
-                height=cfg.height, width=cfg.width, spacing=cfg.spacing, seed=seed)
+                height=cfg.height, width=cfg.width, spacing=cfg.spacing, seed=seed,
+                **({'benign_calcs': cfg.benign_calcs} if cfg.benign_calcs else {}))
 
 def display(stored: np.ndarray, photometric: str) -> np.ndarray:
     "A quick [0, 1] display of a stored array (percentile window; MONOCHROME1 inverted). Ingest does this properly."
