@@ -13,7 +13,7 @@ from conftest import run_here
 from mammo_nb.clahe import to_original
 from mammo_nb.metrics import box_iou
 from mammo_nb.explain import to_original_grid
-from mammo_nb.families.ultralytics import Detector, letterbox, unletterbox, cam, BoxClassTarget, anchor_centres
+from mammo_nb.families.ultralytics import Detector, letterbox, unletterbox, cam, BoxClassTarget, anchor_centres, head_inputs
 from mammo_nb.ingest import ingest
 from mammo_nb.params import load_params
 from mammo_nb.prepare import load_version, read_source, source_root
@@ -57,7 +57,7 @@ def test_maps_have_the_image_shape_and_are_not_constant(explained):
                        anchor_centres(p.train.imgsz, det.strides))
     g = ingest(source_root(p) / im.path, p.prepare.margin)
     for method in ('gradcam', 'gradcam++', 'eigencam'):
-        m = unletterbox(cam(det, x, method, list(p.explain.layers), t), lb, png.shape)
+        m = unletterbox(cam(det, x, method, list(p.explain.layers or head_inputs(det.m)), t), lb, png.shape)
         assert m.shape == png.shape and np.isfinite(m).all()
         assert m.std() > 1e-3, f'{method} map is constant'
         o = to_original_grid(m, im.crop, g.image.shape)
