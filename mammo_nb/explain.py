@@ -17,6 +17,7 @@ from .errors import TrainError
 from .families import family_of_weights
 from .metrics import BOX, by_key, hit_matrix
 from .params import HIT_RULE
+from .slices import SlicedExplainer, slice_settings
 from .prepare import originals
 from .runs import RunDir
 from .trainutil import check_device, check_version, cpu_threads
@@ -149,6 +150,8 @@ def explain_run(p, rd: Path, progress: bool = True) -> dict:
     les, gal = _pick(O, e)
     if check_device(p.train.device) == 'cpu': cpu_threads(p.train.threads)
     ex = family_of_weights(run.best).explainer(run.best, run.imgsz(p.train.imgsz), e.layers)
+    if (sl := slice_settings(((M or {}).get('evaluate') or {}).get('slices'), run.imgsz(p.train.imgsz))) is not None:
+        ex = SlicedExplainer(ex, sl)                            # scored window by window: explained window by window
     out = run.dir / 'explain'; out.mkdir(exist_ok=True)
     L, maps = explain_marks(V, ex, les, gal, e.methods, progress)
     L.to_csv(out / 'lesions.csv', index=False)

@@ -19,7 +19,7 @@ from .ingest import MAX_PIXELS, IngestError, ingest, warning_lines
 from .families import family_of_weights
 from .files import file_sha256
 from .runs import RunDir
-from .slices import describe, slice_settings, sliced
+from .slices import SlicedExplainer, describe, slice_settings, sliced
 
 # %% auto #0
 __all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'log', 'sniff', 'Predictor', 'BodyLimit', 'create_app', 'serve']
@@ -120,7 +120,9 @@ class Predictor:
         "Overlay PNG (breast crop, EigenCAM of the run's layers: YOLOv8's neck, or the FPN outputs), boxes above threshold, and the prediction it shows."
         g, img, res = self._predict(path)
         with self.lock:
-            if self._ex is None: self._ex = self.family.explainer(self.weights, self.imgsz, self.layers)
+            if self._ex is None:
+                self._ex = self.family.explainer(self.weights, self.imgsz, self.layers)
+                if self.slices is not None: self._ex = SlicedExplainer(self._ex, self.slices)   # as the run predicts
             self._ex.set_image(img)
             m = self._ex.map('eigencam')
         return self.draw(g, res['boxes'], m), res

@@ -10,7 +10,7 @@ from .metrics import box_iou
 from .params import SLICES
 
 # %% auto #0
-__all__ = ['slice_settings', 'describe', 'windows', 'nms', 'merge', 'sliced']
+__all__ = ['slice_settings', 'describe', 'windows', 'nms', 'merge', 'sliced', 'SlicedExplainer']
 
 # %% ../nbs/07i_slices.ipynb #51ce0005
 def slice_settings(slices: dict | None, imgsz: int) -> dict | None:
@@ -80,3 +80,27 @@ def sliced(run, img: np.ndarray, s: dict, max_det: int = 100):
         B.append(np.asarray(b, float).reshape(-1, 4)); C += list(c); S += list(sc)
     b, sc, c = merge(np.concatenate(B), S, C, (h, w), s['merge'], s['iou'])
     return b[:max_det], c[:max_det].tolist(), sc[:max_det].tolist()
+
+# %% ../nbs/07i_slices.ipynb #51ce000d
+class SlicedExplainer:
+    "A family's explainer `ex` applied window by window under slice settings `s` (`slice_settings`), maps stitched on the image."
+    def __init__(self, ex, s: dict): self.ex, self.s, self.layers = ex, s, getattr(ex, 'layers', [])
+    def set_image(self, img: np.ndarray):
+        self.img = img
+        self.wins = windows(img.shape[0], img.shape[1], self.s['window'], self.s['overlap'])
+    def _on(self, win, method, cls=None, box=None) -> np.ndarray:
+        x0, y0, x1, y1 = win
+        self.ex.set_image(np.ascontiguousarray(self.img[y0:y1, x0:x1]))
+        b = None if box is None else (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+        return self.ex.map(method, cls, b)
+    def map(self, method: str, cls: str | None = None, box=None) -> np.ndarray:
+        out = np.zeros(self.img.shape[:2], np.float32)
+        if len(self.wins) == 1:
+            self.ex.set_image(self.img); return self.ex.map(method, cls, box)
+        if box is None:
+            for w in self.wins: out[w[1]:w[3], w[0]:w[2]] = np.maximum(out[w[1]:w[3], w[0]:w[2]], self._on(w, method))
+            return out
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        w = max(self.wins, key=lambda w: min(cx - w[0], w[2] - cx, cy - w[1], w[3] - cy))   # the mark deepest inside
+        out[w[1]:w[3], w[0]:w[2]] = self._on(w, method, cls, box)
+        return out

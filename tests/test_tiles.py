@@ -2,12 +2,13 @@
 and splits, a manifest naming the parent and the tiling), their boxes mapping back to the version's exactly, and both
 detector families trained on them and scored on whole images through sliced inference, never on whole images unasked."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TRAIN, run_here, tiny_recipe
+from conftest import EXPLAIN, TRAIN, run_here, tiny_recipe
 from mammo_nb.errors import TrainError
 from mammo_nb.evaluate import evaluate_run
 from mammo_nb.params import load_params
@@ -70,7 +71,7 @@ def test_both_families_train_on_tiles_and_are_scored_by_slices(tiny_run, tmp_pat
     p0 = load_params(f0)
     f = tiny_recipe(tmp_path, p0.source.root, p0.prepare.out,
                     train={**TRAIN, 'epochs': 1, 'tiles': TILES, 'model': ['yolov8n.yaml', 'fasterrcnn_mobilenet_v3_large_fpn']},
-                    evaluate={'slices': {'window': 128, 'overlap': 0.25}})
+                    evaluate={'slices': {'window': 128, 'overlap': 0.25}}, explain={**EXPLAIN, 'methods': ['eigencam', 'gradcam']})
     r = run_here('train', f)
     p = load_params(f)
     for model in ('yolov8n.yaml', 'fasterrcnn_mobilenet_v3_large_fpn'):
@@ -82,6 +83,17 @@ def test_both_families_train_on_tiles_and_are_scored_by_slices(tiny_run, tmp_pat
         n_test = (check_version(p0).images.split == 'test').sum()
         pred = pd.read_csv(run.predictions('test'), dtype={'image_id': str})
         assert pred.image_id.nunique() <= n_test and set(pred.image_id) <= set(check_version(p0).images.image_id)   # whole images' ids
+    # served and explained as it was scored: window by window, the maps stitched on the image
+    from mammo_nb.explain import explain_run
+    from mammo_nb.serve import Predictor
+    P = Predictor(run_dir(p, 'yolov8n.yaml'))
+    assert 'windows of 128 px' in P.ids['inference']
+    V0 = check_version(p0)
+    src = Path(p0.source.root) / V0.images[V0.images.role == 'positive'].path.iloc[0]
+    png, res = P.explain(src)
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and res['boxes'] == P.predict(src)['boxes']
+    ex = explain_run(p, run_dir(p, 'yolov8n.yaml'), progress=False)
+    assert ex['lesions_scored'] > 0 and (run_dir(p, 'yolov8n.yaml') / 'explain' / 'lesions.csv').exists()
     q = load_params(tiny_recipe(tmp_path, p0.source.root, p0.prepare.out, name='noslice',
                                 train={**TRAIN, 'epochs': 1, 'tiles': TILES, 'model': 'yolov8n.yaml'}))
     with pytest.raises(TrainError, match='evaluate.slices'): evaluate_run(q, run_dir(q, 'yolov8n.yaml'), progress=False)
