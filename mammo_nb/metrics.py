@@ -423,7 +423,8 @@ def conventions_table(metrics: dict) -> pd.DataFrame:
     "The conventions of `metrics.json` as a two-column table for reports."
     c = dict(metrics.get('conventions') or {})
     b = c.pop('bootstrap', {})
-    rows = list(c.items()) + [(f'bootstrap {k}', v) for k, v in b.items()]
+    rows = [r for k, v in c.items() for r in ([(f'{k}: {kk}', vv) for kk, vv in v.items()] if isinstance(v, dict) else [(k, v)])]
+    rows += [(f'bootstrap {k}', v) for k, v in b.items()]
     return pd.DataFrame(rows, columns=['convention', 'rule']).set_index('convention')
 
 # %% ../nbs/08_metrics.ipynb #dbcf0dbf
