@@ -17,7 +17,7 @@ from .looks import look_spec
 
 # %% auto #0
 __all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
-           'SLICES', 'TILES', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'parse_hit', 'validate',
+           'SLICES', 'TILES', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit', 'validate',
            'result_settings', 'named_settings', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
@@ -58,6 +58,13 @@ SLICES = dict(window=None, overlap=0.2, whole=True, merge='nms', iou=0.5)
 # overlapping by `overlap`; a box kept in a tile showing >= `min_visible` of it; tiles without findings drawn each
 # epoch at `negative_ratio` x the tiles with findings (the No-Finding sampler's ratio while training on tiles).
 TILES = dict(size=None, overlap=0.2, min_visible=0.5, negative_ratio=1.0)
+
+def filled(values: dict | None, defaults: dict, size_key: str, size: int) -> dict | None:
+    "A mapping setting (`evaluate.slices`, `train.tiles`) with `defaults` filled in and `size_key` None -> `size`; None stays None."
+    if values is None: return None
+    s = {**defaults, **values}
+    s[size_key] = int(s[size_key] or size)
+    return s
 
 def parse_hit(rule: str, hit_iou: float = 0.3) -> tuple[bool, float | None]:
     """A FROC hit rule -> (does a mark's centre inside the lesion box count, the IoU that counts or None):

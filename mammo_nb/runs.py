@@ -8,7 +8,7 @@ import hashlib, json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .params import TILES, named_settings, result_settings
+from .params import TILES, filled, named_settings, result_settings
 from .prepare import version_dir
 
 def models(p) -> list[str]:
@@ -29,10 +29,7 @@ def run_name(p, model: str) -> str:
 
 def tile_settings(tiles: dict | None, imgsz: int) -> dict | None:
     "`train.tiles` with every default filled in (`params.TILES`; the tile size: `imgsz`); None stays None (whole images)."
-    if tiles is None: return None
-    s = {**TILES, **tiles}
-    s['size'] = int(s['size'] or imgsz)
-    return s
+    return filled(tiles, TILES, 'size', imgsz)
 
 def tiles_name(version: str, s: dict) -> str:
     "The name of version `version`'s tile version under tile settings `s`: `<version>-tiles-<8 hex of the tiling>`."

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .metrics import box_iou
-from .params import SLICES
+from .params import SLICES, filled
 
 # %% auto #0
 __all__ = ['slice_settings', 'describe', 'windows', 'nms', 'merge', 'sliced', 'SlicedExplainer']
@@ -15,10 +15,7 @@ __all__ = ['slice_settings', 'describe', 'windows', 'nms', 'merge', 'sliced', 'S
 # %% ../nbs/07i_slices.ipynb #51ce0005
 def slice_settings(slices: dict | None, imgsz: int) -> dict | None:
     "`evaluate.slices` with every default filled in (`params.SLICES`; the window: `imgsz`); None stays None (whole images)."
-    if slices is None: return None
-    s = {**SLICES, **slices}
-    s['window'] = int(s['window'] or imgsz)
-    return s
+    return filled(slices, SLICES, 'window', imgsz)
 
 def describe(s: dict | None) -> str:
     "The inference rule in words, for the conventions."
