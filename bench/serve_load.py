@@ -10,7 +10,7 @@ latency of the good requests, and the server's resident memory (idle, peak) samp
 `main`. Loopback only.
 """
 from __future__ import annotations
-import argparse, io, json, os, random, socket, statistics, struct, subprocess, sys, tempfile, threading, time, zlib
+import argparse, io, json, os, random, socket, struct, subprocess, sys, tempfile, threading, time, zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -16,7 +16,7 @@ import hashlib, hmac, io, math, os, secrets, struct
 # first image read, so it is set to PIXEL_CEILING, the highest limit a recipe may ask for: a backstop behind ours.
 from .params import MAX_PIXELS, PIXEL_CEILING
 os.environ.setdefault('OPENCV_IO_MAX_IMAGE_PIXELS', str(PIXEL_CEILING))
-import re, warnings, zlib
+import re, zlib
 import cv2
 import numpy as np
 import pydicom

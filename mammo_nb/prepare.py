@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_prepare.ipynb #b8cf0f3a
 from __future__ import annotations
-import ast, hashlib, json, math, multiprocessing as mp, os, re, resource, secrets, sys, time, warnings
+import ast, hashlib, json, math, multiprocessing as mp, os, resource, secrets, sys, time, warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_serve.ipynb #ba6bc7d2
 from __future__ import annotations
-import asyncio, base64, io, json, logging, os, shutil, tempfile, threading, time, warnings
+import asyncio, base64, json, logging, os, shutil, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

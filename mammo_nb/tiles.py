@@ -4,9 +4,6 @@
 
 # %% ../nbs/07j_tiles.ipynb #71ce0003
 from __future__ import annotations
-import hashlib, json
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pandas as pd
@@ -15,7 +12,7 @@ from tqdm import tqdm
 from .annotations import NO_FINDING, yolo_lines
 from .clahe import write_png
 from .files import file_sha256
-from .runs import tile_settings, tiles_name
+from .runs import tiles_name
 from .prepare import SPLITS, Version, derive_version, load_version, version_counts
 from .slices import windows
 

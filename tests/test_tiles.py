@@ -1,7 +1,6 @@
 """Tiled training on the session's tiny version: tiles derived like a fold version (no re-ingest, the parent's groups
 and splits, a manifest naming the parent and the tiling), their boxes mapping back to the version's exactly, and both
 detector families trained on them and scored on whole images through sliced inference, never on whole images unasked."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +71,7 @@ def test_both_families_train_on_tiles_and_are_scored_by_slices(tiny_run, tmp_pat
     f = tiny_recipe(tmp_path, p0.source.root, p0.prepare.out,
                     train={**TRAIN, 'epochs': 1, 'tiles': TILES, 'model': ['yolov8n.yaml', 'fasterrcnn_mobilenet_v3_large_fpn']},
                     evaluate={'slices': {'window': 128, 'overlap': 0.25}}, explain={**EXPLAIN, 'methods': ['eigencam', 'gradcam']})
-    r = run_here('train', f)
+    run_here('train', f)
     p = load_params(f)
     for model in ('yolov8n.yaml', 'fasterrcnn_mobilenet_v3_large_fpn'):
         run = RunDir(run_dir(p, model))
