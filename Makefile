@@ -25,7 +25,7 @@ $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	@# (and flake8), which its code does not need (it runs on this numpy 2 in that test), so it comes without them
 	$(BIN)/pip install -q --no-deps coco-froc-analysis==0.2.15 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, torchvision, ultralytics, mammo_nb.cli, mammo_nb.train, mammo_nb.families.ultralytics, mammo_nb.families.torchvision, mammo_nb.evaluate, mammo_nb.explain, \
-	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, mammo_nb.cv, ensemble_boxes, pydicom, nbdev, papermill, pycocotools.coco, coco_froc_analysis.froc.froc_curve, matplotlib.pyplot; \
+	  mammo_nb.serve, mammo_nb.classify, mammo_nb.selftrain, mammo_nb.cv, mammo_nb.selfsup, lightly.loss, ensemble_boxes, pydicom, nbdev, papermill, pycocotools.coco, coco_froc_analysis.froc.froc_curve, matplotlib.pyplot; \
 	  print('installed: torch', torch.__version__, '| mammo_nb', mammo_nb.__version__)"
 	touch $@
 

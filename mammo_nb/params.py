@@ -199,6 +199,9 @@ SCHEMA = {
         'tiles': Field(dict, None, "train on tiles of the version's images at its own resolution, e.g. `{size: 320}` (keys "
                        'and defaults: `params.TILES`); the run is evaluated on whole images through `evaluate.slices`. '
                        'None: whole images', late=True),
+        'ssl': Field(bool, False, 'before training, the backbone learns from the run\'s own training images without labels '
+                     '(self-supervised, the `ssl` section; under `mammo cv` each fold from its training folds only), and the '
+                     'run starts from what it learned', late=True),
         'reset_head': Field(bool, False, 'allow `.pt` weights trained on another class list (a new head is fitted)'),
         'freeze': Field(int, 0, 'fine-tuning: keep the first N layers as loaded (YOLOv8: modules, 10 = its backbone; '
                         'torchvision: blocks of the backbone body)', min=0, late=True),
@@ -234,7 +237,35 @@ SCHEMA = {
         'batch': Field(int, 16, 'images per inference batch', min=1),
         'plots': Field(bool, True, "ultralytics' validator figures (PR/F1/P/R curves, confusion-matrix plots) in eval/<split>/"),
     },
+    'ssl': {
+        'method': Field(str, 'vicreg', 'self-supervised objective (lightly): vicreg (variance-invariance-covariance: no negative '
+                        'pairs, so small CPU batches work, no momentum teacher)', ('vicreg',)),
+        'epochs': Field(int, 10, 'passes over the images', min=1),
+        'crop': Field(int, 256, "side of a crop in the version's PNG pixels (its own resolution); the network sees it at the "
+                      'scale the detector sees the image (x train.imgsz / clahe.long_side)', min=16),
+        'crops': Field(int, 4, 'random crops per image and epoch, each inside the breast', min=1),
+        'min_breast': Field(float, 0.6, 'share of a crop that must lie inside the breast mask', min=0, max=1),
+        'batch': Field(int, 64, 'crops per step (two augmented views of each)', min=2),
+        'lr': Field(float, 0.002, 'AdamW learning rate (cosine schedule, one warm-up epoch)', min=0),
+        'folders': Field(list, (), 'folders of unlabelled DICOMs or images (PNG, JPEG, PGM, TIFF) learned from as well, walked '
+                         'recursively; a file outside its folder (a link out) is refused, and an image with the pixels of '
+                         'a val or test image is left out', items=str),
+        'transductive': Field(bool, False, "also learn from the val images (under mammo cv: the fold's val): flagged in the "
+                              'run record and the report; test images never'),
+        'seed': Field(int, 0, 'seed of the crops, views and initialisation'),
+    },
+    'pretrain': {
+        'method': Field(str, 'synthetic', '`mammo pretrain`: synthetic (render a randomised synthetic set and train the '
+                        "detector on it), ssl (self-supervised on the recipe's version: its train split and `ssl.folders`), "
+                        "synthetic+ssl (ssl starting from `train.model`, mammo pretrain's synthetic weights)",
+                        ('synthetic', 'ssl', 'synthetic+ssl')),
+    },
     'cv': {
+        'arms': Field(dict, None, '`mammo cv`: settings compared on the same folds, {arm name: {train: {...}, ssl: {...}}} '
+                      'over the recipe (train and ssl keys only); one table, pooled out-of-fold and fold-ensemble figures '
+                      'with intervals (None: the models of train.model)'),
+        'select': Field(str, None, 'the class whose pooled out-of-fold sensitivity at 1 FP/image ranks the arms, AP50 breaking '
+                        'ties (None: the first of prepare.classes)'),
         'wbf_iou': Field(float, None, "fold ensemble: Weighted Boxes Fusion IoU (None: 'evaluate.iou', so that boxes "
                          'one model kept apart after its NMS are never fused)', min=0, max=1),
         'wbf_conf_type': Field(str, 'avg', "fold ensemble: ensemble-boxes' score rule (avg: a box found by m of K models "
@@ -406,6 +437,13 @@ def _cross_check(p: dict, errs: list):
         try: parse_hit(rule)
         except ValueError as e: errs.append(f"'evaluate.hit.{c}': {e}")
         if cls and c not in cls: errs.append(f"'evaluate.hit' names {c!r}, not one of 'prepare.classes'")
+    cvp = p.get('cv') or {}
+    for name, arm in (cvp.get('arms') or {}).items():
+        if not isinstance(arm, dict): errs.append(f"'cv.arms.{name}' must be a mapping of train / ssl settings, got {type(arm).__name__}"); continue
+        for k in set(arm) - {'train', 'ssl'}:
+            errs.append(f"'cv.arms.{name}.{k}': an arm changes training only (train and ssl keys), all arms share the version and the folds")
+        for k in {'train', 'ssl'} & set(arm): _check(arm[k] or {}, SCHEMA[k], f'cv.arms.{name}.{k}.', errs)
+    if cvp.get('select') and cls and cvp['select'] not in cls: errs.append(f"'cv.select' {cvp['select']!r} is not one of 'prepare.classes'")
     cm = (p.get('source') or {}).get('class_map') or {}
     bad = sorted(str(k) for k, v in cm.items() if not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))))
     if bad: errs.append(f"'source.class_map' values must be a label or a list of labels, see {bad}")

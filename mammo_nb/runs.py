@@ -24,6 +24,7 @@ def run_name(p, model: str) -> str:
     if p.train.run_name: return p.train.run_name if len(models(p)) == 1 else f'{p.train.run_name}-{Path(model).stem}'
     t = named_settings(p.train, 'train', drop=('runtime', 'report'))     # (settings added later count only when set)
     t['model'] = model
+    if p.train.ssl: t['ssl_settings'] = dict(p.ssl)                    # what the backbone learned from, and how
     h = hashlib.sha256(json.dumps(t, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f'{Path(model).stem}-{h}'
 

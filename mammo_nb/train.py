@@ -4,7 +4,7 @@
 
 # %% ../nbs/07g_train.ipynb #7d901be6
 from __future__ import annotations
-import copy
+import copy, json
 from pathlib import Path
 
 from .errors import TrainError
@@ -14,7 +14,7 @@ from .runs import RunDir, models, run_dir, tile_settings
 from .trainutil import check_version, pretrain_file
 
 # %% auto #0
-__all__ = ['weights_classes', 'check_classes', 'train_run', 'train']
+__all__ = ['weights_classes', 'check_classes', 'start_point', 'train_run', 'train']
 
 # %% ../nbs/07g_train.ipynb #31fe6484
 def weights_classes(model: str) -> list[str] | None:
@@ -32,23 +32,46 @@ def check_classes(model: str, classes: list[str], what: str = "'train.model'"):
                          f"use weights trained on this class list, or set train.reset_head: true to fine-tune a new head")
 
 # %% ../nbs/07g_train.ipynb #f07e6cd2
+def start_point(p, model: str, V: Version) -> tuple[str, object, dict | None]:
+    """What the run of `model` starts from: `model` and the recipe as they are, or, with `train.ssl`, the backbone
+    `selfsup.learn_backbone` first learns from `V`'s training images (and `ssl.folders`). Any pretrained file it
+    starts from is checked first (`selfsup.check_unseen`: no held-out image of `V` in its pretraining).
+    Returns (model, recipe, what the pretraining learned from or None)."""
+    from mammo_nb.selfsup import check_unseen, learn_backbone, start_weights_of
+    q = p
+    if p.train.ssl:
+        d = learn_backbone(p, model, V, ['train'] + (['val'] if p.ssl.transductive else []))
+        st = json.loads((d / 'pretrain.json').read_text())['fine_tune']
+        q = copy.deepcopy(p)
+        if st['weights']: q.train.weights = {st['model']: st['weights']}
+        model = st['model']
+    seen = None
+    for f in (model, start_weights_of(q, model)):
+        if f and str(f).endswith('.pt'): seen = check_unseen(f, V, p.ssl.transductive) or seen
+    return model, q, seen
+
 def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -> Path:
     """Train (or resume, or find finished) the run of `model` on the recipe's version (or on `V`, e.g. a derived
     self-training version, into `rd` = `<V.dir>/runs/<name>`) with its detector family; returns the run folder.
-    With `train.tiles`, the run trains on the version's tile version (`tiles.tile_version`), and its record says so."""
+    With `train.tiles`, the run trains on the version's tile version (`tiles.tile_version`); with `train.ssl`, from
+    the backbone learned without labels first (`start_point`); its record says so."""
     s = tile_settings(p.train.tiles, p.train.imgsz)
     if s is not None and (rd is not None or (V is not None and Path(V.dir).resolve() != version_dir(p).resolve())):
         raise TrainError("'train.tiles' trains the recipe's own version (mammo train); cross-validation and self-training "
                          "rounds do not tile yet: leave train.tiles out of that recipe")
     V = V or check_version(p)
+    rd = Path(rd) if rd else run_dir(p, model)
     if not (p.train.reset_head or pretrain_file(model)): check_classes(model, V.manifest['classes'])   # `mammo pretrain`'s: meant to get a new head
-    if s is None: return family_of(model).train(p, model, V, Path(rd) if rd else run_dir(p, model))
-    from mammo_nb.tiles import tile_version
-    T, q = tile_version(V, s), copy.deepcopy(p)
-    q.train.negative_ratio = s['negative_ratio']                  # tiles without findings: the No-Finding sampler's ratio
-    rd = family_of(model).train(q, model, T, run_dir(p, model))
-    run = RunDir(rd)
-    run.write_record({**run.record, 'tiles': dict(s, version=T.manifest['version'], parent=V.manifest['version'])})
+    start, q, seen = start_point(p, model, V)
+    extra = {'ssl': seen} if seen else {}
+    if s is None: rd = family_of(start).train(q, start, V, rd)
+    else:
+        from mammo_nb.tiles import tile_version
+        T, q = tile_version(V, s), copy.deepcopy(q)
+        q.train.negative_ratio = s['negative_ratio']              # tiles without findings: the No-Finding sampler's ratio
+        rd = family_of(start).train(q, start, T, rd)
+        extra['tiles'] = dict(s, version=T.manifest['version'], parent=V.manifest['version'])
+    if extra: RunDir(rd).write_record({**RunDir(rd).record, **extra})
     return rd
 
 def train(p, V: Version | None = None) -> list[Path]:

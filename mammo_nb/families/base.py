@@ -42,6 +42,15 @@ class Family:
                threads: int | None = None):
         "One image at a time (`mammo serve`): a callable taking a grey uint8 image, returning (xyxy, class ids, scores) on its grid."
         raise NotImplementedError
+    def trunk(self, model: str, classes: list[str], imgsz: int, weights=None):
+        """The backbone `model` would train with, for self-supervised pretraining (`mammo_nb.selfsup`): a module whose
+        forward maps a batch of 3-channel images to a list of feature maps, fine to coarse. `weights`: a local file it
+        starts from where the family takes one beside the model (torchvision's `train.weights`)."""
+        raise NotImplementedError
+    def save_trunk(self, trunk, model: str, out: Path) -> dict:
+        """Write `trunk`'s weights under `out/weights/` as this family's training loads them; returns the settings a
+        recipe fine-tunes from them with: `{'model': ..., 'weights': ... or None}` (`train.model`, `train.weights`)."""
+        raise NotImplementedError
 
 # %% auto #0
 __all__ = ['Family']

@@ -31,7 +31,8 @@ from ..trainutil import NegativeSampler, check_device, class_weights, cpu_thread
 __all__ = ['ARCHS', 'build', 'load_weights', 'freeze_body', 'param_groups', 'weighted_fastrcnn_loss', 'WeightedRoIHeads',
            'WeightedFocalHead', 'set_losses', 'load_image', 'to_input', 'train_images', 'BoxDataset', 'collate',
            'set_inference', 'detect', 'meta', 'lr_factor', 'optimizer', 'val_fitness', 'start_weights', 'fit',
-           'Trainer', 'load_detector', 'TorchvisionFamily', 'BoxScoreTarget', 'TorchvisionExplainer']
+           'Trainer', 'TorchvisionTrunk', 'torchvision_trunk', 'load_detector', 'TorchvisionFamily', 'BoxScoreTarget',
+           'TorchvisionExplainer']
 
 # %% ../../nbs/07e_torchvision.ipynb #e5ab5328
 # name -> kind: 'rcnn' (two-stage; class 0 is the background) or 'retina' (one-stage, sigmoid focal loss)
@@ -492,6 +493,32 @@ class Trainer:
         if self.ddp: seen_all = [None] * self.world; dist.all_gather_object(seen_all, self.seen)
         return self.record(seen_all) if self.lead else self.rd
 
+# %% ../../nbs/07e_torchvision.ipynb #6a2e0b02
+class TorchvisionTrunk(torch.nn.Module):
+    "The body of torchvision detector `arch` (built for `nc` classes, random weights), returning every level the FPN reads."
+    def __init__(self, arch: str, nc: int, imgsz: int):
+        super().__init__()
+        net = build(arch, nc, imgsz)
+        self.arch, self.body = arch, net.backbone.body
+        self.register_buffer('mean', torch.tensor(net.transform.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(net.transform.image_std).view(1, 3, 1, 1), persistent=False)
+    def forward(self, x):
+        "Images in [0, 1], normalised as the detector's transform does before its body."
+        return list(self.body((x - self.mean) / self.std).values())
+    def classifier_state(self) -> dict:
+        "The body's tensors under the names of torchvision's classifier (`features.` before MobileNetV3's)."
+        pre = 'features.' if 'mobilenet' in self.arch else ''
+        return {pre + k: v.detach().clone() for k, v in self.body.state_dict().items()}
+
+def torchvision_trunk(model: str, nc: int, imgsz: int, weights=None) -> TorchvisionTrunk:
+    "The body of detector `model` (a name of `ARCHS`), from `weights` (a local state dict, `load_weights`) when given."
+    if model not in ARCHS: raise TrainError(f"self-supervised pretraining of a torchvision detector starts from its name ({sorted(ARCHS)}), not {model!r}")
+    t = TorchvisionTrunk(model, nc, imgsz)
+    if weights:
+        net = build(model, nc, imgsz); load_weights(net, weights); t.body = net.backbone.body
+    for q in t.body.parameters(): q.requires_grad_(True)
+    return t
+
 # %% ../../nbs/07e_torchvision.ipynb #90d15bb0
 def load_detector(weights: str | Path, device: str = 'cpu') -> tuple[torch.nn.Module, dict]:
     "A trained torchvision-family checkpoint as an eval-mode model on `device`, and its header."
@@ -517,6 +544,11 @@ class TorchvisionFamily(Family):
         net, m = load_detector(weights, device)
         return detect(net, ARCHS[m['arch']], m['names'], V, ims, imgsz, conf, iou, max_det, batch, progress, desc)
     def explainer(self, weights, imgsz, layers=None): return TorchvisionExplainer(weights, imgsz, layers or self.cam_layers)
+    def trunk(self, model, classes, imgsz, weights=None): return torchvision_trunk(model, len(classes), imgsz, weights)
+    def save_trunk(self, trunk, model, out):
+        f = Path(out) / 'weights' / 'backbone.pt'; f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(trunk.classifier_state(), f)
+        return dict(model=model, weights=str(f))
     def runner(self, weights, imgsz, device='cpu', conf=0.05, iou=0.6, max_det=100, threads=None):
         device = str(device).split(',')[0]
         if device == 'cpu': cpu_threads(threads)

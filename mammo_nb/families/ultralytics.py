@@ -25,7 +25,7 @@ from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zer
 
 import mammo_nb
 from ..cams import METHODS
-from ..errors import ParamsError
+from ..errors import ParamsError, TrainError
 from .base import Family
 from ..files import file_sha256, git_commit
 from ..metrics import BOX
@@ -38,7 +38,7 @@ from ..trainutil import (CPUThreads, NegativeSampler, check_device, class_weight
 __all__ = ['FocalBCE', 'MammoDetectionLoss', 'sampled_loader', 'log_negatives', 'MammoTrainer', 'write_run_data', 'train_args',
            'resumable', 'train_run', 'MultiLabelPredictor', 'MammoValidator', 'predict', 'library_val', 'Detector',
            'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'cam', 'to_input_grid', 'head_inputs',
-           'YoloExplainer', 'UltralyticsFamily']
+           'YoloExplainer', 'YoloTrunk', 'yolo_trunk', 'save_yolo_trunk', 'UltralyticsFamily']
 
 # %% ../../nbs/07d_ultralytics.ipynb #5e394472
 class FocalBCE(nn.Module):
@@ -349,6 +349,43 @@ class YoloExplainer:
         t = None if method == 'eigencam' else BoxClassTarget(self.cid[cls], to_input_grid(box, self.lb), self.cent)
         return unletterbox(cam(self.det, self.x, method, self.idx, t), self.lb, self.shape)
 
+# %% ../../nbs/07d_ultralytics.ipynb #5f1c0a12
+class YoloTrunk(nn.Module):
+    "Modules 0-9 of an ultralytics detector `det` (its backbone), returning the maps of modules `taps` (P3, P4, P5)."
+    taps = (4, 6, 9)
+    def __init__(self, det: nn.Module):
+        super().__init__()
+        if any(getattr(m, 'f', -1) != -1 for m in det.model[:10]):
+            raise TrainError(f"self-supervised pretraining takes a YOLOv8-style backbone (modules 0-9 one chain); this model's is not")
+        self.det, self.body = det, det.model[:10]
+    def forward(self, x):
+        out = []
+        for i, m in enumerate(self.body):
+            x = m(x)
+            if i in self.taps: out.append(x)
+        return out
+
+def yolo_trunk(model: str, classes: list[str]) -> YoloTrunk:
+    "The backbone of `model`: a `.yaml` built for `classes` (random weights), or a `.pt` as saved (its own classes)."
+    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    if str(model).endswith('.pt'): det = load_checkpoint(str(model))[0].float()
+    else:
+        det = DetectionModel(str(model), nc=len(classes), verbose=False)
+        det.names = dict(enumerate(classes))
+    for q in det.parameters(): q.requires_grad_(True)              # a saved checkpoint's come back frozen
+    return YoloTrunk(det.train())
+
+def save_yolo_trunk(trunk: YoloTrunk, out: Path) -> Path:
+    """`out/weights/best.pt`: the detector as an ultralytics checkpoint (half precision, no optimizer, no date: the
+    same weights give the same bytes)."""
+    import copy, ultralytics
+    f = Path(out) / 'weights' / 'best.pt'; f.parent.mkdir(parents=True, exist_ok=True)
+    det = copy.deepcopy(trunk.det).eval().half()
+    for q in det.parameters(): q.requires_grad_(False)
+    torch.save(dict(model=det, ema=None, updates=None, optimizer=None, epoch=-1, date=None, version=ultralytics.__version__,
+                    train_args=dict(model=getattr(det, 'yaml_file', None) or 'ssl', task='detect')), f)
+    return f
+
 # %% ../../nbs/07d_ultralytics.ipynb #bd2cdcca
 class UltralyticsFamily(Family):
     "YOLOv8 and the other ultralytics detectors (`.yaml` configs, `.pt` weights): the family everything else falls back to."
@@ -368,6 +405,8 @@ class UltralyticsFamily(Family):
     def validate(self, weights, rd, split, out, imgsz, p, device):
         return library_val(weights, rd / 'data.yaml', split, out, imgsz, p, device)
     def explainer(self, weights, imgsz, layers=None): return YoloExplainer(weights, imgsz, layers or self.cam_layers)
+    def trunk(self, model, classes, imgsz, weights=None): return yolo_trunk(model, classes)
+    def save_trunk(self, trunk, model, out): return dict(model=str(save_yolo_trunk(trunk, out)), weights=None)
     def runner(self, weights, imgsz, device='cpu', conf=0.05, iou=0.6, max_det=100, threads=None):
         from ultralytics import YOLO
         y = YOLO(str(weights))
