@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument('params', help='recipe with a selftrain section, e.g. params/demo-selftrain.yaml')
     st.add_argument('--rounds', type=int, help='overrides selftrain.rounds')
     st.add_argument('--device', help="overrides train.device")
-    pt = sub.add_parser('pretrain', help='render a randomised synthetic set, prepare it, train on it: weights + pretrain.json to fine-tune from')
+    pt = sub.add_parser('pretrain', help='pretrain.method synthetic: render a randomised synthetic set and train on it; ssl: learn the backbone from the version\'s train images without labels; weights + pretrain.json to fine-tune from')
     pt.add_argument('params', help='recipe, e.g. params/pretrain.yaml')
     cl = sub.add_parser('classify', help='classification track: patch / whole-image dataset, YOLOv8-cls, ROC/PR with CIs')
     cl.add_argument('params', help='recipe with a classify section, e.g. params/demo-classify.yaml')
@@ -183,6 +183,12 @@ def cmd_cv(a) -> int:
         if r['ensemble']: print('test:'); print(ensemble_table(r).to_string())
         print(f"operating point {r['operating_point']['threshold']:.4f} ({r['operating_point']['chosen_on']})")
         print(f"file: {cv_root(p) / r['run'] / 'cv.json'}")
+    if p.cv.arms and a.fold is None:
+        import pandas as pd
+        arms = json.loads((cv_root(p) / 'arms.json').read_text())
+        print(f"== {len(arms['ranked'])} arms, best first ({arms['rule']}) ==")
+        print(pd.DataFrame(arms['table']).to_string())
+        print(f"best: {arms['best']}; file: {cv_root(p) / 'arms.md'}")
     return 0
 
 def cmd_selftrain(a) -> int:
@@ -201,6 +207,14 @@ def cmd_pretrain(a) -> int:
     from mammo_nb.pretrain import pretrain
     for rd in pretrain(load_params(a.params)):
         m, best = json.loads((rd / 'pretrain.json').read_text()), RunDir(rd).best
+        if m.get('method', 'synthetic') != 'synthetic':
+            im, ft = m['images'], m['fine_tune']
+            print(f"pretraining {rd}\n{m['method']} ({m['objective'].split(' ')[0]}) on {im['n_version']} images of {m['version']} "
+                  f"({'+'.join(m['splits'])}) + {im['n_folders']} from ssl.folders ({im['n_failures']} skipped, "
+                  f"{im['left_out_held_out']} left out: a val/test image's pixels), {m['epochs_done']} epochs, "
+                  f"{m['s_per_epoch']} s/epoch, loss {m['loss'][0]} -> {m['loss'][-1]}")
+            print(f"fine-tune: train.model: {ft['model']}" + (f", train.weights: {ft['weights']}" if ft['weights'] else ''))
+            continue
         print(f"run {rd}\nversion {m['version']} ({sum(m['images'].values())} images), {m['epochs_done']} epochs, "
               f"{m['s_per_epoch']} s/epoch, last val {m['last_val']}")
         print(f"weights {best} (sha256 {m['weights']['best.pt']['sha256'][:12]}...)")

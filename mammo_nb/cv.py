@@ -15,6 +15,7 @@ from .evaluate import evaluate_run
 from .families import val_ap_columns
 from .files import atomic_write, clean_json, file_sha256
 from .metrics import BOX, Scored, bootstrap, choose_threshold, conventions, fmt_ci, nest, unit_name
+from .params import merge, validate
 from .prepare import SPLITS, Version, derive_version, load_version, version_counts, version_dir
 from .runs import RunDir, models, run_name
 from .split import assert_no_leakage, group_keys, in_path_order, iterative_stratification, label_counts
@@ -23,8 +24,9 @@ from .trainutil import check_version
 
 # %% auto #0
 __all__ = ['assign_folds', 'check_folds', 'cv_root', 'fold_version', 'fold_params', 'folds_table', 'fold_run', 'fuse_boxes',
-           'pool_folds', 'cross_validate', 'fold_counts', 'fold_table', 'fold_summary', 'ensemble_table',
-           'plot_froc_bands', 'compare_models', 'learning_curves', 'plot_learning_curves']
+           'pool_folds', 'arm_params', 'arms', 'cross_validate', 'fold_counts', 'fold_table', 'fold_summary',
+           'ensemble_table', 'plot_froc_bands', 'compare_models', 'rank_arms', 'write_arms', 'learning_curves',
+           'plot_learning_curves']
 
 # %% ../nbs/15_cv.ipynb #da5340cb
 def assign_folds(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], k: int, seed: int = 0) -> pd.Series:
@@ -138,10 +140,11 @@ def _scored(p, images, boxes, pred, classes, thr=None, oof: bool = False, progre
 
 def _fold_row(k: int, Vk: Version, rd: Path) -> dict:
     m, tj = RunDir(rd).metrics, RunDir(rd).record
-    s = m['splits']['val']
+    s, ssl = m['splits']['val'], tj.get('ssl')
+    if ssl: ssl = dict(ssl, wall_s=json.loads(Path(ssl['file']).read_text()).get('wall_s'))
     return dict(fold=k, version=Vk.manifest['version'], run=str(rd), images=s['n_images'], groups=s['n_groups'],
                 lesions=s['all_lesions']['n_gt'], train_s=tj['wall_s'], epochs=tj['epochs_done'], val=s,
-                test=m['splits'].get('test'), threshold=m['operating_point']['threshold'])
+                test=m['splits'].get('test'), threshold=m['operating_point']['threshold'], ssl=ssl)
 
 def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None = None, progress: bool = True) -> dict:
     """The pooled out-of-fold figures, the per-fold table and the fold ensemble on test of `model`'s K fold runs
@@ -192,16 +195,35 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
     (out / 'cv.json').write_text(json.dumps(res, indent=1))
     return res
 
+def arm_params(p, name: str, arm: dict):
+    "The recipe as arm `name` of `cv.arms` runs it: the arm's train and ssl settings over the recipe's, validated."
+    d = json.loads(json.dumps(p, default=list))
+    for k in ('train', 'ssl'): d[k] = merge(d[k], arm.get(k) or {})
+    return validate(d, f"cv.arms.{name}")
+
+def arms(p) -> dict[str, tuple]:
+    "{label: (recipe, model)} that `mammo cv` compares: each arm of `cv.arms` (one model each), else each `train.model`."
+    if not p.cv.arms: return {m: (p, m) for m in models(p)}
+    out = {}
+    for name, arm in p.cv.arms.items():
+        q = arm_params(p, name, arm)
+        if len(models(q)) != 1: raise CVError(f"'cv.arms.{name}' trains {len(models(q))} models: an arm trains one (set its train.model)")
+        out[name] = (q, models(q)[0])
+    return out
+
 def cross_validate(p, fold: int | None = None, merge_only: bool = False, progress: bool = True) -> dict:
-    """`mammo cv`: for each model of the recipe, train and evaluate every fold (or only `fold`, a Slurm array task),
-    then pool them (unless only one fold was asked for); `merge_only` pools finished folds. {model: cv.json or run}."""
+    """`mammo cv`: for each arm (`arms`: the arms of `cv.arms`, else the models of the recipe), train and evaluate
+    every fold (or only `fold`, a Slurm array task), then pool them (unless only one fold was asked for);
+    `merge_only` pools finished folds. Every arm trains on the same folds. {arm or model: cv.json or run}; with
+    `cv.arms`, the arms' table goes to `<cv root>/arms.json` and `arms.md` (`write_arms`)."""
     V, out = check_version(p), {}
     if fold is not None and not 0 <= fold < p.split.folds: raise CVError(f"--fold {fold}: the recipe has folds 0..{p.split.folds - 1}")
-    t = folds_table(p, V)                                         # dealt once for every fold and model
-    for model in models(p):
+    t = folds_table(p, V)                                         # dealt once for every fold, model and arm
+    for label, (q, model) in arms(p).items():
         if not merge_only:
-            for k in ([fold] if fold is not None else range(p.split.folds)): out[model] = fold_run(p, model, k, V, t, progress)
-        if fold is None: out[model] = pool_folds(p, model, V, t, progress)
+            for k in ([fold] if fold is not None else range(p.split.folds)): out[label] = fold_run(q, model, k, V, t, progress)
+        if fold is None: out[label] = dict(pool_folds(q, model, V, t, progress), label=label)
+    if fold is None and p.cv.arms: write_arms(p, out)
     return out
 
 # %% ../nbs/15_cv.ipynb #8af2d78a
@@ -264,38 +286,69 @@ def plot_froc_bands(cv: dict, ax=None, split: str = 'oof'):
     return ax
 
 # %% ../nbs/15_cv.ipynb #b13cc60c
-def compare_models(cvs: dict[str, dict]) -> pd.DataFrame:
-    "One column per model of `cross_validate`'s result: pooled OOF and fold-ensemble test figures [CI], epochs, training time."
+def _ci(d: dict | None) -> str: return fmt_ci(d) if d else '-'
+
+def compare_models(cvs: dict[str, dict], select: str | None = None) -> pd.DataFrame:
+    """One column per arm or model of `cross_validate`'s result: pooled OOF and fold-ensemble test figures [CI] (AP50
+    per class with lesions; sensitivity at 1 FP/image of class `select` and of all lesions; image ROC-AUC), epochs,
+    and wall time (training, plus the self-supervised pretraining of a `train.ssl` arm)."""
     cols = {}
-    for model, cv in cvs.items():
-        s, col = cv['splits']['oof'], {}
-        col.update({f'OOF AP50 {c}': fmt_ci(d['ap50']) for c, d in s['per_class'].items() if d['n_gt'] > 0})
-        col.update({'OOF sens@1FP (all)': fmt_ci(s['all_lesions']['froc']['1']), 'OOF image ROC-AUC': fmt_ci(s['image']['roc_auc'])})
-        te = cv['splits'].get('test: ensemble')
-        if te:
-            col.update({f'test ensemble AP50 {c}': fmt_ci(d['ap50']) for c, d in te['per_class'].items() if d['n_gt'] > 0})
-            col.update({'test ensemble sens@1FP (all)': fmt_ci(te['all_lesions']['froc']['1']),
-                        'test ensemble image ROC-AUC': fmt_ci(te['image']['roc_auc'])})
+    for label, cv in cvs.items():
+        col = {}
+        for tag, s in (('OOF', cv['splits']['oof']), ('test ensemble', cv['splits'].get('test: ensemble'))):
+            if not s: continue
+            col.update({f'{tag} AP50 {c}': fmt_ci(d['ap50']) for c, d in s['per_class'].items() if d['n_gt'] > 0})
+            if select: col[f'{tag} sens@1FP {select}'] = _ci(s['per_class'].get(select, {}).get('froc', {}).get('1'))
+            col.update({f'{tag} sens@1FP (all)': fmt_ci(s['all_lesions']['froc']['1']), f'{tag} image ROC-AUC': fmt_ci(s['image']['roc_auc'])})
+        ssl = [r.get('ssl') for r in cv['fold_rows']]
         col.update({'epochs per fold': ', '.join(str(r['epochs']) for r in cv['fold_rows']),
-                    'train s (all folds)': round(sum(r['train_s'] for r in cv['fold_rows']), 1)})
-        cols[f"{Path(model).name} ({cv['run']})"] = col
+                    'train s (all folds)': round(sum(r['train_s'] for r in cv['fold_rows']), 1),
+                    'ssl s (all folds)': round(sum((x or {}).get('wall_s') or 0 for x in ssl), 1),
+                    'ssl images per fold': (('TRANSDUCTIVE (val images too): ' if any((x or {}).get('transductive') for x in ssl) else '')
+                                            + ', '.join(str(x['images']) for x in ssl if x)) if any(ssl) else '-'})
+        cols[f"{Path(label).name} ({cv['run']})"] = col
     return pd.DataFrame(cols)
 
-def learning_curves(p, model: str) -> pd.DataFrame:
-    "Val AP50 of each fold run of `model` at each validated epoch (rows), the folds' mean last."
-    root, name, cols = cv_root(p), run_name(p, model), {}
-    for k in range(p.split.folds):
-        r = pd.read_csv(RunDir(root / f'fold{k}' / 'runs' / name).results, skipinitialspace=True)
-        cols[f'fold {k}'] = r.set_index('epoch')[val_ap_columns(r)[0][0]]
+def rank_arms(cvs: dict[str, dict], select: str) -> list[str]:
+    "Arms, best first: pooled OOF sensitivity at 1 FP/image of class `select`, then its AP50 (missing counts as -1)."
+    def key(label):
+        d = cvs[label]['splits']['oof']['per_class'].get(select, {})
+        v = lambda x: x['value'] if x and x.get('value') is not None else -1.0
+        return (-v(d.get('froc', {}).get('1')), -v(d.get('ap50')), label)
+    return sorted(cvs, key=key)
+
+def write_arms(p, cvs: dict[str, dict]) -> dict:
+    """`<cv root>/arms.json` and `arms.md`: the arms' settings and table (`compare_models`), ranked (`rank_arms`, class
+    `cv.select` or the first class), with the hash of the one `folds.csv` every arm trained on."""
+    select = p.cv.select or p.prepare.classes[0]
+    order = rank_arms(cvs, select)
+    table = compare_models({a: cvs[a] for a in order}, select)
+    root = cv_root(p)
+    res = clean_json(dict(arms={a: dict(settings=p.cv.arms[a], run=cvs[a]['run'], cv_json=str(root / cvs[a]['run'] / 'cv.json')) for a in order},
+                          ranked=order, best=order[0], rule=f'pooled out-of-fold sensitivity at 1 FP/image of {select}, then its AP50',
+                          folds=p.split.folds, folds_sha256=file_sha256(root / 'folds.csv'), table=table.to_dict()))
+    atomic_write(root / 'arms.json', json.dumps(res, indent=1))
+    md = [f"# {p.name}: {len(order)} arms on the same {p.split.folds} patient folds ({res['rule']}; best: {order[0]})", '',
+          '| | ' + ' | '.join(table.columns) + ' |', '|---' * (len(table.columns) + 1) + '|']
+    md += [f'| {i} | ' + ' | '.join(str(x) for x in r) + ' |' for i, r in table.iterrows()]
+    atomic_write(root / 'arms.md', '\n'.join(md) + '\n')
+    return res
+
+def learning_curves(cv: dict) -> pd.DataFrame:
+    "Val AP50 of each fold run of a `cv.json` at each validated epoch (rows), the folds' mean last."
+    cols = {}
+    for r in cv['fold_rows']:
+        t = pd.read_csv(RunDir(r['run']).results, skipinitialspace=True)
+        cols[f"fold {r['fold']}"] = t.set_index('epoch')[val_ap_columns(t)[0][0]]
     t = pd.DataFrame(cols).dropna(how='all')
     return t.assign(mean=t.mean(axis=1))
 
-def plot_learning_curves(p, models: list[str], ax=None):
-    "The folds' mean val AP50 by epoch of each of `models`, one line each (`learning_curves`)."
+def plot_learning_curves(cvs: dict[str, dict], ax=None):
+    "The folds' mean val AP50 by epoch of each arm or model of `cvs`, one line each (`learning_curves`)."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(7, 4))[1]
-    for m in models:
-        lc = learning_curves(p, m)
-        ax.plot(lc.index, lc['mean'], marker='o', label=f"{Path(m).name}: mean of {lc.shape[1] - 1} folds")
+    for label, cv in cvs.items():
+        lc = learning_curves(cv)
+        ax.plot(lc.index, lc['mean'], marker='o', label=f"{Path(label).name}: mean of {lc.shape[1] - 1} folds")
     ax.set(xlabel='epoch', ylabel='val AP50'); ax.legend()
     return ax

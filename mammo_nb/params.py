@@ -18,7 +18,7 @@ from .looks import look_spec
 # %% auto #0
 __all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
            'SLICES', 'TILES', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit', 'validate',
-           'result_settings', 'named_settings', 'load_params']
+           'result_settings', 'named_settings', 'merge', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -510,10 +510,11 @@ def named_settings(values: dict, section: str, drop=('runtime',)) -> dict:
             if not (isinstance(sc.get(k), Field) and sc[k].late and v == sc[k].default)}
 
 # %% ../nbs/00_params.ipynb #48263f6c
-def _merge(a: dict, b: dict) -> dict:
+def merge(a: dict, b: dict) -> dict:
+    "`a` with `b`'s values over it, mappings merged key by key (a recipe over its `base`, overrides over a recipe)."
     out = copy.deepcopy(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 def _read_yaml(path: Path, seen=()) -> dict:
@@ -525,13 +526,13 @@ def _read_yaml(path: Path, seen=()) -> dict:
     if not isinstance(d, dict): raise ParamsError(f"{path}: top level must be a mapping")
     if d.get('base'):
         if not isinstance(d['base'], str): raise ParamsError(f"{path}: 'base' must be str")
-        d = _merge(_read_yaml((path.parent / d['base']).resolve(), seen + (path,)), {k: v for k, v in d.items() if k != 'base'})
+        d = merge(_read_yaml((path.parent / d['base']).resolve(), seen + (path,)), {k: v for k, v in d.items() if k != 'base'})
     return d
 
 def load_params(path: str | Path, overrides: dict | None = None) -> AttrDict:
     "Read recipe `path` (following `base`), apply `overrides`, validate once, fill defaults."
     path = Path(path)
-    d = _merge(_read_yaml(path.resolve()), overrides or {})
+    d = merge(_read_yaml(path.resolve()), overrides or {})
     d.pop('base', None)
     p = validate(d, str(path))
     ov = {k: v for k, v in p.synth.items() if k not in ('preset', 'seed', 'out', 'workers') and v is not None}

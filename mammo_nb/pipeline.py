@@ -91,7 +91,7 @@ STAGES = {'synth': stage_synth, 'prepare': stage_prepare, 'train': stage_train, 
 CHAIN = {'prepare': '10_prepare.ipynb', 'train': '20_train.ipynb', 'cv': '25_cv.ipynb', 'selftrain': '30_selftrain.ipynb', 'explain': '40_explain.ipynb',
          'classify': '50_classify.ipynb'}
 SECTIONS = {'prepare': ('name', 'seed', 'strict', 'synth', 'source', 'prepare', 'clahe', 'split'),
-            'train': ('train', 'evaluate'), 'cv': ('cv',), 'selftrain': ('selftrain',), 'explain': ('explain',), 'classify': ('classify',)}
+            'train': ('train', 'ssl', 'evaluate'), 'cv': ('cv',), 'selftrain': ('selftrain',), 'explain': ('explain',), 'classify': ('classify',)}
 OPTIONAL = {'selftrain': lambda p: p.selftrain.rounds > 0,     # run by default only when the recipe asks for them
             'cv': lambda p: p.split.folds > 1,
             'classify': lambda p: p.classify.enabled}

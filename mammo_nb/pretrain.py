@@ -19,11 +19,12 @@ from .prepare import Version
 from .runs import RunDir, models
 from .synth import get_config
 from .synth_layouts import synth_overrides, synth_source
+from .selfsup import learn_backbone, start_weights_of
 from .train import train_run
-from .trainutil import check_version
+from .trainutil import check_version, pretrain_file
 
 # %% auto #0
-__all__ = ['pretrain_manifest', 'pretrain']
+__all__ = ['pretrain_manifest', 'pretrain', 'pretrain_ssl']
 
 # %% ../nbs/07h_pretrain.ipynb #a98e56a7
 def pretrain_manifest(p, V: Version, rd: Path, model: str) -> dict:
@@ -35,7 +36,7 @@ def pretrain_manifest(p, V: Version, rd: Path, model: str) -> dict:
     v = res[val_ap_columns(res)[0]].dropna()
     val = v.iloc[-1].round(4).to_dict() | {'epoch': int(res.epoch[v.index[-1]])} if len(v) else None
     boxes = {c: d.get('train', 0) for c, d in V.manifest['counts']['boxes_per_class'].items()}
-    return dict(kind='mammo_nb pretrain', model=model, family=tj['family'], classes=list(V.manifest['classes']),
+    return dict(kind='mammo_nb pretrain', method='synthetic', model=model, family=tj['family'], classes=list(V.manifest['classes']),
                 generator=dict(revision=SYNTH_REVISION, preset=s.preset, seed=s.seed, config=cfg),
                 clahe=dict(p.clahe), version=V.manifest['version'], manifest_sha256=file_sha256(V.dir / 'manifest.json'),
                 images={k: int(v) for k, v in V.images.split.value_counts().items()}, train_boxes=boxes,
@@ -45,8 +46,10 @@ def pretrain_manifest(p, V: Version, rd: Path, model: str) -> dict:
                 code=dict(version=mammo_nb.__version__, git_commit=git_commit()))
 
 def pretrain(p, progress: bool = True) -> list[Path]:
-    """Render the recipe's synthetic set, prepare it, train every `train.model` on it and write `pretrain.json` beside
-    each run's weights; returns the run folders (finished stages are not redone)."""
+    """`pretrain.method: synthetic`: render the recipe's synthetic set, prepare it, train every `train.model` on it and
+    write `pretrain.json` beside each run's weights; `ssl`, `synthetic+ssl`: `pretrain_ssl`. Returns the folders
+    holding `weights/` and `pretrain.json` (finished stages are not redone)."""
+    if p.pretrain.method != 'synthetic': return pretrain_ssl(p, progress)
     if p.source.root is not None:
         raise PretrainError(f"'source.root' is {p.source.root!r}: pretraining renders its own synthetic set (leave source.root unset)")
     if not p.synth.randomize:
@@ -59,3 +62,14 @@ def pretrain(p, progress: bool = True) -> list[Path]:
         (rd / 'pretrain.json').write_text(json.dumps(pretrain_manifest(p, V, rd, m), indent=1, default=str) + '\n')
         out.append(rd)
     return out
+
+def pretrain_ssl(p, progress: bool = True) -> list[Path]:
+    """The backbone of every `train.model` learned without labels (`selfsup.learn_backbone`) from the recipe's dataset
+    version, its train split (and val under `ssl.transductive`, never test), and `ssl.folders`. `synthetic+ssl`
+    starts from `mammo pretrain`'s synthetic weights (`train.model`, or a torchvision detector's `train.weights`)."""
+    V, ms = check_version(p), models(p)
+    if p.pretrain.method == 'synthetic+ssl':
+        bad = [m for m in ms if not (pretrain_file(m) or pretrain_file(start_weights_of(p, m) or ''))]
+        if bad: raise PretrainError(f"pretrain.method 'synthetic+ssl' continues from mammo pretrain's synthetic weights, but "
+                                    f"'train.model' {bad[0]!r} has no pretrain.json beside its weights/ folder")
+    return [learn_backbone(p, m, V, ['train'] + (['val'] if p.ssl.transductive else []), progress) for m in ms]

@@ -29,10 +29,11 @@ __all__ = ['DICOM_SUFFIXES', 'version_images', 'folder_images', 'view', 'Crops',
 # %% ../nbs/07fb_selfsup.ipynb #3c1f0a05
 def version_images(V: Version, splits) -> pd.DataFrame:
     "The version's images of `splits`: image_id, split, PNG file, its SHA-256 (from the manifest) and pixel fingerprint."
-    im = V.images[V.images.split.isin(list(splits))]
+    im, files = V.images[V.images.split.isin(list(splits))], V.manifest['files']
     return pd.DataFrame(dict(source='version', image_id=im.image_id.astype(str).values, split=im.split.values,
-                             png=[str(V.dir / f) for f in im.png], sha256=[V.manifest['files'].get(f) for f in im.png],
-                             pixel_fingerprint=im.pixel_fingerprint.astype(str).values))
+                             png=[str(V.dir / f) for f in im.png],
+                             sha256=[files.get(f) or file_sha256(V.dir / f) for f in im.png],     # a fold links its parent's PNGs
+                             pixel_fingerprint=im.pixel_fingerprint.fillna('').astype(str).values))
 
 DICOM_SUFFIXES = ('.dcm', '.dicom', '')
 
@@ -204,7 +205,7 @@ def learn_backbone(p, model: str, V: Version, splits=('train',), progress: bool 
     fam, classes = family_of(model), list(V.manifest['classes'])
     held = V.images[~V.images.split.isin(list(splits))]
     ims = version_images(V, splits)
-    fol, fails, left = folder_images(p, version_dir(p) / 'ssl' / 'unlabelled', set(held.pixel_fingerprint.astype(str)), progress)
+    fol, fails, left = folder_images(p, version_dir(p) / 'ssl' / 'unlabelled', set(held.pixel_fingerprint.dropna().astype(str)) - {''}, progress)
     ims = pd.concat([ims, fol], ignore_index=True) if len(fol) else ims
     if not len(ims): raise TrainError(f"self-supervised pretraining found no image: none in splits {list(splits)} of {V.dir.name}, none in ssl.folders")
     w = start_weights_of(p, model)
@@ -242,9 +243,9 @@ def check_unseen(weights, V: Version, transductive: bool = False) -> dict | None
     m = pretrain_file(weights)
     if m is None: return None
     man = json.loads(m.read_text())
-    if 'images' not in man: return None
+    if 'version' not in (man.get('images') or {}): return None          # a synthetic pretraining: none of a dataset's images
     seen = man['images']['version'] + man['images']['folders']
-    shas, fps = {r['sha256'] for r in seen}, {r['pixel_fingerprint'] for r in seen}
+    shas, fps = {r['sha256'] for r in seen} - {None, ''}, {r['pixel_fingerprint'] for r in seen} - {None, ''}
     out = (['test'] if transductive else ['val', 'test'])
     held = version_images(V, out)
     bad = held[held.sha256.isin(shas) | held.pixel_fingerprint.isin(fps)]

@@ -163,3 +163,29 @@ def test_report_notebook(cv, tmp_path):
     h = headlines(p)[m['run']]                                  # the version index lists the pooled and ensemble figures
     assert h['cv k2 oof AP50 Mass'] == fmt_ci(m['splits']['oof']['per_class']['Mass']['ap50'])
     assert 'cv k2 test: ensemble all-lesion sens@1FP' in h
+
+
+def test_arms_share_the_folds_and_a_fold_pretrains_on_its_training_folds_only(cv, tiny_set):
+    "`cv.arms`: the recipe from scratch beside train.ssl (one epoch each), one table; the same folds for both."
+    f, p, out, m = cv
+    g = tiny_recipe(Path(f).parent, tiny_set, p.prepare.out, name='arms', split={'folds': 2}, train={**TRAIN, **CV},
+                    ssl={'epochs': 1, 'crops': 2, 'batch': 8, 'crop': 128},
+                    cv={'arms': {'scratch': {}, 'ssl': {'train': {'ssl': True}}}, 'select': 'Mass'})
+    r = run_here('cv', g)
+    q = load_params(g)
+    arms = json.loads((cv_root(q) / 'arms.json').read_text())
+    assert set(arms['ranked']) == {'scratch', 'ssl'} and arms['best'] == arms['ranked'][0] and 'best:' in r.stdout
+    assert arms['folds_sha256'] == file_sha256(cv_root(q) / 'folds.csv')
+    assert arms['arms']['scratch']['run'] == m['run']                     # the recipe's own settings: its runs, not retrained
+    res = {a: json.loads(Path(arms['arms'][a]['cv_json']).read_text()) for a in arms['ranked']}
+    s, t = res['scratch'], res['ssl']
+    assert [r['version'] for r in s['fold_rows']] == [r['version'] for r in t['fold_rows']]           # the same fold versions
+    assert s['splits']['oof']['n_images'] == t['splits']['oof']['n_images'] and s['manifest_sha256'] == t['manifest_sha256']
+    for row in t['fold_rows']:
+        Vk = load_version(cv_root(q) / f"fold{row['fold']}")
+        man = json.loads(Path(row['ssl']['file']).read_text())
+        seen = {x['sha256'] for x in man['images']['version']}
+        assert seen == {file_sha256(Vk.dir / x) for x in Vk.images.png[Vk.images.split == 'train']}   # its training folds
+        assert not seen & {file_sha256(Vk.dir / x) for x in Vk.images.png[Vk.images.split != 'train']}
+        assert row['ssl']['transductive'] is False and man['splits'] == ['train']
+    assert 'ssl s (all folds)' in pd.DataFrame(arms['table']).index
