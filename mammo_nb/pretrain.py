@@ -12,7 +12,7 @@ import pandas as pd
 
 import mammo_nb
 from .errors import PretrainError
-from .families import val_ap_columns
+from .families import family_of_weights, val_ap_columns
 from .files import file_sha256, git_commit
 from .params import SYNTH_REVISION
 from .prepare import Version
@@ -59,6 +59,8 @@ def pretrain(p, progress: bool = True) -> list[Path]:
     out = []
     for m in models(p):
         rd = train_run(p, m, V)
+        best = RunDir(rd).best                      # + the weights alone, to ship: the same weights, the same bytes
+        family_of_weights(best).export(best, best.parent / f'{Path(m).stem}-synthetic.pt')
         (rd / 'pretrain.json').write_text(json.dumps(pretrain_manifest(p, V, rd, m), indent=1, default=str) + '\n')
         out.append(rd)
     return out

@@ -19,8 +19,9 @@ from .plots import PALETTE
 
 # %% auto #0
 __all__ = ['PACKAGES', 'findings', 'folded', 'captured', 'environment', 'recipe_and_environment', 'version_facts',
-           'prepare_findings', 'detector_table', 'auc_table', 'detector_findings', 'plot_epochs', 'plot_intervals',
-           'selftrain_findings', 'plot_rounds', 'cv_findings', 'plot_folds', 'explain_findings', 'screenshot']
+           'prepare_findings', 'detector_table', 'auc_table', 'start_facts', 'detector_findings', 'plot_epochs',
+           'plot_intervals', 'selftrain_findings', 'plot_rounds', 'cv_findings', 'plot_folds', 'explain_findings',
+           'screenshot']
 
 # %% ../nbs/09a_report.ipynb #805ca0d0
 _CSS = ('<style>.mammo-findings{border:1px solid #bbb;border-left:6px solid #0173b2;padding:.5em 1em;margin:.5em 0;'
@@ -128,14 +129,28 @@ def auc_table(M: dict) -> pd.DataFrame:
     return pd.DataFrame({split: {f'{lev} ROC-AUC': fmt_ci(s[lev].get('roc_auc')) for lev in ('image', 'breast') if lev in s}
                          for split, s in M['splits'].items()})
 
+def start_facts(tj: dict) -> tuple[str | None, list[str]]:
+    """What run record `tj` started from, in a line (weights file and its pretraining, with what a self-supervised
+    one learned from), and the notes a reader must not miss: a pretraining that saw the run's val images."""
+    w, ssl = tj.get('weights') or {}, tj.get('ssl')
+    if not w and not ssl: return None, []
+    pre = w.get('pretrain') or {}
+    line = f"{Path(w['file']).name} (sha256 {w['sha256'][:12]})" if w.get('file') else str(tj.get('model'))
+    if pre: line += f", mammo pretrain {pre.get('method') or 'synthetic'} on {pre.get('version')}"
+    if ssl: line += f"; self-supervised backbone from {ssl['images']} images ({ssl['method']})"
+    notes = ['TRANSDUCTIVE: the self-supervised pretraining of this run saw its val images (ssl.transductive: true); '
+             'its val figures are not held-out figures'] if ssl and ssl.get('transductive') else []
+    return line, notes
+
 def detector_findings(M: dict, tj: dict, recipe: str):
     "The detector report's findings block for one run (its `metrics.json` and `train.json`)."
-    facts = {'run': M['run'], 'model': tj['model'], 'version': M['version'], 'recipe': recipe,
+    start, notes = start_facts(tj)
+    facts = {'run': M['run'], 'model': tj['model'], 'start': start, 'version': M['version'], 'recipe': recipe,
              'manifest sha256': M['manifest_sha256'][:16], 'package': f"mammo_nb {tj['code']['version']}", 'git commit': tj['code']['git_commit'],
              'training': f"{tj['epochs_done']} epochs, {tj['s_per_epoch']} s/epoch on {tj['device']}",
              'intervals': f"95% percentile bootstrap over {M['bootstrap']['unit']}s ({M['bootstrap']['n']} resamples)"}
     return findings(f"Detector {M['run']}", facts, {'AP50 (COCO rule) and FROC sensitivity at 1 FP/image, 95% CI': detector_table(M),
-                                                      'image and breast level': auc_table(M)})
+                                                      'image and breast level': auc_table(M)}, notes)
 
 # %% ../nbs/09a_report.ipynb #9a66f87e
 def plot_epochs(results_csv: str | Path, axs=None):
@@ -203,7 +218,9 @@ def cv_findings(cv: dict, model: str, V, recipe: str, cv_json: str | Path):
              'run': cv['run'], 'folds': cv['folds'], 'fold seed': cv['seed'], 'package': V.manifest['code']['version'],
              'git commit': V.manifest['code']['git_commit'], 'cv.json': str(cv_json)}
     tables = {'per fold (val) and pooled out-of-fold': fold_summary(cv), **({'fold ensemble on test': ensemble_table(cv)} if cv['ensemble'] else {})}
-    return findings(f"Cross-validation of {model}, {cv['folds']} folds", facts, tables)
+    notes = ['TRANSDUCTIVE: the folds\' self-supervised pretraining saw their val images (ssl.transductive: true); the '
+             'pooled out-of-fold figures are not held-out figures'] if any((r.get('ssl') or {}).get('transductive') for r in cv['fold_rows']) else []
+    return findings(f"Cross-validation of {model}, {cv['folds']} folds", facts, tables, notes)
 
 def plot_folds(cv: dict, axs=None):
     "Each fold's val figure beside the pooled out-of-fold one: AP50 of the first class with lesions, sensitivity at 1 FP/image."
@@ -241,4 +258,3 @@ def screenshot(report: str | Path, png: str | Path | None = None, size: str = '1
                         f'--screenshot={png}', report.as_uri()], capture_output=True, text=True, timeout=120)
     if r.returncode != 0 or not png.exists(): raise RuntimeError(f'chromium failed ({r.returncode}): {r.stderr[-500:]}')
     return png
-

@@ -47,6 +47,10 @@ class Family:
         forward maps a batch of 3-channel images to a list of feature maps, fine to coarse. `weights`: a local file it
         starts from where the family takes one beside the model (torchvision's `train.weights`)."""
         raise NotImplementedError
+    def export(self, weights, dest: Path) -> Path:
+        """Trained weights `weights` written to `dest` without training state, date or paths: the same weights give
+        the same bytes (what a repository ships, `mammo pretrain`)."""
+        raise NotImplementedError
     def save_trunk(self, trunk, model: str, out: Path) -> dict:
         """Write `trunk`'s weights under `out/weights/` as this family's training loads them; returns the settings a
         recipe fine-tunes from them with: `{'model': ..., 'weights': ... or None}` (`train.model`, `train.weights`)."""

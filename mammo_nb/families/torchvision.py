@@ -545,6 +545,10 @@ class TorchvisionFamily(Family):
         return detect(net, ARCHS[m['arch']], m['names'], V, ims, imgsz, conf, iou, max_det, batch, progress, desc)
     def explainer(self, weights, imgsz, layers=None): return TorchvisionExplainer(weights, imgsz, layers or self.cam_layers)
     def trunk(self, model, classes, imgsz, weights=None): return torchvision_trunk(model, len(classes), imgsz, weights)
+    def export(self, weights, dest):
+        "Our checkpoints hold no date or path: a copy."
+        Path(dest).parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(weights, dest)
+        return Path(dest)
     def save_trunk(self, trunk, model, out):
         f = Path(out) / 'weights' / 'backbone.pt'; f.parent.mkdir(parents=True, exist_ok=True)
         torch.save(trunk.classifier_state(), f)

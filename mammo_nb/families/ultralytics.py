@@ -375,11 +375,11 @@ def yolo_trunk(model: str, classes: list[str]) -> YoloTrunk:
     for q in det.parameters(): q.requires_grad_(True)              # a saved checkpoint's come back frozen
     return YoloTrunk(det.train())
 
-def save_yolo_trunk(trunk: YoloTrunk, out: Path) -> Path:
-    """`out/weights/best.pt`: the detector as an ultralytics checkpoint (half precision, no optimizer, no date: the
+def save_yolo_trunk(trunk: YoloTrunk, out: Path, name: str = 'best.pt') -> Path:
+    """`out/weights/<name>`: the detector as an ultralytics checkpoint (half precision, no optimizer, no date: the
     same weights give the same bytes)."""
     import copy, ultralytics
-    f = Path(out) / 'weights' / 'best.pt'; f.parent.mkdir(parents=True, exist_ok=True)
+    f = Path(out) / 'weights' / name; f.parent.mkdir(parents=True, exist_ok=True)
     det = copy.deepcopy(trunk.det).eval().half()
     for q in det.parameters(): q.requires_grad_(False)
     torch.save(dict(model=det, ema=None, updates=None, optimizer=None, epoch=-1, date=None, version=ultralytics.__version__,
@@ -407,6 +407,9 @@ class UltralyticsFamily(Family):
     def explainer(self, weights, imgsz, layers=None): return YoloExplainer(weights, imgsz, layers or self.cam_layers)
     def trunk(self, model, classes, imgsz, weights=None): return yolo_trunk(model, classes)
     def save_trunk(self, trunk, model, out): return dict(model=str(save_yolo_trunk(trunk, out)), weights=None)
+    def export(self, weights, dest):
+        d = Path(dest)
+        return save_yolo_trunk(yolo_trunk(weights, []), d.parent.parent, d.name)
     def runner(self, weights, imgsz, device='cpu', conf=0.05, iou=0.6, max_det=100, threads=None):
         from ultralytics import YOLO
         y = YOLO(str(weights))
