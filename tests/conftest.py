@@ -104,9 +104,9 @@ def tiny_run(tiny_set, tmp_path_factory):
 # (Makefile: --no-loadscope-reorder, else xdist orders files by their number of tests). Seconds per file, measured on
 # one pinned core of this 2-core machine (pytest --durations=0, 2026-12-02); files not listed run last.
 SECONDS = {'test_pipeline': 172, 'test_train': 106, 'test_slurm': 96, 'test_adapters': 75, 'test_classify': 100,
-           'test_selftrain': 69, 'test_cv': 66, 'test_prepare': 56, 'test_external': 50, 'test_archive': 23,
+           'test_selftrain': 69, 'test_cv': 180, 'test_prepare': 56, 'test_external': 50, 'test_archive': 23,
            'test_explain': 23, 'test_synth_cli': 23, 'test_serve': 18, 'test_bench': 12, 'test_tvdet': 70, 'test_pretrain': 70,
-           'test_layers': 25, 'test_tiles': 55}
+           'test_layers': 25, 'test_tiles': 55, 'test_selfsup': 75}
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: -SECONDS.get(it.path.stem, 0))          # stable: a file's tests keep their order

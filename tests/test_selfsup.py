@@ -111,3 +111,19 @@ def test_torchvision_backbone_learns_and_transfers(tiny):
     load_weights(net, w)
     sd, body = torch.load(w, weights_only=True), net.backbone.body.state_dict()
     assert all(torch.equal(body[k.removeprefix('features.')], v) for k, v in sd.items())
+
+
+def test_mammo_pretrain_ssl_on_a_version(tiny):
+    "`mammo pretrain` with pretrain.method: ssl learns from the version's train split and says how to fine-tune."
+    tmp, f, p, V, un = tiny
+    import yaml
+    d = yaml.safe_load(f.read_text()); d.update(pretrain={'method': 'ssl'}, ssl=SSL)
+    g = tmp / 'pt-ssl.yaml'; g.write_text(yaml.safe_dump(d))
+    out = run_here('pretrain', g).stdout
+    assert 'ssl (VICReg) on' in out and '(train) + 0 from ssl.folders' in out and 'fine-tune: train.model:' in out
+    w = out.split('fine-tune: train.model: ')[1].split()[0]
+    assert json.loads((Path(w).parent.parent / 'pretrain.json').read_text())['splits'] == ['train']
+    d['pretrain'] = {'method': 'synthetic+ssl'}; g.write_text(yaml.safe_dump(d))          # needs synthetic weights to start from
+    from conftest import cli
+    r = cli('pretrain', g)
+    assert r.returncode == 2 and 'no pretrain.json' in r.stderr and 'Traceback' not in r.stderr
