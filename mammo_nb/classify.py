@@ -199,12 +199,16 @@ def _cut(net: torch.nn.Module, cut: int) -> torch.nn.Sequential:
 
 def load_backbone(model, name: str, f: str | Path) -> int:
     """Copy torchvision `name`'s weights from the state-dict file `f` into `model`'s backbone (its ImageNet head is not
-    used); `TrainError` naming the file when it is not a `name` state dict. Returns the number of tensors copied."""
+    used, and may be missing: a backbone learned without labels, `mammo_nb.selfsup`); `TrainError` naming the file
+    when it is not a `name` state dict. Returns the number of tensors copied."""
     import torchvision
     try:
         sd = torch.load(f, map_location='cpu', weights_only=True)
         net = torchvision.models.get_model(name, weights=None)
-        net.load_state_dict(sd.get('state_dict', sd) if isinstance(sd, dict) else sd)
+        res = net.load_state_dict(sd.get('state_dict', sd) if isinstance(sd, dict) else sd, strict=False)
+        head = {n for n, _ in list(net.named_children())[-BACKBONES[name][1]:]}
+        bad = res.unexpected_keys + [k for k in res.missing_keys if k.split('.')[0] not in head]
+        if bad: raise KeyError(f"{len(bad)} tensors do not fit, e.g. {bad[0]}")
     except Exception as e: raise TrainError(f"classify.weights '{f}' is not a {name} state dict ({type(e).__name__}: {str(e)[:150]})") from None
     kept = _cut(net, BACKBONES[name][1]).state_dict()
     model.model[0].m.load_state_dict(kept)                           # the TorchVision module's kept layers

@@ -127,3 +127,20 @@ def test_mammo_pretrain_ssl_on_a_version(tiny):
     from conftest import cli
     r = cli('pretrain', g)
     assert r.returncode == 2 and 'no pretrain.json' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_a_torchvision_backbone_file_serves_the_classifier_too(tmp_path):
+    "The ResNet-50 body of Faster R-CNN, saved as `save_trunk` saves it, loads into the patch classifier's resnet50."
+    from mammo_nb.classify import load_backbone, model_file
+    from mammo_nb.families.torchvision import TorchvisionFamily
+    from ultralytics.nn.tasks import ClassificationModel
+    F = TorchvisionFamily()
+    t = F.trunk('fasterrcnn_resnet50_fpn', ['Mass'], 64)
+    w = F.save_trunk(t, 'fasterrcnn_resnet50_fpn', tmp_path)['weights']
+    m = ClassificationModel(model_file('resnet50', tmp_path), nc=2, verbose=False)
+    n = load_backbone(m, 'resnet50', w)
+    kept = m.model[0].m.state_dict()
+    assert n == len(kept) and all(torch.equal(v, t.body.state_dict()[k]) for k, v in zip(
+        [k for k in t.body.state_dict() if not k.startswith('fc.')], kept.values()))
+    torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'bad.pt')
+    with pytest.raises(TrainError, match='not a resnet50 state dict'): load_backbone(m, 'resnet50', tmp_path / 'bad.pt')
