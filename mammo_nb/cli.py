@@ -181,7 +181,9 @@ def cmd_cv(a) -> int:
         print(f"== {model}: {r['folds']} folds of {r['version']} ==")
         print(fold_table(r).round(3).to_string()); print(fold_summary(r).to_string())
         if r['ensemble']: print('test:'); print(ensemble_table(r).to_string())
-        print(f"operating point {r['operating_point']['threshold']:.4f} ({r['operating_point']['chosen_on']})")
+        op = r['operating_point']
+        print(f"operating point {op['threshold']:.4f} ({op['chosen_on']})" if op['threshold'] is not None else
+              f"operating point: none ({op['chosen_on']} hold no image without a lesion, or none with one)")
         print(f"file: {cv_root(p) / r['run'] / 'cv.json'}")
     if p.cv.arms and a.fold is None:
         import pandas as pd
