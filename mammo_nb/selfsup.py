@@ -23,16 +23,24 @@ from .prepare import Version, decode_need, version_dir
 from .trainutil import check_device, cpu_threads, pretrain_file, weights_record
 
 # %% auto #0
-__all__ = ['DICOM_SUFFIXES', 'version_images', 'folder_images', 'view', 'Crops', 'SSLNet', 'lr_at', 'fit_ssl', 'ssl_input',
-           'start_weights_of', 'learn_backbone', 'check_unseen']
+__all__ = ['DICOM_SUFFIXES', 'png_hashes', 'version_images', 'folder_images', 'view', 'Crops', 'SSLNet', 'lr_at', 'fit_ssl',
+           'ssl_input', 'start_weights_of', 'learn_backbone', 'check_unseen']
 
 # %% ../nbs/07fb_selfsup.ipynb #3c1f0a05
+def png_hashes(V: Version) -> dict:
+    "SHA-256 of each file of `V` from its manifest, and of its parent's (a fold links its parent's PNGs) when that matches the recorded hash."
+    files, d = V.manifest['files'], V.manifest.get('derived_from')
+    if d:
+        m = (V.dir / d['dir']).resolve() / 'manifest.json'
+        if m.exists() and file_sha256(m) == d['manifest_sha256']: files = {**json.loads(m.read_text())['files'], **files}
+    return files
+
 def version_images(V: Version, splits) -> pd.DataFrame:
-    "The version's images of `splits`: image_id, split, PNG file, its SHA-256 (from the manifest) and pixel fingerprint."
-    im, files = V.images[V.images.split.isin(list(splits))], V.manifest['files']
+    "The version's images of `splits`: image_id, split, PNG file, its SHA-256 (from the manifests) and pixel fingerprint."
+    im, files = V.images[V.images.split.isin(list(splits))], png_hashes(V)
     return pd.DataFrame(dict(source='version', image_id=im.image_id.astype(str).values, split=im.split.values,
                              png=[str(V.dir / f) for f in im.png],
-                             sha256=[files.get(f) or file_sha256(V.dir / f) for f in im.png],     # a fold links its parent's PNGs
+                             sha256=[files.get(f) or file_sha256(V.dir / f) for f in im.png],
                              pixel_fingerprint=im.pixel_fingerprint.fillna('').astype(str).values))
 
 DICOM_SUFFIXES = ('.dcm', '.dicom', '')
