@@ -19,9 +19,9 @@ from .prepare import Version
 from .runs import RunDir, models
 from .synth import get_config
 from .synth_layouts import synth_overrides, synth_source
-from .selfsup import learn_backbone, start_weights_of
+from .selfsup import learn_backbone
 from .train import train_run
-from .trainutil import check_version, pretrain_file
+from .trainutil import check_version, pretrain_file, weights_file
 
 # %% auto #0
 __all__ = ['pretrain_manifest', 'pretrain', 'pretrain_ssl']
@@ -71,7 +71,7 @@ def pretrain_ssl(p, progress: bool = True) -> list[Path]:
     starts from `mammo pretrain`'s synthetic weights (`train.model`, or a torchvision detector's `train.weights`)."""
     V, ms = check_version(p), models(p)
     if p.pretrain.method == 'synthetic+ssl':
-        bad = [m for m in ms if not (pretrain_file(m) or pretrain_file(start_weights_of(p, m) or ''))]
+        bad = [m for m in ms if not (pretrain_file(m) or pretrain_file(weights_file(p, m) or ''))]
         if bad: raise PretrainError(f"pretrain.method 'synthetic+ssl' continues from mammo pretrain's synthetic weights, but "
                                     f"'train.model' {bad[0]!r} has no pretrain.json beside its weights/ folder")
     return [learn_backbone(p, m, V, ['train'] + (['val'] if p.ssl.transductive else []), progress) for m in ms]

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07fb_selfsup.ipynb #3c1f0a03
 from __future__ import annotations
-import copy, hashlib, json, math, os, time, warnings
+import hashlib, json, math, os, time, warnings
 from pathlib import Path
 
 import cv2
@@ -20,11 +20,11 @@ from .families import family_of
 from .files import atomic_write, file_sha256, git_commit, within_root
 from .ingest import RASTER, IngestError, breast_mask, ingest
 from .prepare import Version, decode_need, version_dir
-from .trainutil import check_device, cpu_threads, pretrain_file, weights_record
+from .trainutil import check_device, cpu_threads, pretrain_file, weights_file, weights_record
 
 # %% auto #0
 __all__ = ['DICOM_SUFFIXES', 'png_hashes', 'version_images', 'folder_images', 'view', 'Crops', 'SSLNet', 'lr_at', 'fit_ssl',
-           'ssl_input', 'start_weights_of', 'learn_backbone', 'check_unseen']
+           'ssl_input', 'learn_backbone', 'check_unseen']
 
 # %% ../nbs/07fb_selfsup.ipynb #3c1f0a05
 def png_hashes(V: Version) -> dict:
@@ -201,11 +201,6 @@ def _ssl_name(p, model: str, ims: pd.DataFrame, weights) -> str:
                weights_sha=file_sha256(weights) if weights else None, images=sorted(ims.sha256.astype(str)))
     return f"{Path(model).stem}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
 
-def start_weights_of(p, model: str):
-    "The local file a torchvision `model` starts from (`train.weights`), else None."
-    w = p.train.weights
-    return (w.get(model) if isinstance(w, dict) else w) if w and not str(model).endswith(('.yaml', '.pt')) else None
-
 def learn_backbone(p, model: str, V: Version, splits=('train',), progress: bool = True) -> Path:
     """Self-supervised pretraining of `model`'s backbone on `V`'s images of `splits` and the recipe's `ssl.folders`;
     returns its folder (`weights/`, `pretrain.json`, `ssl.csv`). A finished one is found, a killed one resumes."""
@@ -216,13 +211,14 @@ def learn_backbone(p, model: str, V: Version, splits=('train',), progress: bool 
     fol, fails, left = folder_images(p, version_dir(p) / 'ssl' / 'unlabelled', set(held.pixel_fingerprint.dropna().astype(str)) - {''}, progress)
     ims = pd.concat([ims, fol], ignore_index=True) if len(fol) else ims
     if not len(ims): raise TrainError(f"self-supervised pretraining found no image: none in splits {list(splits)} of {V.dir.name}, none in ssl.folders")
-    w = start_weights_of(p, model)
+    w = weights_file(p, model)
     out = V.dir / 'ssl' / _ssl_name(p, model, ims, w)
     if (out / 'pretrain.json').exists(): return out
     out.mkdir(parents=True, exist_ok=True)
     device = check_device(p.train.device)
     threads = cpu_threads(p.train.threads) if device == 'cpu' else None
     size, t0 = ssl_input(p), time.time()
+    torch.manual_seed(p.ssl.seed)                             # a `.yaml` start: the same random weights every time
     net = SSLNet(fam.trunk(model, classes, p.train.imgsz, w), size)
     log = fit_ssl(net, Crops(ims.png, p.ssl.crop, size, p.ssl.crops, p.ssl.min_breast, p.ssl.seed), p.ssl, out, device, progress)
     start = fam.save_trunk(net.trunk, model, out)

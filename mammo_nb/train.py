@@ -11,7 +11,7 @@ from .errors import TrainError
 from .families import family_of, family_of_weights
 from .prepare import Version, version_dir
 from .runs import RunDir, models, run_dir, tile_settings
-from .trainutil import check_version, pretrain_file
+from .trainutil import check_version, pretrain_file, weights_file
 
 # %% auto #0
 __all__ = ['weights_classes', 'check_classes', 'start_point', 'train_run', 'train']
@@ -37,7 +37,7 @@ def start_point(p, model: str, V: Version) -> tuple[str, object, dict | None]:
     `selfsup.learn_backbone` first learns from `V`'s training images (and `ssl.folders`). Any pretrained file it
     starts from is checked first (`selfsup.check_unseen`: no held-out image of `V` in its pretraining).
     Returns (model, recipe, what the pretraining learned from or None)."""
-    from mammo_nb.selfsup import check_unseen, learn_backbone, start_weights_of
+    from mammo_nb.selfsup import check_unseen, learn_backbone
     q = p
     if p.train.ssl:
         d = learn_backbone(p, model, V, ['train'] + (['val'] if p.ssl.transductive else []))
@@ -46,7 +46,7 @@ def start_point(p, model: str, V: Version) -> tuple[str, object, dict | None]:
         if st['weights']: q.train.weights = {st['model']: st['weights']}
         model = st['model']
     seen = None
-    for f in (model, start_weights_of(q, model)):
+    for f in (model, weights_file(q, model)):
         if f and str(f).endswith('.pt'): seen = check_unseen(f, V, p.ssl.transductive) or seen
     return model, q, seen
 

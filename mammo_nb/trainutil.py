@@ -19,7 +19,7 @@ from .prepare import Version, load_version, prepare, version_dir
 # %% auto #0
 __all__ = ['NegativeSampler', 'class_weights', 'cpu_threads', 'CPUThreads', 'threaded', 'check_version', 'check_device',
            'epoch_seconds', 'trim_results', 'transfer_report', 'write_transfer', 'read_transfer', 'scale_transferred',
-           'pretrain_file', 'weights_record', 'negatives_summary']
+           'weights_file', 'pretrain_file', 'weights_record', 'negatives_summary']
 
 # %% ../nbs/07_trainutil.ipynb #73ef8958
 class NegativeSampler(torch.utils.data.Sampler):
@@ -163,6 +163,11 @@ def scale_transferred(opt: torch.optim.Optimizer, model: nn.Module, rep: dict, f
         extra.append({**{k: v for k, v in g.items() if k != 'params'}, 'params': moved, 'lr': g['lr'] * factor})
     for g in extra: opt.add_param_group(g)
     return opt
+
+def weights_file(p, model: str) -> str | None:
+    "The local file `train.weights` gives torchvision detector `model` (one file, or `{name: file}`); None for a `.yaml` / `.pt` model."
+    w = p.train.weights
+    return (w.get(model) if isinstance(w, dict) else w) if w and not str(model).endswith(('.yaml', '.pt')) else None
 
 def pretrain_file(weights: str | Path) -> Path | None:
     "The `pretrain.json` that `mammo pretrain` wrote beside a run's `weights/` folder, if `weights` is one of its files."

@@ -25,7 +25,7 @@ from ..files import file_sha256, git_commit
 from ..metrics import BOX, Scored
 from ..prepare import Version
 from ..runs import RunDir
-from ..trainutil import NegativeSampler, check_device, class_weights, cpu_threads, epoch_seconds, trim_results, weights_record
+from ..trainutil import NegativeSampler, check_device, class_weights, cpu_threads, epoch_seconds, trim_results, weights_file, weights_record
 
 # %% auto #0
 __all__ = ['ARCHS', 'build', 'load_weights', 'freeze_body', 'param_groups', 'weighted_fastrcnn_loss', 'WeightedRoIHeads',
@@ -244,9 +244,7 @@ def _resume_point(rd: Path) -> dict | None:
 
 def start_weights(p, model: str) -> tuple[str | None, str | None]:
     "(arch, weights file) of `train.model` `model`: a torchvision name with its `train.weights`, or one of our checkpoints."
-    if model in ARCHS:
-        w = p.train.weights
-        return model, (w.get(model) if isinstance(w, dict) else w) if w else None
+    if model in ARCHS: return model, weights_file(p, model)
     m = meta(model)
     if m is None: raise TrainError(f"'train.model' '{model}' is not a torchvision detector of {sorted(ARCHS)} nor one of their checkpoints")
     return m['arch'], str(model)
