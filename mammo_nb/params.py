@@ -17,8 +17,8 @@ from .looks import look_spec
 
 # %% auto #0
 __all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
-           'SLICES', 'TILES', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit', 'validate',
-           'result_settings', 'named_settings', 'merge', 'load_params']
+           'SLICES', 'TILES', 'COPY_PASTE', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit',
+           'validate', 'result_settings', 'named_settings', 'merge', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -58,6 +58,10 @@ SLICES = dict(window=None, overlap=0.2, whole=True, merge='nms', iou=0.5)
 # overlapping by `overlap`; a box kept in a tile showing >= `min_visible` of it; tiles without findings drawn each
 # epoch at `negative_ratio` x the tiles with findings (the No-Finding sampler's ratio while training on tiles).
 TILES = dict(size=None, overlap=0.2, min_visible=0.5, negative_ratio=1.0)
+# Copy-paste (`train.copy_paste`, `mammo_nb.paste`): each training image, with probability `p`, receives up to `n`
+# lesions of `classes` (None: every box class) cut from other training images, rescaled by 1 ± `scale`, feathered over
+# `feather` of their ellipse, never in the upper `pectoral` share on the chest-wall side.
+COPY_PASTE = dict(p=0.5, n=2, classes=None, scale=0.2, feather=0.3, pectoral=0.35)
 
 def filled(values: dict | None, defaults: dict, size_key: str, size: int) -> dict | None:
     "A mapping setting (`evaluate.slices`, `train.tiles`) with `defaults` filled in and `size_key` None -> `size`; None stays None."
@@ -199,6 +203,8 @@ SCHEMA = {
         'tiles': Field(dict, None, "train on tiles of the version's images at its own resolution, e.g. `{size: 320}` (keys "
                        'and defaults: `params.TILES`); the run is evaluated on whole images through `evaluate.slices`. '
                        'None: whole images', late=True),
+        'copy_paste': Field(dict, None, 'lesions cut from other training images pasted into training breasts while training '
+                            '(YOLOv8), e.g. `{p: 0.5, n: 2, classes: [Mass]}` (keys and defaults: `params.COPY_PASTE`); None: off', late=True),
         'ssl': Field(bool, False, 'before training, the backbone learns from the run\'s own training images without labels '
                      '(self-supervised, the `ssl` section; under `mammo cv` each fold from its training folds only), and the '
                      'run starts from what it learned', late=True),
@@ -409,6 +415,19 @@ def _check(d: dict, schema: dict, prefix: str, errs: list) -> dict:
 def _attr(d):
     return AttrDict({k: _attr(v) if isinstance(v, dict) else v for k, v in d.items()})
 
+def _copy_paste_errors(cp: dict | None, cls: list, key: str, errs: list):
+    "What is wrong with a `train.copy_paste` mapping (`COPY_PASTE` keys, ranges, classes of the recipe)."
+    if cp is None: return
+    if set(cp) - set(COPY_PASTE): errs.append(f"'{key}' keys are {sorted(COPY_PASTE)}, not {sorted(set(cp) - set(COPY_PASTE))}")
+    for k, lo, hi in (('p', 0, 1), ('scale', 0, 0.9), ('feather', 0, 1), ('pectoral', 0, 0.9)):
+        v = cp.get(k, COPY_PASTE[k])
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi: errs.append(f"'{key}.{k}' must be a number in [{lo}, {hi}], got {v!r}")
+    n = cp.get('n', COPY_PASTE['n'])
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: errs.append(f"'{key}.n' must be a whole number >= 1, got {n!r}")
+    c = cp.get('classes') or []
+    bad = sorted(set(map(str, c)) - set(cls)) if isinstance(c, list) else [f'{c!r} is not a list']
+    if bad: errs.append(f"'{key}.classes' must list classes of 'prepare.classes', see {bad}")
+
 def _cross_check(p: dict, errs: list):
     "Rules that involve more than one key."
     pr, sp = p.get('prepare', {}), p.get('split', {})
@@ -426,6 +445,7 @@ def _cross_check(p: dict, errs: list):
         if not 0 < float(tl.get('min_visible', 0.5)) <= 1: errs.append("'train.tiles.min_visible' must be in (0, 1]")
         if tl.get('size') is not None and not (isinstance(tl['size'], int) and tl['size'] >= 32):
             errs.append("'train.tiles.size' must be a whole number of pixels >= 32 (or null: train.imgsz)")
+    _copy_paste_errors((p.get('train') or {}).get('copy_paste'), cls, 'train.copy_paste', errs)
     sl = (p.get('evaluate') or {}).get('slices')
     if sl:
         if set(sl) - set(SLICES): errs.append(f"'evaluate.slices' keys are {sorted(SLICES)}, not {sorted(set(sl) - set(SLICES))}")
@@ -443,6 +463,7 @@ def _cross_check(p: dict, errs: list):
         for k in set(arm) - {'train', 'ssl'}:
             errs.append(f"'cv.arms.{name}.{k}': an arm changes training only (train and ssl keys), all arms share the version and the folds")
         for k in {'train', 'ssl'} & set(arm): _check(arm[k] or {}, SCHEMA[k], f'cv.arms.{name}.{k}.', errs)
+        if isinstance(arm.get('train'), dict): _copy_paste_errors(arm['train'].get('copy_paste'), cls, f'cv.arms.{name}.train.copy_paste', errs)
     if cvp.get('select') and cls and cvp['select'] not in cls: errs.append(f"'cv.select' {cvp['select']!r} is not one of 'prepare.classes'")
     cm = (p.get('source') or {}).get('class_map') or {}
     bad = sorted(str(k) for k, v in cm.items() if not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))))

@@ -88,7 +88,8 @@ def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     that cannot name a file (`files.safe_name`: `../`, a separator, a newline...) replaced by its keyed pseudonym."""
     root = source_root(p)
     if not root.is_dir():
-        hint = ' (write it first: `mammo synth --params <recipe>`)' if p.source.root is None else ''
+        hint = (' (write it first: `mammo synth --params <recipe>`)' if p.source.root is None else
+                f' (relative to the folder mammo runs in, {Path.cwd().name}/: run it from the project\'s root)' if not root.is_absolute() else '')
         raise PrepareError(f"dataset root '{root}' not found{hint}")
     key = key or pseudonym_key(p)                           # (made only once the root is there)
     try: images, boxes, fails = read_layout(p.source.layout, root, p.source.class_map, p.source.csv, key=key)

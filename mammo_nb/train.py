@@ -62,6 +62,8 @@ def train_run(p, model: str, V: Version | None = None, rd: Path | None = None) -
     V = V or check_version(p)
     rd = Path(rd) if rd else run_dir(p, model)
     if not (p.train.reset_head or pretrain_file(model)): check_classes(model, V.manifest['classes'])   # `mammo pretrain`'s: meant to get a new head
+    if p.train.copy_paste and not family_of(model).copy_paste:
+        raise TrainError(f"'train.copy_paste': the {family_of(model).name} family does not paste lesions yet (YOLOv8 does); leave it out for '{model}'")
     start, q, seen = start_point(p, model, V)
     extra = {'ssl': seen} if seen else {}
     if s is None: rd = family_of(start).train(q, start, V, rd)

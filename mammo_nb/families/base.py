@@ -14,6 +14,7 @@ class Family:
     name: str = ''
     val_ap: tuple[str, str] = ()       # results.csv columns of the val AP50 and AP50:95 it logs while training
     cam_layers: tuple = ()             # the layers its maps come from when the recipe names none
+    copy_paste: bool = False           # its training takes `train.copy_paste` (`mammo_nb.paste`)
 
     def claims(self, model: str) -> bool:
         "Whether `train.model` value `model` (a name, a config or a weights file) is this family's."

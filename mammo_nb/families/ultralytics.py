@@ -4,7 +4,7 @@
 
 # %% ../../nbs/07d_ultralytics.ipynb #1b95032f
 from __future__ import annotations
-import json, os, time
+import json, os, random, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 os.environ.setdefault('YOLO_OFFLINE', '1')
 from ultralytics.data.build import InfiniteDataLoader, seed_worker
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.utils import colorstr
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.utils import LOCAL_RANK, RANK, nms, ops
 from ultralytics.utils.loss import v8DetectionLoss
@@ -29,16 +31,18 @@ from ..errors import ParamsError, TrainError
 from .base import Family
 from ..files import file_sha256, git_commit
 from ..metrics import BOX
+from ..params import COPY_PASTE, filled
+from ..paste import lesion_crops, paste_lesions
 from ..prepare import Version
 from ..runs import RunDir
 from ..trainutil import (CPUThreads, NegativeSampler, check_device, class_weights, cpu_threads, epoch_seconds, read_transfer,
                                 scale_transferred, threaded, transfer_report, trim_results, weights_record, write_transfer)
 
 # %% auto #0
-__all__ = ['FocalBCE', 'MammoDetectionLoss', 'sampled_loader', 'log_negatives', 'MammoTrainer', 'write_run_data', 'train_args',
-           'resumable', 'train_run', 'MultiLabelPredictor', 'MammoValidator', 'predict', 'library_val', 'Detector',
-           'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'cam', 'to_input_grid', 'head_inputs',
-           'YoloExplainer', 'YoloTrunk', 'yolo_trunk', 'save_yolo_trunk', 'UltralyticsFamily']
+__all__ = ['FocalBCE', 'MammoDetectionLoss', 'sampled_loader', 'log_negatives', 'PasteDataset', 'MammoTrainer', 'write_run_data',
+           'train_args', 'resumable', 'train_run', 'MultiLabelPredictor', 'MammoValidator', 'predict', 'library_val',
+           'Detector', 'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'cam', 'to_input_grid',
+           'head_inputs', 'YoloExplainer', 'YoloTrunk', 'yolo_trunk', 'save_yolo_trunk', 'UltralyticsFamily']
 
 # %% ../../nbs/07d_ultralytics.ipynb #5e394472
 class FocalBCE(nn.Module):
@@ -74,6 +78,49 @@ def log_negatives(trainer):
     rec = dict(epoch=trainer.epoch, finding=len(s.pos), negatives=[Path(files[i]).stem for i in s.negatives(trainer.epoch)])
     with open(Path(trainer.save_dir) / 'negatives.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
 
+class PasteDataset(YOLODataset):
+    """ultralytics' training dataset with copy-paste (`train.copy_paste`, `mammo_nb.paste`): each image it loads (the
+    mosaic's partners too), with probability `p`, receives up to `n` lesions cut from its other training images. The
+    bank is cut once, at the loader's image size, from this dataset's own labels: the training split only."""
+    def __init__(self, *args, paste: dict, **kw):
+        self.paste, self._bank = dict(paste), None
+        super().__init__(*args, **kw)
+
+    def bank(self) -> list[dict]:
+        if self._bank is None:
+            names = self.data['names']
+            want = None if not self.paste.get('classes') else {i for i, n in names.items() if n in self.paste['classes']}
+            self._bank = []
+            for i, lb in enumerate(self.labels):
+                c = lb['cls'].reshape(-1).astype(int)
+                keep = np.ones(len(c), bool) if want is None else np.isin(c, list(want))
+                if not keep.any(): continue
+                img = self.load_image(i)[0]
+                h, w = img.shape[:2]
+                xy = lb['bboxes'][keep] * [w, h, w, h]
+                b = np.c_[xy[:, :2] - xy[:, 2:] / 2, xy[:, :2] + xy[:, 2:] / 2]
+                self._bank += [dict(e, source=i) for e in lesion_crops(img, b, c[keep])]
+        return self._bank
+
+    def get_image_and_label(self, index):
+        self._index = index                      # update_labels_info (called by the base class) pastes into this image
+        return super().get_image_and_label(index)
+
+    def update_labels_info(self, label):
+        s = self.paste
+        if random.random() < s['p']:
+            img = label['img']
+            h, w = img.shape[:2]
+            xy = label['bboxes'] * [w, h, w, h]
+            own = np.c_[xy[:, :2] - xy[:, 2:] / 2, xy[:, :2] + xy[:, 2:] / 2]
+            rng = np.random.default_rng(random.getrandbits(64))        # ultralytics seeds `random` per run
+            img, b, c = paste_lesions(img, own, self.bank(), rng, s['n'], s['scale'], s['feather'], s['pectoral'], source=self._index)
+            if len(c):
+                xywh = np.c_[(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]] / [w, h, w, h]
+                label = dict(label, img=img, bboxes=np.r_[label['bboxes'], xywh].astype(np.float32),
+                             cls=np.r_[label['cls'], c.reshape(-1, 1)].astype(label['cls'].dtype))
+        return super().update_labels_info(label)
+
 class MammoTrainer(DetectionTrainer):
     "DetectionTrainer + per-epoch No-Finding resampling, manifest class weights, an optional focal loss, all CPU cores."
     def __init__(self, *args, **kw):
@@ -86,6 +133,15 @@ class MammoTrainer(DetectionTrainer):
 
     @property
     def mammo(self) -> dict: return (self.data or {}).get('mammo') or {}
+
+    def build_dataset(self, img_path, mode='train', batch=None):
+        "ultralytics' dataset; for training with `train.copy_paste`, a `PasteDataset` with the same arguments."
+        cp = self.mammo.get('copy_paste')
+        if mode != 'train' or not cp: return super().build_dataset(img_path, mode, batch)
+        a = self.args
+        return PasteDataset(img_path=img_path, imgsz=a.imgsz, batch_size=batch, augment=True, hyp=a, rect=False,
+                            cache=a.cache or None, single_cls=a.single_cls or False, stride=max(int(unwrap_model(self.model).stride.max()), 32),
+                            pad=0.0, prefix=colorstr('train: '), task=a.task, classes=a.classes, data=self.data, paste=cp)
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode='train'):
         if mode != 'train': return super().get_dataloader(dataset_path, batch_size, rank, mode)
@@ -144,7 +200,8 @@ def write_run_data(p, V: Version, rd: Path) -> Path:
                         class_weight_power=p.train.class_weight_power,
                         class_weights=class_weights(counts, V.manifest['classes'], p.train.class_weight_power),
                         threads=p.train.threads, cpu_workers=p.train.cpu_workers, val_every=p.train.val_every,
-                        transfer_lr=p.train.transfer_lr))
+                        transfer_lr=p.train.transfer_lr,
+                        copy_paste=filled(p.train.copy_paste, COPY_PASTE, 'n', COPY_PASTE['n'])))
     rd.mkdir(parents=True, exist_ok=True)
     f = rd / 'data.yaml'
     f.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -392,6 +449,7 @@ class UltralyticsFamily(Family):
     name = 'ultralytics'
     val_ap = ('metrics/mAP50(B)', 'metrics/mAP50-95(B)')
     cam_layers = ()                    # the head's inputs (`head_inputs`): P3-P5, or P2-P5 with the P2 head
+    copy_paste = True                  # `PasteDataset`
     def claims(self, model) -> bool: return True
     def owns(self, weights) -> bool: return True
     def weights_classes(self, weights):
