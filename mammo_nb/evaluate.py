@@ -17,7 +17,7 @@ from .files import clean_json, file_sha256
 from .metrics import (BOX, SCORING, Scored, bootstrap, choose_threshold, conventions, fmt_ci, nest, sens_spec,
                               unit_name)
 from .runs import RunDir
-from .slices import describe, slice_settings, sliced
+from .slices import describe, slice_settings, viewer
 from .split import group_keys
 from .train import check_classes
 from .trainutil import check_device, check_version
@@ -30,21 +30,22 @@ __all__ = ['predict', 'plot_froc', 'plot_roc', 'save_froc_roc', 'evaluate_run', 
 # %% ../nbs/08a_evaluate.ipynb #df54a90b
 def predict(weights, V, split: str, imgsz: int, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
             batch: int = 16, device: str = 'cpu', progress: bool = True, ims: pd.DataFrame | None = None,
-            threads: int | None = None, slices: dict | None = None) -> pd.DataFrame:
+            threads: int | None = None, slices: dict | None = None, tta: str = 'none') -> pd.DataFrame:
     """Boxes (PNG pixels) of `weights`, of any detector family, on every image of `split` (image-level-only images
     included), or on the rows `ims`: the predictions CSV's rows. `slices` (`evaluate.slices`): sliced inference, each
     image through the family's single-image runner window by window (`mammo_nb.slices`)."""
     ims = V.images[V.images.split == split] if ims is None else ims
     fam = family_of_weights(weights)
     s = slice_settings(slices, imgsz)
-    if s is None: return fam.predict(weights, V, ims, imgsz, conf, iou, max_det, batch, device, progress, threads, desc=f'predict {split}')
+    if s is None and tta == 'none': return fam.predict(weights, V, ims, imgsz, conf, iou, max_det, batch, device, progress, threads, desc=f'predict {split}')
     import cv2
     from tqdm import tqdm
-    run, names, rows = fam.runner(weights, imgsz, device, conf, iou, max_det, threads), V.manifest['classes'], []
-    for iid, png in tqdm(list(zip(ims.image_id, ims.png)), desc=f'predict {split} (sliced)', disable=not progress, mininterval=5):
+    run, names, rows = viewer(fam.runner(weights, imgsz, device, conf, iou, max_det, threads), s, tta, max_det), V.manifest['classes'], []
+    how = ', '.join(x for x in ('sliced' if s else '', 'flip' if tta != 'none' else '') if x)
+    for iid, png in tqdm(list(zip(ims.image_id, ims.png)), desc=f'predict {split} ({how})', disable=not progress, mininterval=5):
         img = cv2.imread(str(V.dir / png), cv2.IMREAD_UNCHANGED)
         img = (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img
-        b, c, sc = sliced(run, img, s, max_det)
+        b, c, sc = run(img)
         rows += [(iid, names[k], int(k), round(float(v), 5), *(round(float(x), 2) for x in bb)) for bb, k, v in zip(np.asarray(b).reshape(-1, 4), c, sc)]
     return pd.DataFrame(rows, columns=['image_id', 'cls', 'class_id', 'score'] + BOX)
 
@@ -134,7 +135,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
                score_classes=list(e.score_classes or classes), evaluate=dict(e), splits={})
     thr, units = None, set()
     for split in ['val'] + [s for s in e.splits if s != 'val']:
-        pred = predict(weights, V, split, imgsz, e.conf, e.iou, e.max_det, e.batch, device, progress, threads=p.train.threads, slices=e.slices)
+        pred = predict(weights, V, split, imgsz, e.conf, e.iou, e.max_det, e.batch, device, progress, threads=p.train.threads, slices=e.slices, tta=e.tta)
         pred.to_csv(run.predictions(split), index=False)
         S = Scored(V.images[V.images.split == split], V.boxes[V.boxes.split == split], pred, classes,
                    e.score_classes, e.hit_iou, tuple(e.froc_fps), e.pooled_nms_iou, e.max_det, e.hit, e.second_mark)
@@ -150,7 +151,7 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
         out['splits'][split] = nest(B, S, ul)
         save_froc_roc(S, ev / split / 'froc_roc.png', f'FROC, {split}', f'ROC, {split}', out['splits'][split])
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(units), e.hit, e.second_mark)
-    conv['inference'] = describe(slice_settings(e.slices, imgsz))
+    conv['inference'] = describe(slice_settings(e.slices, imgsz), e.tta)
     out = clean_json(dict(out, conventions=conv, bootstrap=conv['bootstrap']))
     run.metrics_file.write_text(json.dumps(out, indent=1))
     return out
@@ -221,7 +222,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
     if ims.empty: raise TrainError(f"version {Vy.manifest['version']} has no '{split}' images (--split all scores every image)")
     e, weights, imgsz = p.evaluate, run.best, run.imgsz(p.train.imgsz)
     pred = predict(weights, Vy, split, imgsz, e.conf, e.iou, e.max_det, e.batch, check_device(p.train.device), progress,
-                   ims=ims, threads=p.train.threads, slices=e.slices)
+                   ims=ims, threads=p.train.threads, slices=e.slices, tta=e.tta)
     pred = pred[pred.cls.isin(amap)].assign(cls=lambda d: d.cls.map(amap))
     classes = list(dict.fromkeys(amap.values()))
     gt = Vy.boxes[Vy.boxes.image_id.isin(ims.image_id) & Vy.boxes.cls.isin(classes)]
@@ -232,7 +233,7 @@ def evaluate_external(p, rd: Path, q, split: str = 'test', class_map: dict | Non
     out_dir = run.external_dir(Vy.manifest['version']); out_dir.mkdir(parents=True, exist_ok=True)
     pred.to_csv(out_dir / f'predictions-{split}.csv', index=False)
     conv = conventions(e.hit_iou, e.pooled_nms_iou, e.max_det, e.bootstrap, e.ci, e.seed, unit_name(set(S.group)), e.hit, e.second_mark)
-    conv['inference'] = describe(slice_settings(e.slices, imgsz))
+    conv['inference'] = describe(slice_settings(e.slices, imgsz), e.tta)
     out = clean_json(dict(run=rd.name, trained_on=Vx.manifest['version'], scored_on=Vy.manifest['version'], split=split,
                       manifest_sha256=file_sha256(Vy.dir / 'manifest.json'), weights_sha256=file_sha256(weights), imgsz=imgsz,
                       class_alignment=dict(scored=amap, not_scorable=not_scorable,

@@ -17,8 +17,8 @@ from .looks import look_spec
 
 # %% auto #0
 __all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
-           'SLICES', 'TILES', 'COPY_PASTE', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit',
-           'validate', 'result_settings', 'named_settings', 'merge', 'load_params']
+           'SLICES', 'TILES', 'COPY_PASTE', 'TTA', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled',
+           'parse_hit', 'validate', 'result_settings', 'named_settings', 'merge', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -62,6 +62,7 @@ TILES = dict(size=None, overlap=0.2, min_visible=0.5, negative_ratio=1.0)
 # lesions of `classes` (None: every box class) cut from other training images, rescaled by 1 ± `scale`, feathered over
 # `feather` of their ellipse, never in the upper `pectoral` share on the chest-wall side.
 COPY_PASTE = dict(p=0.5, n=2, classes=None, scale=0.2, feather=0.3, pectoral=0.35)
+TTA = ('none', 'flip')   # `evaluate.tta`: the views a detector sees at inference (`slices.flipped`)
 
 def filled(values: dict | None, defaults: dict, size_key: str, size: int) -> dict | None:
     "A mapping setting (`evaluate.slices`, `train.tiles`) with `defaults` filled in and `size_key` None -> `size`; None stays None."
@@ -224,6 +225,8 @@ SCHEMA = {
         'slices': Field(dict, None, 'sliced inference for small findings, e.g. `{window: 320, overlap: 0.2}`: windows of '
                         "the version's PNG, each predicted at the run's input size, boxes mapped back and merged (keys and "
                         'defaults: `params.SLICES`); serve follows the run. None: whole images'),
+        'tta': Field(str, 'none', "test-time augmentation: `flip` runs the detector on each image and on its mirror and fuses "
+                     'both views by Weighted Boxes Fusion (a box one view alone finds keeps half its score); serve follows the run', TTA, late=True),
         'whole_images': Field(bool, False, 'score a run trained on tiles (`train.tiles`) on whole images without '
                               '`evaluate.slices` (refused otherwise: it never saw a whole image)'),
         'max_det': Field(int, 100, 'boxes kept per image', min=1),

@@ -19,7 +19,7 @@ from .ingest import MAX_PIXELS, IngestError, ingest, warning_lines
 from .families import family_of_weights
 from .files import file_sha256
 from .runs import RunDir
-from .slices import SlicedExplainer, describe, slice_settings, sliced
+from .slices import SlicedExplainer, describe, slice_settings, viewer
 
 # %% auto #0
 __all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'log', 'sniff', 'Predictor', 'BodyLimit', 'create_app', 'serve']
@@ -56,13 +56,14 @@ class Predictor:
         self.threshold = float(op['threshold']) if known else 0.25
         self.threshold_source = 'operating point chosen on val' if known else 'default 0.25 (run not evaluated)'
         self.device, self.conf, self.layers, self.threads = device, conf, layers, threads     # layers None: the family's
-        self.slices = slice_settings(((run.metrics or {}).get('evaluate') or {}).get('slices'), self.imgsz)   # as the run was evaluated
+        ev = (run.metrics or {}).get('evaluate') or {}
+        self.slices, self.tta = slice_settings(ev.get('slices'), self.imgsz), ev.get('tta') or 'none'   # as the run was evaluated
         self.ids = dict(run=self.rd.name, version=man['version'], manifest_sha256=file_sha256(man_f), weights_sha256=file_sha256(self.weights),
                         classes=self.classes, imgsz=self.imgsz, threshold=self.threshold, threshold_source=self.threshold_source,
-                        inference=describe(self.slices))
+                        inference=describe(self.slices, self.tta))
         self.family = family_of_weights(self.weights)
         whole = self.family.runner(self.weights, self.imgsz, device, conf, 0.6, 100, threads)
-        self.run = whole if self.slices is None else (lambda img: sliced(whole, img, self.slices))
+        self.run = viewer(whole, self.slices, self.tta)
         self._ex, self.lock = None, threading.Lock()
 
     def preprocess(self, path: str | Path):

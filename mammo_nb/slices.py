@@ -7,22 +7,24 @@ from __future__ import annotations
 import numpy as np
 
 from .metrics import box_iou
-from .params import SLICES, filled
+from .params import SLICES, TTA, filled
 
 # %% auto #0
-__all__ = ['slice_settings', 'describe', 'windows', 'nms', 'merge', 'sliced', 'SlicedExplainer']
+__all__ = ['slice_settings', 'describe', 'windows', 'nms', 'merge', 'sliced', 'flipped', 'viewer', 'SlicedExplainer']
 
 # %% ../nbs/07i_slices.ipynb #51ce0005
 def slice_settings(slices: dict | None, imgsz: int) -> dict | None:
     "`evaluate.slices` with every default filled in (`params.SLICES`; the window: `imgsz`); None stays None (whole images)."
     return filled(slices, SLICES, 'window', imgsz)
 
-def describe(s: dict | None) -> str:
-    "The inference rule in words, for the conventions."
-    if not s: return 'whole images, letterboxed to the input size'
+def describe(s: dict | None, tta: str = 'none') -> str:
+    "The inference rule in words, for the conventions: slice settings `s` and test-time augmentation `tta`."
+    t = ('' if tta == 'none' else '; test-time flip: the image and its left-right mirror, boxes fused by Weighted Boxes '
+         'Fusion as two models (mean score; a box one view alone finds keeps half its score)')
+    if not s: return 'whole images, letterboxed to the input size' + t
     return (f"sliced: windows of {s['window']} px of the version's image overlapping by {s['overlap']:g} of a window"
             f"{', plus the whole image' if s['whole'] else ''}; boxes mapped to image pixels and merged per class by "
-            f"{'greedy NMS' if s['merge'] == 'nms' else 'Weighted Boxes Fusion (max score)'} at IoU {s['iou']:g}")
+            f"{'greedy NMS' if s['merge'] == 'nms' else 'Weighted Boxes Fusion (max score)'} at IoU {s['iou']:g}" + t)
 
 def windows(h: int, w: int, size: int, overlap: float = 0.2) -> list[tuple[int, int, int, int]]:
     """Windows (x0, y0, x1, y1) of `size` px covering an `h` x `w` image, neighbours overlapping by at least `overlap`
@@ -77,6 +79,32 @@ def sliced(run, img: np.ndarray, s: dict, max_det: int = 100):
         B.append(np.asarray(b, float).reshape(-1, 4)); C += list(c); S += list(sc)
     b, sc, c = merge(np.concatenate(B), S, C, (h, w), s['merge'], s['iou'])
     return b[:max_det], c[:max_det].tolist(), sc[:max_det].tolist()
+
+# %% ../nbs/07i_slices.ipynb #9de9d9ed
+def flipped(run, img: np.ndarray, iou: float = 0.55, max_det: int = 100):
+    """Boxes (image pixels), class ids and scores of `run` on `img` and on its left-right mirror, the mirror's boxes
+    flipped back, fused by Weighted Boxes Fusion (ensemble-boxes) as two equally weighted models, best `max_det` kept."""
+    from ensemble_boxes import weighted_boxes_fusion
+    h, w = img.shape[:2]
+    scale = np.array([w, h, w, h], float)
+    views = []
+    for im, mirror in ((img, False), (np.ascontiguousarray(img[:, ::-1]), True)):
+        b, c, s = run(im)
+        b = np.asarray(b, float).reshape(-1, 4)
+        if mirror: b = np.c_[w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]]
+        views.append((np.clip(b / scale, 0, 1).tolist(), np.asarray(s, float).tolist(), np.asarray(c, int).tolist()))
+    if not any(len(v[0]) for v in views): return np.zeros((0, 4)), np.zeros(0, int), np.zeros(0)
+    fb, fs, fc = weighted_boxes_fusion(*map(list, zip(*views)), iou_thr=iou, skip_box_thr=0.0, conf_type='avg')
+    o = np.argsort(-np.asarray(fs), kind='stable')[:max_det]
+    return np.asarray(fb).reshape(-1, 4)[o] * scale, np.asarray(fc, int)[o], np.asarray(fs)[o]
+
+# %% ../nbs/07i_slices.ipynb #17d6f50d
+def viewer(run, s: dict | None = None, tta: str = 'none', max_det: int = 100):
+    """The single-image runner a run predicts with, from a family's whole-image runner `run`: window by window under
+    slice settings `s` (`sliced`), and on the mirror image too under `tta` 'flip' (`flipped`). Evaluation, serve and
+    every other consumer build it here, so that they predict alike."""
+    r = run if s is None else (lambda img: sliced(run, img, s, max_det))
+    return r if tta == 'none' else (lambda img: flipped(r, img, max_det=max_det))
 
 # %% ../nbs/07i_slices.ipynb #51ce000d
 class SlicedExplainer:
