@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_params.ipynb #bb02e670
 from __future__ import annotations
-import copy, hashlib, json
+import copy, hashlib, json, os, re, stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,9 @@ from .looks import look_spec
 
 # %% auto #0
 __all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
-           'SLICES', 'TILES', 'COPY_PASTE', 'TTA', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled',
-           'parse_hit', 'validate', 'result_settings', 'named_settings', 'merge', 'load_params']
+           'SLICES', 'TILES', 'COPY_PASTE', 'TTA', 'SAFE_NAME', 'MAX_RECIPE_BYTES', 'MAX_YAML_DEPTH', 'MAX_BASE_CHAIN',
+           'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit', 'validate', 'result_settings',
+           'named_settings', 'merge', 'RecipeLoader', 'read_recipe_text', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -63,6 +64,12 @@ TILES = dict(size=None, overlap=0.2, min_visible=0.5, negative_ratio=1.0)
 # `feather` of their ellipse, never in the upper `pectoral` share on the chest-wall side.
 COPY_PASTE = dict(p=0.5, n=2, classes=None, scale=0.2, feather=0.3, pectoral=0.35)
 TTA = ('none', 'flip')   # `evaluate.tta`: the views a detector sees at inference (`slices.flipped`)
+# Names that become folders, file names, URLs and HTML (`name`, `train.run_name`): one path
+# component of letters, digits, '.', '_' and '-', starting with a letter or digit, at most 80 characters.
+SAFE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,79}')
+# A recipe file is read only when it is a regular file of at most MAX_RECIPE_BYTES, with no YAML alias (a few lines of
+# aliases expand to gigabytes), nested at most MAX_YAML_DEPTH deep, its `base:` chain at most MAX_BASE_CHAIN files long.
+MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_BASE_CHAIN = 1 << 20, 32, 16
 
 def filled(values: dict | None, defaults: dict, size_key: str, size: int) -> dict | None:
     "A mapping setting (`evaluate.slices`, `train.tiles`) with `defaults` filled in and `size_key` None -> `size`; None stays None."
@@ -100,10 +107,10 @@ SCHEMA = {
                         'physical size, 2048 px)', ('tiny', 'demo', 'full', 'calc')),
         'seed': Field(int, 0, 'generator seed; same seed -> byte-identical files'),
         'out': Field(str, 'data/raw/synth-{preset}-s{seed}-r{rev}', 'output folder (`{preset}`/`{seed}`/`{rev}` (generator revision) are filled in)', effect='runtime'),
-        'workers': Field(int, 2, 'processes used to render images', min=1, effect='runtime'),
+        'workers': Field(int, 2, 'processes used to render images (at most the cores)', min=1, max=256, effect='runtime'),
         # overrides of the preset (None keeps the preset's value)
-        'n_patients': Field(int, None, 'number of patients', min=1),
-        'height': Field(int, None, 'image height in pixels (width follows the 4084x3328 detector aspect)', min=128),
+        'n_patients': Field(int, None, 'number of patients', min=1, max=100_000),
+        'height': Field(int, None, 'image height in pixels (width follows the 4084x3328 detector aspect)', min=128, max=8192),
         'finding_rate': Field(float, None, 'probability that a breast carries at least one finding', min=0, max=1),
         'lesion_contrast': Field(float, None, 'multiplier on every lesion contrast (1 = default, not trivial)', min=0),
         'lesion_size': Field(float, None, 'multiplier on every lesion size', min=0.1),
@@ -123,7 +130,7 @@ SCHEMA = {
     },
     'prepare': {
         'out': Field(str, 'data/versions', 'folder holding the dataset versions', effect='runtime'),
-        'workers': Field(int, 2, 'processes that ingest images', min=1, effect='runtime'),
+        'workers': Field(int, 2, 'processes that ingest images (at most the cores)', min=1, max=256, effect='runtime'),
         'margin': Field(int, 4, 'pixels added around the breast crop (original resolution)', min=0),
         'classes': Field(list, VINDR_CLASSES, 'detection classes, in class-id order', items=str),
         'ignore': Field(list, (), 'known findings kept as image-level labels only (no box class)', items=str),
@@ -151,8 +158,8 @@ SCHEMA = {
     },
     'clahe': {
         'clip_limit': Field(float, 2.0, 'CLAHE clip limit (OpenCV)', min=0),
-        'tile_grid': Field(int, 8, 'CLAHE tiles per side', min=1),
-        'long_side': Field(int, 1024, 'output long side in pixels (the breast crop is resized to it)', min=32),
+        'tile_grid': Field(int, 8, 'CLAHE tiles per side', min=1, max=64),
+        'long_side': Field(int, 1024, 'output long side in pixels (the breast crop is resized to it)', min=32, max=8192),
         'bit_depth': Field(int, 8, 'PNG bit depth', (8, 16)),
         'off_rate': Field(float, 0.0, 'share of the images written without CLAHE (picked by image id): domain '
                           'randomisation for a pretraining set', min=0, max=1),
@@ -173,9 +180,9 @@ SCHEMA = {
         'weights': Field((str, dict), None, "local state dict (.pth) a torchvision detector starts from: a COCO detector's "
                          "(its class-dependent head left out) or an ImageNet backbone's; with several, {name: .pth} "
                          "(None: random weights; nothing is downloaded)", late=True),
-        'imgsz': Field(int, 640, 'training and inference image size (long side, pixels)', min=32),
-        'epochs': Field(int, 100, 'training epochs', min=1),
-        'batch': Field(int, 16, 'images per batch (over all GPUs)', min=1),
+        'imgsz': Field(int, 640, 'training and inference image size (long side, pixels)', min=32, max=4096),
+        'epochs': Field(int, 100, 'training epochs', min=1, max=10_000),
+        'batch': Field(int, 16, 'images per batch (over all GPUs)', min=1, max=4096),
         'device': Field((str, int), 'cpu', "`cpu`, a GPU index `0`, or `0,1,2,3` for DDP on several GPUs", effect='runtime'),
         'seed': Field(int, 0, 'training seed (ultralytics runs deterministic)'),
         'workers': Field(int, 2, 'dataloader worker processes on GPU (ultralytics always uses 0 on CPU; see `cpu_workers`)', min=0, effect='runtime'),
@@ -189,8 +196,8 @@ SCHEMA = {
                            ('auto', 'SGD', 'Adam', 'AdamW', 'NAdam', 'RAdam', 'RMSProp')),
         'lr0': Field(float, 0.01, 'initial learning rate', min=0),
         'warmup_epochs': Field(float, 3.0, 'learning-rate warm-up epochs', min=0),
-        'patience': Field(int, 100, 'stop after this many epochs without val improvement', min=1),
-        'close_mosaic': Field(int, 10, 'turn mosaic augmentation off for the last N epochs', min=0),
+        'patience': Field(int, 100, 'stop after this many epochs without val improvement', min=1, max=10_000),
+        'close_mosaic': Field(int, 10, 'turn mosaic augmentation off for the last N epochs', min=0, max=10_000),
         'val_every': Field(int, 1, 'validate every N-th epoch (and the last, and when early stopping may fire); '
                            'only validated epochs can become best.pt', min=1),
         'plots': Field(bool, True, "ultralytics' training plots (labels, batches, results.png, last-epoch curves)", effect='report'),
@@ -229,7 +236,7 @@ SCHEMA = {
                      'both views by Weighted Boxes Fusion (a box one view alone finds keeps half its score); serve follows the run', TTA, late=True),
         'whole_images': Field(bool, False, 'score a run trained on tiles (`train.tiles`) on whole images without '
                               '`evaluate.slices` (refused otherwise: it never saw a whole image)'),
-        'max_det': Field(int, 100, 'boxes kept per image', min=1),
+        'max_det': Field(int, 100, 'boxes kept per image', min=1, max=10_000),
         'hit_iou': Field(float, 0.3, 'FROC: a prediction hits a lesion if its centre is inside or IoU >= this', min=0, max=1),
         'hit': Field(dict, None, "FROC hit rule per class, e.g. `{Suspicious Calcification: centre}`: `centre` (the mark's "
                      "centre inside the lesion box), `iou` (IoU >= hit_iou), `iou:0.1`, or two joined by `|`; classes not "
@@ -240,19 +247,19 @@ SCHEMA = {
         'froc_fps': Field(list, FROC_FPS, 'false positives per image where FROC sensitivity is read', items=float),
         'score_classes': Field(list, None, 'classes whose max box score is the image/breast score (None: all classes)', items=str),
         'target_sensitivity': Field(float, None, 'operating point on val: the highest threshold whose sensitivity reaches it (None: Youden J)', min=0, max=1),
-        'bootstrap': Field(int, 1000, 'bootstrap resamples of the split groups (patients, else studies) for the intervals (0: none)', min=0),
+        'bootstrap': Field(int, 1000, 'bootstrap resamples of the split groups (patients, else studies) for the intervals (0: none)', min=0, max=100_000),
         'ci': Field(float, 0.95, 'confidence level of the intervals', min=0.5, max=0.999),
         'seed': Field(int, 0, 'bootstrap seed'),
-        'batch': Field(int, 16, 'images per inference batch', min=1),
+        'batch': Field(int, 16, 'images per inference batch', min=1, max=4096),
         'plots': Field(bool, True, "ultralytics' validator figures (PR/F1/P/R curves, confusion-matrix plots) in eval/<split>/"),
     },
     'ssl': {
         'method': Field(str, 'vicreg', 'self-supervised objective (lightly): vicreg (variance-invariance-covariance: no negative '
                         'pairs, so small CPU batches work, no momentum teacher)', ('vicreg',)),
-        'epochs': Field(int, 10, 'passes over the images', min=1),
+        'epochs': Field(int, 10, 'passes over the images', min=1, max=10_000),
         'crop': Field(int, 256, "side of a crop in the version's PNG pixels (its own resolution); the network sees it at the "
                       'scale the detector sees the image (x train.imgsz / clahe.long_side)', min=16),
-        'crops': Field(int, 4, 'random crops per image and epoch, each inside the breast', min=1),
+        'crops': Field(int, 4, 'random crops per image and epoch, each inside the breast', min=1, max=256),
         'min_breast': Field(float, 0.6, 'share of a crop that must lie inside the breast mask', min=0, max=1),
         'batch': Field(int, 64, 'crops per step (two augmented views of each)', min=2),
         'lr': Field(float, 0.002, 'AdamW learning rate (cosine schedule, one warm-up epoch)', min=0),
@@ -286,22 +293,22 @@ SCHEMA = {
         'layers': Field(list, None, "model layers the maps are taken from; None: the layers the detector's head reads "
                         '(YOLOv8: its neck outputs at P3/P4/P5, or P2-P5 with the P2 head; torchvision: every FPN level)', items=int),
         'threshold': Field(float, None, 'score threshold for TP/FP/FN (None: the operating point chosen on val)', min=0, max=1),
-        'per_class': Field(int, 3, 'gallery examples per class and outcome', min=1),
-        'max_lesions': Field(int, 300, 'lesions scored at most (in a fixed order)', min=1),
-        'n_original': Field(int, 2, 'true positives also shown on the original uncropped mammogram', min=0),
+        'per_class': Field(int, 3, 'gallery examples per class and outcome', min=1, max=100),
+        'max_lesions': Field(int, 300, 'lesions scored at most (in a fixed order)', min=1, max=100_000),
+        'n_original': Field(int, 2, 'true positives also shown on the original uncropped mammogram', min=0, max=100),
         'alpha': Field(float, 0.45, 'map opacity in overlays', min=0, max=1),
     },
     'selftrain': {
-        'rounds': Field(int, 0, 'pseudo-label rounds after the teacher (0: the chain skips self-training)', min=0),
+        'rounds': Field(int, 0, 'pseudo-label rounds after the teacher (0: the chain skips self-training)', min=0, max=100),
         'unlabeled_fraction': Field(float, 0.5, 'share of training patients whose labels are hidden: they join the '
                                     'unlabeled pool, and their hidden boxes measure the pseudo-labels', min=0, max=0.95),
         'conf': Field(float, 0.5, 'confidence a teacher box needs to become a pseudo box', min=0, max=1),
         'class_conf': Field(dict, None, 'per-class thresholds over `conf`, e.g. `{Mass: 0.6}`'),
         'nms_iou': Field(float, 0.5, 'class-wise NMS IoU among the pseudo boxes of an image', min=0, max=1),
-        'max_per_image': Field(int, 5, 'pseudo boxes kept per image (highest scores)', min=1),
+        'max_per_image': Field(int, 5, 'pseudo boxes kept per image (highest scores)', min=1, max=1000),
         'student_init': Field(str, 'teacher', "the student starts from the teacher's weights or from `train.model`",
                               ('teacher', 'scratch')),
-        'epochs': Field(int, None, 'epochs per student (None: train.epochs)', min=1),
+        'epochs': Field(int, None, 'epochs per student (None: train.epochs)', min=1, max=10_000),
         'strong_aug': Field(dict, None, 'ultralytics augmentation arguments for the students only, e.g. '
                             '`{mixup: 0.2, scale: 0.7, degrees: 10}`'),
         'seed': Field(int, 0, 'seed of the hidden-label draw'),
@@ -313,10 +320,10 @@ SCHEMA = {
         'task': Field(str, 'patch', 'patch: lesion and normal patches; image: whole images (breast level = max)', ('patch', 'image')),
         'labels': Field(str, 'binary', 'binary: abnormal/normal; pathology: normal + benign/malignant per lesion kind; '
                         'pathology4: normal, benign, benign_without_callback, malignant (CBIS-DDSM)', ('binary', 'pathology', 'pathology4')),
-        'patch_size': Field(int, 256, 'patch side in version-PNG pixels', min=16),
+        'patch_size': Field(int, 256, 'patch side in version-PNG pixels', min=16, max=4096),
         'patch_stride': Field(int, 128, 'stride of the patches tiled over a lesion larger than a patch', min=4),
         'jitter': Field(float, 0.25, 'seeded shift of a lesion-centred patch, as a share of its side', min=0, max=0.5),
-        'max_per_lesion': Field(int, 4, 'patches per lesion at most', min=1),
+        'max_per_lesion': Field(int, 4, 'patches per lesion at most', min=1, max=1000),
         'normal_ratio': Field(float, 1.0, 'normal patches per abnormal patch', min=0),
         'normal_margin': Field(int, 16, 'normal patches keep this distance (px) from every box', min=0),
         'min_breast': Field(float, 0.75, 'share of a normal patch inside the breast', min=0, max=1),
@@ -329,11 +336,11 @@ SCHEMA = {
                       'pos_weight negatives / positives (binary labels); focal: sigmoid focal loss (binary labels)',
                       ('ce', 'bce', 'focal')),
         'focal_gamma': Field(float, 2.0, 'focusing parameter of the focal loss', min=0),
-        'cams': Field(int, 8, 'Grad-CAM maps per outcome (true positive, false positive, miss) on test; 0: none', min=0),
+        'cams': Field(int, 8, 'Grad-CAM maps per outcome (true positive, false positive, miss) on test; 0: none', min=0, max=1000),
         'cam_method': Field(str, 'gradcam', 'class-targeted CAM of the classifier', ('gradcam', 'gradcam++')),
-        'imgsz': Field(int, 128, 'classifier input size', min=16),
-        'epochs': Field(int, 30, 'epochs in all', min=1),
-        'batch': Field(int, 32, 'batch size', min=1),
+        'imgsz': Field(int, 128, 'classifier input size', min=16, max=4096),
+        'epochs': Field(int, 30, 'epochs in all', min=1, max=10_000),
+        'batch': Field(int, 32, 'batch size', min=1, max=4096),
         'lr0': Field(float, 0.01, 'SGD learning rate', min=0),
         'balance': Field(str, 'pos_weight', 'pos_weight: inverse-frequency class weights in the loss; sampler: balanced '
                          'sampling throughout; none', ('pos_weight', 'sampler', 'none')),
@@ -355,7 +362,7 @@ SCHEMA = {
         'device': Field((str, int), 'cpu', "inference device: 'cpu' or a GPU index"),
         'workers': Field(int, 2, 'images decoded and predicted at once (each holds at most one image of '
                          "the version's `prepare.max_pixels`); further requests wait", min=1),
-        'queue': Field(int, 16, 'requests waiting for a worker; beyond it 503 at once', min=0),
+        'queue': Field(int, 16, 'requests waiting for a worker; beyond it 503 at once', min=0, max=10_000),
         'timeout_s': Field(float, 60.0, "seconds a request may wait and run; 503 after it (its worker finishes the "
                            'image, so memory stays bounded)', min=1),
     },
@@ -370,9 +377,9 @@ SCHEMA = {
         'mem': Field(str, None, 'memory per CPU job, e.g. 16G (None: the partition default)'),
         'gpu_mem': Field(str, None, 'memory per GPU job (None: the partition default)'),
         'gres': Field(str, 'gpu:1', "GPUs of a GPU job, e.g. 'gpu:4' with train.device '0,1,2,3' ('': no --gres)"),
-        'shards': Field(int, 4, 'array tasks that ingest the images (`mammo prepare --shard i/N`)', min=1),
+        'shards': Field(int, 4, 'array tasks that ingest the images (`mammo prepare --shard i/N`)', min=1, max=10_000),
         'synth_shards': Field(int, 1, 'array tasks that render the synthetic set (`mammo synth --params X --shard i/N`, '
-                              'then one merge job); 1: one job', min=1),
+                              'then one merge job); 1: one job', min=1, max=10_000),
         'setup': Field(list, None, 'shell lines run first in every job (module loads, venv activation); '
                        'None: activate the Python environment mammo runs from', items=str),
         'extra': Field(list, (), 'extra `#SBATCH` options, e.g. `--qos=long`', items=str),
@@ -431,8 +438,23 @@ def _copy_paste_errors(cp: dict | None, cls: list, key: str, errs: list):
     bad = sorted(set(map(str, c)) - set(cls)) if isinstance(c, list) else [f'{c!r} is not a list']
     if bad: errs.append(f"'{key}.classes' must list classes of 'prepare.classes', see {bad}")
 
+def _name_errors(p: dict, errs: list):
+    "Names that become paths and links: `SAFE_NAME`; files named relative to `source.root` stay under it; workers at most the cores."
+    for key, v in (('name', p.get('name')), ('train.run_name', (p.get('train') or {}).get('run_name'))):
+        if v is not None and not SAFE_NAME.fullmatch(str(v)):
+            errs.append(f"'{key}' must be one path component of letters, digits, '.', '_' and '-' starting with a letter or "
+                        f"digit (at most 80), got {str(v)[:40]!r}")
+    csv = (p.get('source') or {}).get('csv')
+    if csv is not None and (Path(csv).is_absolute() or '..' in Path(csv).parts):
+        errs.append(f"'source.csv' must be a path inside 'source.root' (relative, no '..'), got {str(csv)[:60]!r}")
+    cores = os.cpu_count() or 1
+    for sec in ('synth', 'prepare'):
+        w = (p.get(sec) or {}).get('workers')
+        if isinstance(w, int) and w > cores: errs.append(f"'{sec}.workers' is {w}, more than this machine's {cores} cores")
+
 def _cross_check(p: dict, errs: list):
     "Rules that involve more than one key."
+    _name_errors(p, errs)
     pr, sp = p.get('prepare', {}), p.get('split', {})
     cls, ign = pr.get('classes') or [], pr.get('ignore') or []
     if 'classes' in pr and not cls: errs.append("'prepare.classes' must not be empty")
@@ -541,11 +563,40 @@ def merge(a: dict, b: dict) -> dict:
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
+class _Refused(Exception): pass
+
+class RecipeLoader(yaml.SafeLoader):
+    "PyYAML's safe loader that refuses aliases and nesting deeper than `MAX_YAML_DEPTH` before building anything."
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused(f"YAML alias '*{self.peek_event().anchor}' at line {self.peek_event().start_mark.line + 1}: recipes take no aliases")
+        self.depth = getattr(self, 'depth', 0) + 1
+        if self.depth > MAX_YAML_DEPTH: raise _Refused(f'nested deeper than {MAX_YAML_DEPTH} levels')
+        try: return super().compose_node(parent, index)
+        finally: self.depth -= 1
+
+def read_recipe_text(path: Path) -> str:
+    "The text of recipe file `path`: a regular file (not a folder, pipe or device) of at most `MAX_RECIPE_BYTES`, UTF-8."
+    try: st = path.stat()
+    except FileNotFoundError: raise ParamsError(f"{path}: no such params file") from None
+    except OSError as e: raise ParamsError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode): raise ParamsError(f"{path}: not a regular file (a folder, pipe, device or socket)")
+    if st.st_size > MAX_RECIPE_BYTES: raise ParamsError(f"{path}: {st.st_size:,} bytes, more than a recipe's {MAX_RECIPE_BYTES:,}")
+    try:
+        with open(path, 'rb') as f: data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e: raise ParamsError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(data) > MAX_RECIPE_BYTES: raise ParamsError(f"{path}: more than a recipe's {MAX_RECIPE_BYTES:,} bytes")
+    try: return data.decode('utf-8')
+    except UnicodeDecodeError: raise ParamsError(f"{path}: not UTF-8 text (a binary file?)") from None
+
 def _read_yaml(path: Path, seen=()) -> dict:
     if path in seen: raise ParamsError(f"{path}: 'base' chain loops back to itself")
-    try: d = yaml.safe_load(path.read_text())
-    except FileNotFoundError: raise ParamsError(f"{path}: no such params file") from None
+    if len(seen) >= MAX_BASE_CHAIN: raise ParamsError(f"{path}: 'base' chain longer than {MAX_BASE_CHAIN} files")
+    text = read_recipe_text(path)
+    try: d = yaml.load(text, Loader=RecipeLoader)
+    except _Refused as e: raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e: raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError: raise ParamsError(f"{path}: nested deeper than {MAX_YAML_DEPTH} levels") from None
     d = d or {}
     if not isinstance(d, dict): raise ParamsError(f"{path}: top level must be a mapping")
     if d.get('base'):

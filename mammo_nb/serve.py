@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile     # module level: FastAPI resolves the annotations here
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .clahe import render, settings, to_original
@@ -22,7 +23,8 @@ from .runs import RunDir
 from .slices import SlicedExplainer, describe, slice_settings, viewer
 
 # %% auto #0
-__all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'log', 'sniff', 'Predictor', 'BodyLimit', 'create_app', 'serve']
+__all__ = ['NOTICE', 'CONTENT_TYPES', 'PAGE', 'PAGE_CSS', 'PAGE_JS', 'SECURITY_HEADERS', 'log', 'sniff', 'Predictor', 'BodyLimit',
+           'create_app', 'serve']
 
 # %% ../nbs/13_serve.ipynb #ec0e5fa0
 NOTICE = 'Research use only. Not a medical device; not for diagnosis or clinical decisions.'
@@ -129,18 +131,32 @@ class Predictor:
         return self.draw(g, res['boxes'], m), res
 
 # %% ../nbs/13_serve.ipynb #545b4551
+# The page is static: markup, a stylesheet and a script served from this app, no inline script or style, so the
+# Content-Security-Policy below forbids every other script. The script builds the document from the server's
+# answers with element creation and `textContent` only: a run, version or class named `<img src=x onerror=...>`
+# is shown as those characters, never parsed as markup.
 PAGE = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mammo_nb</title>
-<style>body{font:14px system-ui,sans-serif;margin:1.5em;max-width:1100px}.notice{background:#fff3cd;border:1px solid #e0c36a;
-padding:.6em 1em;margin-bottom:1em}#error{color:#b00020;white-space:pre-wrap}img{max-width:48%;border:1px solid #ccc;margin-right:1%}
-table{border-collapse:collapse;margin-top:1em}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left}small{color:#666}</style></head>
+<link rel="stylesheet" href="app.css"></head>
 <body><div class="notice"><b>Research use only.</b> Not a medical device; not for diagnosis or clinical decisions.</div>
 <h2>mammo_nb: try a model on one image</h2><div id="model"><small>loading model...</small></div>
 <form id="form"><input type="file" id="file" name="file" accept=".dcm,.dicom,.png,.jpg,.jpeg,application/dicom,image/png,image/jpeg">
 <button type="submit" id="go">Analyse</button></form><div id="error"></div><div id="status"></div>
 <div><img id="preview" alt=""><img id="overlay" alt=""></div><table id="scores"></table><table id="boxes"></table>
-<script>
+<script src="app.js"></script></body></html>"""
+
+PAGE_CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;max-width:1100px}.notice{background:#fff3cd;border:1px solid #e0c36a;
+padding:.6em 1em;margin-bottom:1em}#error{color:#b00020;white-space:pre-wrap}img{max-width:48%;border:1px solid #ccc;margin-right:1%}
+table{border-collapse:collapse;margin-top:1em}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left}small{color:#666}"""
+
+PAGE_JS = """'use strict';
 const $ = id => document.getElementById(id);
-fetch('health').then(r => r.json()).then(h => { $('model').innerHTML = `<small>run <b>${h.run}</b> · version ${h.version} · threshold ${h.threshold.toFixed(3)} (${h.threshold_source})</small>`; });
+const el = (tag, text) => { const e = document.createElement(tag); if (text !== undefined) e.textContent = String(text); return e; };
+const row = (cells, head) => { const r = el('tr'); cells.forEach(c => r.appendChild(el(head ? 'th' : 'td', c))); return r; };
+const num = (x, d) => Number(x).toFixed(d);
+fetch('health').then(r => r.json()).then(h => {
+  $('model').replaceChildren(el('small', `run ${h.run} · version ${h.version} · classes ${(h.classes || []).join(', ')} · ` +
+                                         `threshold ${num(h.threshold, 3)} (${h.threshold_source})`));
+});
 $('form').addEventListener('submit', async ev => {
   ev.preventDefault(); $('error').textContent = ''; $('status').textContent = 'analysing...';
   const f = $('file').files[0]; if (!f) { $('error').textContent = 'choose a file first'; $('status').textContent = ''; return; }
@@ -150,17 +166,25 @@ $('form').addEventListener('submit', async ev => {
     const j = await r.json();
     if (!r.ok) throw new Error(j.detail || r.statusText);
     $('preview').src = 'data:image/png;base64,' + j.preview_png;
-    $('scores').innerHTML = '<tr><th>class</th><th>image score (max box)</th></tr>' + Object.entries(j.image_scores)
-      .sort((a, b) => b[1] - a[1]).map(([c, s]) => `<tr><td>${c}</td><td>${s.toFixed(3)}${s >= j.threshold ? ' ⚑' : ''}</td></tr>`).join('');
-    $('boxes').innerHTML = '<tr><th>class</th><th>score</th><th>box (original pixels)</th></tr>' + j.boxes.filter(b => b.above_threshold)
-      .map(b => `<tr><td>${b.cls}</td><td>${b.score.toFixed(3)}</td><td>${b.box.join(', ')}</td></tr>`).join('');
-    $('status').textContent = `${j.boxes.filter(b => b.above_threshold).length} box(es) above threshold · ${j.timing_ms.total} ms`;
+    const above = j.boxes.filter(b => b.above_threshold);
+    $('scores').replaceChildren(row(['class', 'image score (max box)'], true), ...Object.entries(j.image_scores)
+      .sort((a, b) => b[1] - a[1]).map(([c, s]) => row([c, num(s, 3) + (s >= j.threshold ? ' ⚑' : '')])));
+    $('boxes').replaceChildren(row(['class', 'score', 'box (original pixels)'], true),
+      ...above.map(b => row([b.cls, num(b.score, 3), b.box.map(v => num(v, 0)).join(', ')])));
+    $('status').textContent = `${above.length} box(es) above threshold · ${num(j.timing_ms.total, 0)} ms`;
     const e = await fetch('explain', {method: 'POST', body: body()});
     if (!e.ok) throw new Error((await e.json()).detail);
     $('overlay').src = URL.createObjectURL(await e.blob());
   } catch (err) { $('error').textContent = String(err.message || err); $('status').textContent = ''; }
 });
-</script></body></html>"""
+"""
+
+# Sent with every answer: only this app's own script and stylesheet, images from the answers (data: and blob: URLs),
+# requests to this app; no frames, plugins, base URL or form posts elsewhere.
+SECURITY_HEADERS = {
+    'Content-Security-Policy': "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    'X-Content-Type-Options': 'nosniff', 'Referrer-Policy': 'no-referrer', 'X-Frame-Options': 'DENY'}
 
 class BodyLimit:
     """ASGI middleware: a request whose body is larger than `limit` bytes gets 413, from its Content-Length before a
@@ -218,7 +242,7 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'c
     async def upload(file: UploadFile) -> Path:
         ct = (file.content_type or '').split(';')[0].strip().lower()
         if ct not in CONTENT_TYPES:
-            raise HTTPException(415, f"unsupported content type '{ct}': send a DICOM (application/dicom), PNG or JPEG")
+            raise HTTPException(415, 'unsupported content type: send a DICOM (application/dicom), PNG or JPEG')   # never echoed
         head = await file.read(256)
         kind = sniff(head)
         if kind is None: raise HTTPException(415, 'not a DICOM, PNG or JPEG file')
@@ -262,8 +286,24 @@ def create_app(run_dir: str | Path, max_upload_mb: float = 256, device: str = 'c
     async def internal(request: Request, exc: Exception):
         return JSONResponse(status_code=500, content=dict(detail=f'internal error ({type(exc).__name__}); the server is still up'))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):   # pydantic's answer echoes the input: a fixed sentence
+        return JSONResponse(status_code=422, content=dict(detail="the request needs one file in the multipart field 'file'"))
+
+    @app.middleware('http')
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
     @app.get('/', response_class=HTMLResponse)
     def page(): return PAGE
+
+    @app.get('/app.js')
+    def page_js(): return Response(PAGE_JS, media_type='text/javascript; charset=utf-8')
+
+    @app.get('/app.css')
+    def page_css(): return Response(PAGE_CSS, media_type='text/css; charset=utf-8')
 
     @app.get('/health')
     def health(): return dict(status='ok', notice=NOTICE, **P.ids, limits=dict(max_pixels=P.max_pixels, max_upload_mb=max_upload_mb,

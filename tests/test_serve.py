@@ -188,3 +188,65 @@ def test_browser_upload_shows_overlay(trained, tmp_path):
         finally: drv.quit()
     finally:
         srv.terminate(); srv.wait(10)
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1">'
+
+
+def hostile_copy(rd: Path, tmp: Path) -> Path:
+    "The run copied under a version whose name and first class, and a run folder whose name, are markup."
+    man = json.loads((rd.parent.parent / 'manifest.json').read_text())
+    man['version'], man['classes'][0] = HOSTILE + 'v', HOSTILE + 'c'
+    (tmp / 'v' / 'runs').mkdir(parents=True)
+    (tmp / 'v' / 'manifest.json').write_text(json.dumps(man))
+    return Path(shutil.copytree(rd, tmp / 'v' / 'runs' / (HOSTILE + 'r')))
+
+
+def test_page_is_static_with_a_content_security_policy(client):
+    "No inline script or style, no innerHTML: the page's script builds the document from data with textContent only."
+    from mammo_nb.serve import PAGE, PAGE_JS
+    for path in ('/', '/app.js', '/app.css', '/health'):
+        r = client.get(path)
+        assert r.status_code == 200
+        csp = r.headers['content-security-policy']
+        assert "script-src 'self'" in csp and 'unsafe-inline' not in csp and r.headers['x-content-type-options'] == 'nosniff'
+    assert '<script>' not in PAGE and '<style>' not in PAGE and ' on' not in PAGE.replace(' one ', ' ')
+    assert 'innerHTML' not in PAGE_JS and 'outerHTML' not in PAGE_JS and 'insertAdjacentHTML' not in PAGE_JS
+    r = client.post('/predict', files={'file': ('x.png', b'\x89PNG....', 'text/<script>alert(1)</script>')})
+    assert r.status_code == 415 and 'script' not in r.text                    # the part's content type is not echoed
+    r = client.post('/predict', data={'notfile': '<b>hostile</b>'})
+    assert r.status_code == 422 and 'hostile' not in r.text                   # nor pydantic's `input`
+
+
+def test_browser_shows_hostile_names_as_text(trained, tmp_path):
+    """A run, version and class named with markup: headless chromium shows the characters, runs no script of theirs."""
+    p, rd, V, raw = trained
+    paths = chromium()
+    if paths is None: pytest.skip('chromium / chromedriver not installable here (needs root and apt)')
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    hr = hostile_copy(rd, tmp_path)
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    srv = subprocess.Popen([str(BIN / 'mammo'), 'serve', '--run', str(hr), '--port', str(port)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(120):
+            try: urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2); break
+            except OSError: time.sleep(0.5)
+        else: pytest.fail('server did not start: ' + srv.stdout.read(2000))
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = paths[0]
+        for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu'): opts.add_argument(a)
+        drv = webdriver.Chrome(service=Service(paths[1]), options=opts)
+        try:
+            drv.get(f'http://127.0.0.1:{port}/')
+            WebDriverWait(drv, 30).until(lambda d: 'run ' in d.find_element(By.ID, 'model').text)
+            text = drv.find_element(By.ID, 'model').text
+            assert HOSTILE + 'r' in text and HOSTILE + 'v' in text and HOSTILE + 'c' in text   # shown as characters
+            assert drv.execute_script('return window.pwned') is None                          # and never run
+            assert len(drv.find_elements(By.TAG_NAME, 'img')) == 2                            # preview and overlay only
+        finally: drv.quit()
+    finally:
+        srv.terminate(); srv.wait(10)
