@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .annotations import BOX_COLUMNS, IMAGE_COLUMNS, NO_FINDING, failure, image_side, read_vindr
-from .files import within_root
+from .files import read_bounded, within_root
 from .ingest import IngestError, decode, pseudonym, read_dicom
 
 # %% auto #0
@@ -88,7 +88,7 @@ def read_cbis(root: str | Path, cmap: dict | None = None, key: bytes | None = No
     if not any(f.exists() for f in files): raise FileNotFoundError(None, None, files[0].name)
     idx, fails, imgs, boxes, counts = cbis_index(root), [], {}, [], {}
     for f in [f for f in files if f.exists()]:
-        df = pd.read_csv(f, dtype=str).fillna('')
+        df = pd.read_csv(io.BytesIO(read_bounded(f)), dtype=str).fillna('')
         df.columns = [re.sub(r'[\s_]+', '_', c.strip().lower()) for c in df.columns]
         counts[f.name] = len(df)
         split = 'test' if '_test_' in f.name else 'train'
@@ -175,7 +175,7 @@ def expand_masks(boxes: pd.DataFrame, recs: dict[str, dict], images: pd.DataFram
 def read_rsna(root: str | Path, cmap: dict | None = None, csv: str | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images table (no boxes) of an RSNA Screening Mammography download at `root`, and the rows that failed."
     root, cmap, name = Path(root), class_map('rsna', cmap), csv or 'train.csv'
-    df = pd.read_csv(root / name, dtype=str).fillna('')
+    df = pd.read_csv(io.BytesIO(read_bounded(root / name)), dtype=str).fillna('')
     need = {'patient_id', 'image_id', 'laterality', 'view'} - set(df.columns)
     if need: raise FileNotFoundError(None, None, f'{name} columns {sorted(need)}')
     imgs, fails = {}, []
@@ -198,7 +198,7 @@ _MIAS_LINE = re.compile(r'^(mdb\d{3})\s+([FGD])\s+([A-Z]+)(?:\s+([BM]))?(?:\s+(\
 def read_mias(root: str | Path, cmap: dict | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images and boxes tables of a mini-MIAS copy at `root` (`Info.txt` + `mdbNNN.pgm`), and the lines that failed."
     root, cmap = Path(root), class_map('mias', cmap)
-    lines = (root / 'Info.txt').read_text(errors='replace').splitlines()
+    lines = read_bounded(root / 'Info.txt').decode(errors='replace').splitlines()
     imgs, boxes, fails, n = {}, [], [], 0
     for i, line in enumerate(lines, 1):
         s = line.strip()
@@ -229,7 +229,7 @@ def read_mias(root: str | Path, cmap: dict | None = None, key: bytes | None = No
 def read_csv_layout(root: str | Path, cmap: dict | None = None, csv: str | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images and boxes tables of a generic-CSV dataset at `root`, and the rows that failed."
     root, cmap, name = Path(root), class_map('csv', cmap), csv or 'annotations.csv'
-    df = pd.read_csv(root / name, dtype=str).fillna('')
+    df = pd.read_csv(io.BytesIO(read_bounded(root / name)), dtype=str).fillna('')
     need = {'image', 'patient_id'} - set(df.columns)
     if need: raise FileNotFoundError(None, None, f'{name} columns {sorted(need)}')
     imgs, boxes, fails = {}, [], []
@@ -270,7 +270,7 @@ INBREAST_CALC_SIDE = 12     # px (0.84 mm at INbreast's 0.07 mm): the box of a s
 def _inbreast_rois(xml: Path) -> list[tuple[str, np.ndarray]]:
     "(ROI name, points (n, 2) in pixels) of every ROI in an INbreast OsiriX plist file."
     import plistlib
-    with open(xml, 'rb') as f: d = plistlib.load(f)
+    d = plistlib.loads(read_bounded(xml))
     out = []
     for im in d.get('Images', []):
         for roi in im.get('ROIs', []):
@@ -306,7 +306,7 @@ def _birads_pathology(b: str) -> str:
 def read_inbreast(root: str | Path, cmap: dict | None = None, csv: str | None = None, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     "The images and boxes tables of an INbreast copy at `root` (`INbreast.csv`, `AllDICOMs/`, `AllXML/`), and the rows that failed."
     root, cmap, name = Path(root), class_map('inbreast', cmap), csv or 'INbreast.csv'
-    text = (root / name).read_text(errors='replace')
+    text = read_bounded(root / name).decode(errors='replace')
     df = pd.read_csv(io.StringIO(text), sep=';', dtype=str).fillna('')
     df.columns = [re.sub(r'[^a-z]+', '', c.lower()) for c in df.columns]       # 'Bi-Rads' -> 'birads', 'File Name' -> 'filename'
     if 'filename' not in df: raise FileNotFoundError(None, None, f'{name} column File Name')

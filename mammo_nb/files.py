@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_files.ipynb #8d39a17d
 from __future__ import annotations
-import hashlib, json, os, subprocess
+import errno, hashlib, json, os, stat, subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,8 @@ import numpy as np
 import mammo_nb
 
 # %% auto #0
-__all__ = ['file_sha256', 'to_json', 'clean_json', 'write_tracked', 'atomic_write', 'git_commit', 'within_root', 'safe_name']
+__all__ = ['MAX_TABLE_BYTES', 'file_sha256', 'to_json', 'clean_json', 'write_tracked', 'atomic_write', 'git_commit',
+           'within_root', 'regular_file', 'read_bounded', 'safe_name']
 
 # %% ../nbs/00a_files.ipynb #5058f8c0
 def file_sha256(f: str | Path) -> str:
@@ -61,10 +62,35 @@ import re
 _SAFE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
 
 def within_root(root: str | Path, rel: str | Path) -> Path | None:
-    "`root / rel` resolved, or None when it is not inside `root` (`..`, an absolute path, a link pointing out)."
-    base = Path(root).resolve()
-    f = (base / rel).resolve()
+    "`root / rel` resolved, or None when it is not inside `root` (`..`, an absolute path, a link pointing out, a link loop)."
+    try: base = Path(root).resolve(); f = (base / rel).resolve()
+    except (OSError, RuntimeError, ValueError): return None              # a symlink loop, a NUL byte
     return f if f != base and base in f.parents else None
+
+# The largest annotation table, note or sidecar file read whole (a CSV, Info.txt, an OsiriX XML): VinDr's finding CSV
+# is ~10 MB, CBIS-DDSM's four ~2 MB; a larger one is refused before a byte is read.
+MAX_TABLE_BYTES = 512 << 20
+
+def regular_file(f: str | Path) -> str | None:
+    """Why `f` cannot be read as a file, or None: `missing_file`, `not_a_regular_file` (a folder, pipe, device or
+    socket: checked with `stat` before anything opens it, so a pipe never blocks and /dev/zero is never read),
+    `unreadable` (permission, a link loop)."""
+    try: st = os.stat(f)
+    except FileNotFoundError: return 'missing_file'
+    except (OSError, ValueError): return 'unreadable'
+    return None if stat.S_ISREG(st.st_mode) else 'not_a_regular_file'
+
+def read_bounded(f: str | Path, limit: int = MAX_TABLE_BYTES) -> bytes:
+    """The bytes of regular file `f`, at most `limit`: `FileNotFoundError` when it is missing, `OSError` (its
+    `strerror` the reason) when it is not a regular file, cannot be read or is larger."""
+    why = regular_file(f)
+    if why == 'missing_file': raise FileNotFoundError(errno.ENOENT, 'missing', str(f))
+    if why: raise OSError(errno.EINVAL, why.replace('_', ' '), str(f))
+    try:
+        with open(f, 'rb') as fh: data = fh.read(limit + 1)
+    except OSError as e: raise OSError(e.errno, e.strerror or 'unreadable', str(f)) from None
+    if len(data) > limit: raise OSError(errno.EFBIG, f'larger than {limit:,} bytes', str(f))
+    return data
 
 def safe_name(s) -> bool:
     "Whether identifier `s` can name a file as it is (no separator, no `..`, no control character, <= 128 characters)."

@@ -14,6 +14,7 @@ import hashlib, hmac, io, math, os, secrets, struct
 # PNG/JPEG/TIFF file header, a deflated dataset's inflated size) are checked first, and Pillow's guard is set to the
 # same limit. A full-field mammogram is at most ~40 M pixels. OpenCV's guard is process-wide and read once, at its
 # first image read, so it is set to PIXEL_CEILING, the highest limit a recipe may ask for: a backstop behind ours.
+from .files import regular_file
 from .params import MAX_PIXELS, PIXEL_CEILING
 os.environ.setdefault('OPENCV_IO_MAX_IMAGE_PIXELS', str(PIXEL_CEILING))
 import re, zlib
@@ -509,6 +510,7 @@ def ingest(path: str | Path, margin: int = 4, for_processing_images: str = 'skip
 
     `max_pixels`: no frame claiming more pixels is decoded (`too_large`, see `check_pixels`)."""
     ds, r, shape = None, 0, None
+    if (why := regular_file(path)): raise IngestError(why)          # a pipe or device is never opened
     if Path(path).suffix.lower() in RASTER: img, rec = read_raster(path, max_pixels)
     else:
         ds = read_dicom(path, max_pixels)

@@ -94,6 +94,7 @@ def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     key = key or pseudonym_key(p)                           # (made only once the root is there)
     try: images, boxes, fails = read_layout(p.source.layout, root, p.source.class_map, p.source.csv, key=key)
     except FileNotFoundError as e: raise PrepareError(f"'{root}' is not a {p.source.layout} dataset: {e.filename} missing") from None
+    except OSError as e: raise PrepareError(f"'{root}': {Path(str(e.filename)).name!r} cannot be read ({e.strerror})") from None
     def safe(kind):
         "An id as a file name: itself when safe, else `<i|s><its keyed pseudonym>` (an empty id stays as it is)."
         return lambda v: v if safe_name(str(v)) or not (ps := pseudonym(v, key, kind)) else f'{kind[0]}{ps}'

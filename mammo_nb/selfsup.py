@@ -17,7 +17,7 @@ import mammo_nb
 from .clahe import render, settings, write_png
 from .errors import TrainError
 from .families import family_of
-from .files import atomic_write, file_sha256, git_commit, within_root
+from .files import atomic_write, file_sha256, git_commit, regular_file, within_root
 from .ingest import RASTER, IngestError, breast_mask, ingest
 from .prepare import Version, decode_need, version_dir
 from .trainutil import check_device, cpu_threads, pretrain_file, weights_file, weights_record
@@ -63,19 +63,23 @@ def folder_images(p, cache: Path, held_out: set[str] = frozenset(), progress: bo
     is recorded with its reason and skipped, or raised under `strict`; an image whose pixel fingerprint is in
     `held_out` (a val or test image) is left out and counted."""
     from tqdm.auto import tqdm
-    files = []
+    files, fails = [], []
     for i, root in enumerate(p.ssl.folders):
         r = Path(root)
         if not r.is_dir(): raise TrainError(f"'ssl.folders' entry {root!r} is not a folder")
-        for d, dirs, names in os.walk(r, followlinks=False):
+        def unreadable(e, i=i, r=r):                                   # a sub-folder os.walk cannot list: recorded
+            fails.append(dict(folder=i, file=str(Path(e.filename).relative_to(r)) if e.filename else '', reason='unreadable_folder',
+                              detail=e.strerror or type(e).__name__))
+        for d, dirs, names in os.walk(r, followlinks=False, onerror=unreadable):
             dirs.sort()
             files += [(i, r, Path(d) / n) for n in sorted(names) if Path(n).suffix.lower() in RASTER + DICOM_SUFFIXES]
     cache.mkdir(parents=True, exist_ok=True)
-    rows, fails, left = [], [], 0
+    rows, left = [], 0
     for i, r, f in tqdm(files, desc='ssl folders', unit='file', disable=not progress or not files):
         rel = f.relative_to(r)
         try:
             if within_root(r, rel) is None: raise IngestError('path_outside_root', 'a link that leaves the folder')
+            if (why := regular_file(f)): raise IngestError(why)         # a pipe or device: never opened
             sha = file_sha256(f)
             rec = _render_one(p, f, sha, cache)
         except IngestError as e: fail = dict(folder=i, file=str(rel), reason=e.reason, detail=e.detail)
