@@ -8,6 +8,7 @@ import argparse, json, sys, time
 from pathlib import Path
 
 from .errors import MammoError, ParamsError
+from .files import printable
 from .params import load_params, validate
 from .synth import PRESETS, class_counts, synth_dataset
 from .prepare import dry_run, parse_shard, prepare
@@ -276,7 +277,7 @@ def cmd_screenshot(a) -> int:
     from mammo_nb.report import screenshot
     try: print(f"screenshot: {screenshot(a.report, a.out, a.size)}")
     except (FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"mammo screenshot: error: {e}", file=sys.stderr); return 2
+        print(f"mammo screenshot: error: {printable(e)}", file=sys.stderr); return 2
     return 0
 
 def cmd_run(a) -> int:
@@ -299,5 +300,5 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try: return COMMANDS[a.cmd](a)
     except (MammoError, FileExistsError) as e:
-        print(f"mammo {a.cmd}: error: {e}", file=sys.stderr)
+        print(f"mammo {a.cmd}: error: {printable(e)}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import mammo_nb
 
 # %% auto #0
 __all__ = ['MAX_TABLE_BYTES', 'file_sha256', 'to_json', 'clean_json', 'write_tracked', 'atomic_write', 'git_commit',
-           'within_root', 'regular_file', 'read_bounded', 'safe_name']
+           'within_root', 'regular_file', 'read_bounded', 'printable', 'safe_name']
 
 # %% ../nbs/00a_files.ipynb #5058f8c0
 def file_sha256(f: str | Path) -> str:
@@ -91,6 +91,12 @@ def read_bounded(f: str | Path, limit: int = MAX_TABLE_BYTES) -> bytes:
     except OSError as e: raise OSError(e.errno, e.strerror or 'unreadable', str(f)) from None
     if len(data) > limit: raise OSError(errno.EFBIG, f'larger than {limit:,} bytes', str(f))
     return data
+
+_CONTROL = re.compile(r'[\x00-\x08\x0b-\x1f\x7f-\x9f]')
+
+def printable(s) -> str:
+    "`str(s)` with every control character but newline and tab shown as `\\xNN`: a path or name cannot drive the terminal."
+    return _CONTROL.sub(lambda m: f'\\x{ord(m.group()):02x}', str(s))
 
 def safe_name(s) -> bool:
     "Whether identifier `s` can name a file as it is (no separator, no `..`, no control character, <= 128 characters)."

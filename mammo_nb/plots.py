@@ -15,11 +15,12 @@ __all__ = ['PALETTE', 'theme', 'styled', 'froc_band']
 PALETTE = 'colorblind'
 
 def theme():
-    "Set the reports' figure style (seaborn `whitegrid`, colour-blind-safe palette) for matplotlib and seaborn."
+    """Set the reports' figure style (seaborn `whitegrid`, colour-blind-safe palette) for matplotlib and seaborn. Text is
+    drawn as written (`text.parse_math` off): a class, file or recipe name holding `$...$` is shown, not typeset."""
     import seaborn as sns
     sns.set_theme(context='notebook', style='whitegrid', palette=PALETTE,
                   rc={'figure.dpi': 96, 'savefig.bbox': 'tight', 'axes.titlesize': 12, 'axes.labelsize': 11,
-                      'legend.fontsize': 9, 'legend.frameon': False})
+                      'legend.fontsize': 9, 'legend.frameon': False, 'text.parse_math': False})
 
 @contextmanager
 def styled():

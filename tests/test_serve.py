@@ -250,3 +250,22 @@ def test_browser_shows_hostile_names_as_text(trained, tmp_path):
         finally: drv.quit()
     finally:
         srv.terminate(); srv.wait(10)
+
+
+@pytest.mark.parametrize('field, value', [('NumberOfFrames', '1000000000'), ('NumberOfFrames', 'x'),
+                                          ('PhotometricInterpretation', 'YBR_NONSENSE'), ('RescaleSlope', 'nan'),
+                                          ('RescaleSlope', '1e308'), ('TransferSyntaxUID', '1.2.3.999'),
+                                          ('BitsAllocated', 7), ('SamplesPerPixel', 3)])
+def test_impossible_header_values_get_a_4xx(client, trained, tmp_path, field, value):
+    "A DICOM whose header holds an impossible value: a 4xx with a reason code, nothing of the header echoed, server up."
+    p, rd, V, raw = trained
+    f, _ = lesion_image(V, raw)
+    ds = pydicom.dcmread(f)
+    if field == 'TransferSyntaxUID': ds.file_meta.TransferSyntaxUID = value
+    else: setattr(ds, field, value)
+    out = tmp_path / 'bad.dcm'
+    ds.save_as(out, enforce_file_format=False)
+    r = client.post('/predict', files={'file': ('x.dcm', out.read_bytes(), 'application/dicom')})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert str(value) not in r.text or str(value) in ('1', '3', '7'), r.text
+    assert client.get('/health').status_code == 200
