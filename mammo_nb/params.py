@@ -125,6 +125,9 @@ SCHEMA = {
                         'set is written in)', ('vindr', 'cbis', 'rsna', 'mias', 'csv', 'inbreast')),
         'root': Field(str, None, 'dataset root; None -> the synthetic set in `synth.out`'),
         'csv': Field(str, None, 'csv layout: the annotation CSV (relative to `root`; None: `annotations.csv`)'),
+        'subset': Field(dict, None, "keep one part of the dataset's patients, e.g. `{part: 0, parts: 2}`: each patient (else "
+                        'study) dealt to a part by SHA-256 of `seed` and its pseudonym, so the parts of one download are disjoint '
+                        'sets of women (a development half and a half to validate on); None: every image', late=True),
         'class_map': Field(dict, None, "the dataset's own class names -> our labels, merged over the layout's "
                            "defaults (e.g. mini-MIAS `SPIC: [Mass, Spiculation]`)"),
     },
@@ -273,8 +276,11 @@ SCHEMA = {
     'pretrain': {
         'method': Field(str, 'synthetic', '`mammo pretrain`: synthetic (render a randomised synthetic set and train the '
                         "detector on it), ssl (self-supervised on the recipe's version: its train split and `ssl.folders`), "
-                        "synthetic+ssl (ssl starting from `train.model`, mammo pretrain's synthetic weights)",
-                        ('synthetic', 'ssl', 'synthetic+ssl')),
+                        "synthetic+ssl (ssl starting from `train.model`, mammo pretrain's synthetic weights), supervised "
+                        "(train the detector on the recipe's own labelled version, train and val splits, e.g. one set of women "
+                        "to start another set's training from; every image it learned from recorded, so `check_unseen` refuses "
+                        "the weights wherever one of them is held out)",
+                        ('synthetic', 'ssl', 'synthetic+ssl', 'supervised')),
     },
     'cv': {
         'arms': Field(dict, None, '`mammo cv`: settings compared on the same folds, {arm name: {train: {...}, ssl: {...}}} '
@@ -471,6 +477,13 @@ def _cross_check(p: dict, errs: list):
         if tl.get('size') is not None and not (isinstance(tl['size'], int) and tl['size'] >= 32):
             errs.append("'train.tiles.size' must be a whole number of pixels >= 32 (or null: train.imgsz)")
     _copy_paste_errors((p.get('train') or {}).get('copy_paste'), cls, 'train.copy_paste', errs)
+    sub = (p.get('source') or {}).get('subset')
+    if sub is not None:
+        if set(sub) - {'part', 'parts', 'seed'}: errs.append(f"'source.subset' keys are ['part', 'parts', 'seed'], not {sorted(set(sub) - {'part', 'parts', 'seed'})}")
+        n, k = sub.get('parts'), sub.get('part')
+        if not (isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= 100 and isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n):
+            errs.append(f"'source.subset' needs whole numbers 'parts' (2-100) and 'part' (0 to parts - 1), got {sub!r}"[:200])
+        if not isinstance(sub.get('seed', 0), int): errs.append("'source.subset.seed' must be a whole number")
     sl = (p.get('evaluate') or {}).get('slices')
     if sl:
         if set(sl) - set(SLICES): errs.append(f"'evaluate.slices' keys are {sorted(SLICES)}, not {sorted(set(sl) - set(SLICES))}")

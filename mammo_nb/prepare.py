@@ -28,8 +28,8 @@ from .synth_layouts import synth_source
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_OUT', 'data_params', 'version_name', 'version_dir', 'decode_need', 'source_root', 'key_path',
-           'source_paths', 'pseudonym_key', 'read_source', 'source_fingerprint', 'process_image', 'load_records',
-           'parse_shard', 'ingest_images', 'resolve_duplicates', 'check_key', 'merge', 'version_counts',
+           'source_paths', 'pseudonym_key', 'read_source', 'subset_mask', 'source_fingerprint', 'process_image',
+           'load_records', 'parse_shard', 'ingest_images', 'resolve_duplicates', 'check_key', 'merge', 'version_counts',
            'split_warnings', 'manifest', 'ensure_source', 'prepare', 'dry_run', 'Version', 'load_version',
            'derive_version', 'originals', 'plot_counts', 'plot_roles', 'plot_box_sizes', 'show_steps']
 
@@ -99,7 +99,19 @@ def read_source(p, key: bytes | None = None) -> tuple[pd.DataFrame, pd.DataFrame
         "An id as a file name: itself when safe, else `<i|s><its keyed pseudonym>` (an empty id stays as it is)."
         return lambda v: v if safe_name(str(v)) or not (ps := pseudonym(v, key, kind)) else f'{kind[0]}{ps}'
     images = images.assign(image_id=images.image_id.map(safe('image')), study_id=images.study_id.map(safe('study')))
-    return images, boxes.assign(image_id=boxes.image_id.map(safe('image'))), fails
+    boxes = boxes.assign(image_id=boxes.image_id.map(safe('image')))
+    if p.source.subset:
+        keep = subset_mask(images, **p.source.subset)
+        images, boxes = images[keep].reset_index(drop=True), boxes[boxes.image_id.isin(set(images.image_id[keep]))].reset_index(drop=True)
+        fails = [f for f in fails if not f.get('image_id') or f['image_id'] in set(images.image_id)]
+    return images, boxes, fails
+
+def subset_mask(images: pd.DataFrame, part: int, parts: int, seed: int = 0) -> pd.Series:
+    """Which images belong to part `part` of `parts` (`source.subset`): every image of a patient (its pseudonym; else
+    its study) in one part, dealt by SHA-256 of `seed` and the pseudonym."""
+    g = images.patient.fillna('').astype(str)
+    g = g.where(g != '', 'study:' + images.study_id.astype(str))
+    return g.map(lambda v: int(hashlib.sha256(f'{seed}:{v}'.encode()).hexdigest()[:12], 16) % parts == part)
 
 # %% ../nbs/06_prepare.ipynb #411d542f
 def source_fingerprint(path: str | Path, chunk: int = 1 << 16) -> str:

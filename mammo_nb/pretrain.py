@@ -24,7 +24,7 @@ from .train import train_run
 from .trainutil import check_version, pretrain_file, weights_file
 
 # %% auto #0
-__all__ = ['pretrain_manifest', 'pretrain', 'pretrain_ssl']
+__all__ = ['pretrain_manifest', 'pretrain', 'pretrain_supervised', 'pretrain_ssl']
 
 # %% ../nbs/07h_pretrain.ipynb #a98e56a7
 def pretrain_manifest(p, V: Version, rd: Path, model: str) -> dict:
@@ -49,6 +49,7 @@ def pretrain(p, progress: bool = True) -> list[Path]:
     """`pretrain.method: synthetic`: render the recipe's synthetic set, prepare it, train every `train.model` on it and
     write `pretrain.json` beside each run's weights; `ssl`, `synthetic+ssl`: `pretrain_ssl`. Returns the folders
     holding `weights/` and `pretrain.json` (finished stages are not redone)."""
+    if p.pretrain.method == 'supervised': return pretrain_supervised(p)
     if p.pretrain.method != 'synthetic': return pretrain_ssl(p, progress)
     if p.source.root is not None:
         raise PretrainError(f"'source.root' is {p.source.root!r}: pretraining renders its own synthetic set (leave source.root unset)")
@@ -62,6 +63,25 @@ def pretrain(p, progress: bool = True) -> list[Path]:
         best = RunDir(rd).best                      # + the weights alone, to ship: the same weights, the same bytes
         family_of_weights(best).export(best, best.parent / f'{Path(m).stem}-synthetic.pt')
         (rd / 'pretrain.json').write_text(json.dumps(pretrain_manifest(p, V, rd, m), indent=1, default=str) + '\n')
+        out.append(rd)
+    return out
+
+def pretrain_supervised(p) -> list[Path]:
+    """`pretrain.method: supervised`: train every `train.model` on the recipe's own dataset version (real images with
+    their labels: its train split, val choosing `best.pt`) and export the weights alone beside `best.pt`
+    (`<model>-<version name>.pt`) with a `pretrain.json` that lists every train and val image by SHA-256 and pixel
+    fingerprint: `selfsup.check_unseen` then refuses these weights for any version that holds one of them out."""
+    from mammo_nb.selfsup import version_images
+    V = check_version(p)
+    out = []
+    for m in models(p):
+        rd = train_run(p, m, V)
+        best = RunDir(rd).best
+        family_of_weights(best).export(best, best.parent / f'{Path(m).stem}-{p.name}.pt')
+        seen = version_images(V, ['train', 'val'])
+        man = pretrain_manifest(p, V, rd, m) | dict(method='supervised', generator=None, source=dict(layout=p.source.layout, subset=p.source.subset),
+                                                    images=dict(version=seen[['split', 'sha256', 'pixel_fingerprint']].to_dict('records'), folders=[]))
+        (rd / 'pretrain.json').write_text(json.dumps(man, indent=1, default=str) + '\n')
         out.append(rd)
     return out
 

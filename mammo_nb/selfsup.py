@@ -258,7 +258,7 @@ def check_unseen(weights, V: Version, transductive: bool = False) -> dict | None
     held = version_images(V, out)
     bad = held[held.sha256.isin(shas) | held.pixel_fingerprint.isin(fps)]
     if len(bad):
-        raise TrainError(f"'{weights}' learned (self-supervised) from {len(bad)} image(s) that {V.dir.name} holds out "
+        raise TrainError(f"'{weights}' learned ({man.get('method') or 'self-supervised'}) from {len(bad)} image(s) that {V.dir.name} holds out "
                          f"({', '.join(sorted(set(bad.split)))}; e.g. image {bad.image_id.iloc[0]}): pretrain on the train split "
                          "only (under mammo cv: train.ssl, each fold on its training folds)"
                          + ("" if transductive else ", or set ssl.transductive: true to allow val images"))

@@ -69,9 +69,15 @@ class Predictor:
         self._ex, self.lock = None, threading.Lock()
 
     def preprocess(self, path: str | Path):
-        "`ingest` + `render` with the version's settings: (ingested, network image uint8, geometry)."
-        g = ingest(path, self.margin, self.for_processing, need=self.need, max_pixels=self.max_pixels)
-        img, geo = render(g, **settings(self.clahe))
+        """`ingest` + `render` with the version's settings: (ingested, network image uint8, geometry). Whatever a file's
+        header makes the decoder or the renderer raise (impossible frames, photometric interpretation, rescale, transfer
+        syntax) is an `IngestError` ('unreadable', the exception's type only): a 422 with a fixed sentence, never a 500."""
+        try:
+            g = ingest(path, self.margin, self.for_processing, need=self.need, max_pixels=self.max_pixels)
+            img, geo = render(g, **settings(self.clahe))
+        except IngestError: raise
+        except (MemoryError, RecursionError): raise IngestError('too_large', 'the decoder ran out of room') from None
+        except Exception as e: raise IngestError('unreadable', type(e).__name__) from None
         return g, (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img, geo
 
     def predict(self, path: str | Path, preview: bool = False) -> dict:
