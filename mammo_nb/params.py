@@ -127,7 +127,8 @@ SCHEMA = {
         'csv': Field(str, None, 'csv layout: the annotation CSV (relative to `root`; None: `annotations.csv`)'),
         'subset': Field(dict, None, "keep one part of the dataset's patients, e.g. `{part: 0, parts: 2}`: each patient (else "
                         'study) dealt to a part by SHA-256 of `seed` and its pseudonym, so the parts of one download are disjoint '
-                        'sets of women (a development half and a half to validate on); None: every image', late=True),
+                        'sets of women (a development half and a half to validate on). The parts follow the pseudonym key '
+                        '(`prepare.pseudonym_key`): keep the key to get the same parts again. None: every image', late=True),
         'class_map': Field(dict, None, "the dataset's own class names -> our labels, merged over the layout's "
                            "defaults (e.g. mini-MIAS `SPIC: [Mass, Spiculation]`)"),
     },

@@ -1,0 +1,97 @@
+"""Learning choices measured on REAL mammograms: the development half of mini-MIAS (`../shared/data/mias-dev`, 162
+scanned-film MLO images of 81 women; research licence: read from there, never copied). Not a test: ~1-2 h on 2 cores.
+
+    python bench/real.py                 # everything below, tables to stdout and bench/out/real.md
+    python bench/real.py --only arms     # the arms of params/mias-dev-arms.yaml (same 5 patient folds)
+    python bench/real.py --only nested   # does a detector trained on other real women help? (the two halves)
+
+`arms`: `mammo cv params/mias-dev-arms.yaml` (every arm on the same folds, pooled out-of-fold, 95% patient bootstrap),
+plus test-time flip on the ranked-first arm's fold models (the same models, scored again with `evaluate.tta: flip`).
+`nested`: the 81 women dealt into two disjoint halves (`source.subset`); a detector is trained on one half
+(`mammo pretrain`, `pretrain.method: supervised`) and the other half's 5-fold CV compares the synthetic start with
+it, both directions. Finished folds and pretrainings are reused (delete `data/versions/mias-dev-*` to rerun)."""
+import argparse, copy, json, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEV = ROOT / '../shared/data/mias-dev'
+OUT = ROOT / 'bench' / 'out'
+
+
+def ci(d):
+    return '-' if not d or d.get('value') is None else (f"{d['value']:.2f}" if d.get('lo') is None else f"{d['value']:.2f} ({d['lo']:.2f}-{d['hi']:.2f})")
+
+
+def row(label, cv, wall=None):
+    "One arm's figures: Mass AP50, Mass sensitivity at 0.5/1/2 FP/image, all-lesion sens@1FP, image ROC-AUC, test ensemble."
+    o = cv['splits']['oof']
+    m, al = o['per_class'].get('Mass', {}), o.get('all_lesions', {})
+    fr = m.get('froc', {})
+    ens = (cv['splits'].get('test: ensemble') or {}).get('per_class', {}).get('Mass', {}).get('froc', {}).get('1')
+    train_s = sum((r.get('train_s') or 0) for r in cv.get('fold_rows', []))
+    return (f"| {label} | {ci(m.get('ap50'))} | {ci(fr.get('0.5'))} | {ci(fr.get('1'))} | {ci(fr.get('2'))} | "
+            f"{ci(al.get('froc', {}).get('1'))} | {ci(o.get('image', {}).get('roc_auc'))} | {ci(ens)} | {train_s:.0f} |")
+
+
+HEAD = ('| arm | Mass AP50 | Mass sens@0.5FP | Mass sens@1FP | Mass sens@2FP | all-lesion sens@1FP | image ROC-AUC | '
+        'test ensemble Mass sens@1FP | train s (5 folds) |\n|---|---|---|---|---|---|---|---|---|')
+
+
+def arms_table(out):
+    from mammo_nb.params import load_params
+    from mammo_nb.prepare import prepare
+    from mammo_nb.cv import cross_validate, rank_arms, arms as arm_list
+    p = load_params(ROOT / 'params/mias-dev-arms.yaml')
+    prepare(p, progress=False)
+    cvs = cross_validate(p)
+    order = rank_arms(cvs, p.cv.select)
+    lines = [f'### Arms on the real development half (pooled out-of-fold, {cvs[order[0]]["splits"]["oof"]["n_images"]} images; '
+             f'ranked by Mass sensitivity at 1 FP/image)', '', HEAD] + [row(a, cvs[a]) for a in order]
+    best = order[0]                                       # test-time flip on the ranked-first arm's own fold models
+    from mammo_nb.cv import pool_folds, fold_run, folds_table
+    from mammo_nb.trainutil import check_version
+    q, m = arm_list(p)[best]
+    flip = copy.deepcopy(q); flip.evaluate.tta = 'flip'
+    V = check_version(q); t = folds_table(q, V)
+    res = {}
+    for r in (flip, q):           # the same trained fold models scored with the flip, then as the arm is (its files restored)
+        for k in range(q.split.folds): fold_run(r, m, k, V, t, progress=False)
+        res[r is flip] = pool_folds(r, m, V, t, progress=False)
+    lines.append(row(f'{best} + test-time flip (same models)', res[True]))
+    out.append('\n'.join(lines))
+
+
+def nested(out):
+    from mammo_nb.params import load_params
+    from mammo_nb.prepare import prepare
+    from mammo_nb.pretrain import pretrain
+    from mammo_nb.cv import cross_validate, rank_arms
+    lines = ['### Trained on one half of the women, fine-tuned on the other (pooled out-of-fold on the other half)', '', HEAD]
+    for a, b in ((0, 1), (1, 0)):
+        pa = load_params(ROOT / f'params/mias-dev-half{a}.yaml')
+        prepare(pa, progress=False)
+        t0 = time.time()
+        rd = pretrain(pa, progress=False)[0]
+        w = next((rd / 'weights').glob(f'*-mias-dev-half{a}.pt'))            # exported beside best.pt
+        arm = {'train': {'model': str(w.relative_to(ROOT)) if w.is_relative_to(ROOT) else str(w), 'epochs': 30}}
+        pb = load_params(ROOT / f'params/mias-dev-half{b}.yaml', {'cv': {'arms': {'real-other-half': arm}}})
+        prepare(pb, progress=False)
+        cvs = cross_validate(pb)
+        for k in rank_arms(cvs, 'Mass'): lines.append(row(f'half {b}: {k}' + (f' (pretrained on half {a}, {time.time() - t0:.0f} s)' if k != 'synthetic' else ''), cvs[k]))
+    out.append('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--only', choices=['arms', 'nested'])
+    a = ap.parse_args()
+    if not (DEV / 'Info.txt').is_file(): sys.exit(f'bench/real.py: the real development set is not at {DEV.resolve()}')
+    import os; os.chdir(ROOT)
+    out = []
+    if a.only in (None, 'nested'): nested(out)
+    if a.only in (None, 'arms'): arms_table(out)
+    OUT.mkdir(parents=True, exist_ok=True)
+    text = '\n\n'.join(out) + '\n'
+    (OUT / 'real.md').write_text(text)
+    print(text)
