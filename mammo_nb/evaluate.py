@@ -16,6 +16,7 @@ from .families import family_of_weights
 from .files import clean_json, file_sha256
 from .metrics import (BOX, SCORING, Scored, bootstrap, choose_threshold, conventions, fmt_ci, nest, sens_spec,
                               unit_name)
+from .params import named_settings
 from .runs import RunDir
 from .slices import describe, slice_settings, viewer
 from .split import group_keys
@@ -128,8 +129,9 @@ def evaluate_run(p, rd: Path, progress: bool = True, V=None) -> dict:
     ev = run.eval_dir; ev.mkdir(exist_ok=True)
     msha, wsha = file_sha256(V.dir / 'manifest.json'), file_sha256(weights)
     if (old := run.metrics) is not None:          # same weights, data and settings: the evaluation is already done
-        if (old.get('weights_sha256'), old.get('manifest_sha256'), old.get('evaluate'), old.get('scoring')) == \
-           (wsha, msha, clean_json(dict(e)), SCORING):
+        same = lambda d: named_settings(clean_json(dict(d or {})), 'evaluate', drop=())   # a setting added later, at its default, changes nothing
+        if (old.get('weights_sha256'), old.get('manifest_sha256'), same(old.get('evaluate')), old.get('scoring')) == \
+           (wsha, msha, same(e), SCORING):
             return old
     out = dict(run=rd.name, version=V.manifest['version'], manifest_sha256=msha, weights_sha256=wsha, scoring=SCORING,
                score_classes=list(e.score_classes or classes), evaluate=dict(e), splits={})
