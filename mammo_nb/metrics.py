@@ -246,18 +246,27 @@ class Scored:
         sc = set(self.score_classes)
         self.img_label = np.array([bool(sc & set(l)) for l in self.images['labels']], int)
         self.breast = (self.images.study_id.astype(str) + '/' + self.images.laterality.astype(str)).to_numpy()
+        self.exam = self.images.study_id.astype(str).to_numpy()
         self.group = group_keys(self.images).to_numpy()      # the unit the split was made of, and the bootstrap resamples
         self.threshold = None          # operating point (set from val), adds sensitivity/specificity to `metrics`
 
+    def unit_table(self, level: str, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per breast (`level` 'breast': study + laterality, its views) or per exam ('exam': the study, both breasts):
+        max score, max label, and its weight (the weight of its patient)."""
+        units = getattr(self, '_units', None) or {}
+        if level not in units:                      # unit of each image, and each unit's max score and label
+            _, inv = np.unique(self.breast if level == 'breast' else self.exam, return_inverse=True)
+            n = inv.max() + 1 if len(inv) else 0
+            s, y = np.full(n, -np.inf), np.zeros(n, int)
+            np.maximum.at(s, inv, self.img_score); np.maximum.at(y, inv, self.img_label)
+            units[level] = (inv, s, y); self._units = units
+        inv, s, y = units[level]
+        uw = np.zeros(len(s)); uw[inv] = np.asarray(w, float)          # all images of a unit share its patient's weight
+        return s, y, uw
+
     def breast_table(self, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        "Per breast: max score, max label, and its weight (the weight of its patient)."
-        if not hasattr(self, '_b'):                 # breast of each image, and each breast's max score and label
-            _, self._b = np.unique(self.breast, return_inverse=True)
-            n = self._b.max() + 1 if len(self._b) else 0
-            self._bs, self._by = np.full(n, -np.inf), np.zeros(n, int)
-            np.maximum.at(self._bs, self._b, self.img_score); np.maximum.at(self._by, self._b, self.img_label)
-        bw = np.zeros(len(self._bs)); bw[self._b] = np.asarray(w, float)   # all views of a breast share its patient's weight
-        return self._bs, self._by, bw
+        "Per breast: max score, max label, and its weight (`unit_table('breast', w)`)."
+        return self.unit_table('breast', w)
 
     def metrics(self, w: np.ndarray | None = None) -> dict[str, float]:
         "Flat dict of every metric under image weights `w` (default: all 1)."
@@ -270,7 +279,8 @@ class Scored:
         for c, (ls, li, fs, fi) in self.froc.items():
             fppi, sens = froc_curve(ls, li, fs, fi, wd)
             for r, v in zip(self.rates, sens_at(fppi, sens, self.rates)): out[f'froc/{c}/{r:g}'] = v
-        for level, (s, y, ww) in (('image', (self.img_score, self.img_label, w)), ('breast', self.breast_table(w))):
+        for level, (s, y, ww) in (('image', (self.img_score, self.img_label, w)), ('breast', self.unit_table('breast', w)),
+                                  ('exam', self.unit_table('exam', w))):
             m = ww > 0
             ok = m.any() and len(np.unique(y[m])) == 2
             out[f'{level}/roc_auc'] = roc_auc(y[m], s[m], ww[m]) if ok else np.nan
@@ -362,7 +372,8 @@ def conventions(hit_iou: float = 0.3, pooled_nms_iou: float = 0.5, max_det: int 
                     'Spiculation) holding >= 90% of a finding box of the same image is that finding\'s lesion',
         pooled_nms=f'all lesions: class-agnostic greedy NMS at IoU {pooled_nms_iou} over every class\'s marks first',
         image_score='max box score over score_classes; an image is positive when it carries one of those findings, '
-                    'boxed or image-level only; a breast (study + laterality) takes the max over its views',
+                    'boxed or image-level only; a breast (study + laterality) takes the max over its views, an exam '
+                    '(study) the max over all its images, both breasts',
         bootstrap=dict(unit=unit, n=n_boot, ci=ci, seed=seed, method='percentile',
                        resample=f'{unit}s of the split with replacement; all images of a {unit.split()[0]} move together',
                        undefined='replicates where a figure is undefined are dropped for that figure; n_boot per '
@@ -381,7 +392,7 @@ def nest(B: dict, S: Scored, ul: dict | None = None) -> dict:
     return dict(n_images=len(im), n_detection_images=int(S.det.sum()), n_studies=int(im.study_id.nunique()),
                 n_groups=int(len(np.unique(S.group))), n_positive_images=int(S.img_label.sum()), per_class=per,
                 all_lesions=dict(n_gt=nl['all'], n_boxes=S.n_boxes, froc={f'{r:g}': B[f'froc/all/{r:g}'] for r in S.rates}),
-                image=lev('image'), breast=lev('breast'),
+                image=lev('image'), breast=lev('breast'), exam=lev('exam'),
                 ultralytics=None if ul is None else {k: v for k, v in ul.items() if k != 'per_class'})
 
 # %% ../nbs/08_metrics.ipynb #6c4c57e8
@@ -412,11 +423,11 @@ def froc_table(metrics: dict, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows).T.rename(columns=lambda r: f'{r} FP/img')
 
 def summary_table(metrics: dict) -> pd.DataFrame:
-    "Image- and breast-level AUCs and the operating point's sensitivity/specificity, per split."
+    "Image-, breast- and exam-level AUCs and the operating point's sensitivity/specificity, per split."
     rows = {}
     for split, s in metrics['splits'].items():
-        for lev in ('image', 'breast'):
-            rows[(split, lev)] = {k: fmt_ci(v) for k, v in s[lev].items()}
+        for lev in ('image', 'breast', 'exam'):
+            if lev in s: rows[(split, lev)] = {k: fmt_ci(v) for k, v in s[lev].items()}
     return pd.DataFrame(rows).T
 
 def conventions_table(metrics: dict) -> pd.DataFrame:

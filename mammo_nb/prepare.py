@@ -23,7 +23,7 @@ from .ingest import IngestError, ingest, key_fingerprint, load_key, pseudonym, w
 from .errors import PrepareError
 from .files import file_sha256, git_commit, safe_name, within_root, to_json, write_tracked
 from .params import MAX_PIXELS, SYNTH_REVISION, named_settings, result_settings
-from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets
+from .split import SPLIT_REVISION, assign_splits, group_keys, grouping_summary, split_fractions, split_targets, study_partners
 from .synth_layouts import synth_source
 
 # %% auto #0
@@ -227,7 +227,8 @@ def _strict_check(p, fails: list[dict]):
     if p.strict and fails:
         f = fails[0]; raise PrepareError(f"{f['file'] or f['image_id']} ({f['row']}): {f['reason']} {f['detail']} (strict)")
 
-IMAGE_OUT = ['image_id', 'study_id', 'patient', 'split', 'role', 'labels', 'pathology', 'laterality', 'view', 'birads', 'density',
+IMAGE_OUT = ['image_id', 'study_id', 'patient', 'split', 'role', 'labels', 'pathology', 'laterality', 'view', 'breast',
+             'contralateral', 'ipsilateral', 'birads', 'density',
              'path', 'png', 'rows', 'cols', 'crop', 'scale', 'size', 'transfer_syntax', 'decoder', 'photometricinterpretation',
              'bitsstored', 'decode_reduce', 'source_fingerprint', 'pixel_fingerprint', 'voi_source', 'window_center', 'window_width', 'manufacturer', 'pixelspacing',
              'decode_warnings']
@@ -313,10 +314,13 @@ def merge(p) -> dict:
     if p.prepare.paths == 'hashed':                    # folder names can hold MRNs: a version that leaves the hospital
         ok['path'] = [pseudonym(x, key, 'path') for x in ok.path]
         fdf['file'] = [pseudonym(x, key, 'path') or '' for x in fdf.file]
+    partners, views = study_partners(ok)                # each image's breast and its contralateral / ipsilateral partner
+    ok = ok.drop(columns=[c for c in partners if c in ok]).join(partners)
     write_tracked(out, 'images.csv', ok[IMAGE_OUT].to_csv(index=False), shas)
     write_tracked(out, 'boxes.csv', det.drop(columns=['labels']).to_csv(index=False, float_format='%.3f'), shas)
     write_tracked(out, 'failures.csv', fdf.to_csv(index=False), shas)
     man = manifest(p, ok, det, fdf, shas, n_listed=len(images), targets=targets, warnings=warnings, key=key, duplicates=dups)
+    man['views'] = views
     (out / 'manifest.json').write_text(to_json(man))
     return man
 

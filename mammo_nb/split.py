@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['SPLIT_REVISION', 'group_keys', 'grouping_summary', 'label_counts', 'iterative_stratification', 'LeakageError',
-           'assert_no_leakage', 'split_targets', 'split_fractions', 'in_path_order', 'assign_splits']
+__all__ = ['VIEW_FAMILY', 'SPLIT_REVISION', 'group_keys', 'grouping_summary', 'label_counts', 'study_partners',
+           'iterative_stratification', 'LeakageError', 'assert_no_leakage', 'split_targets', 'split_fractions',
+           'in_path_order', 'assign_splits']
 
 # %% ../nbs/05_split.ipynb #c8f43c11
 def _components(a: np.ndarray, *links: np.ndarray) -> np.ndarray:
@@ -63,6 +64,40 @@ def label_counts(images: pd.DataFrame, boxes: pd.DataFrame, classes: list[str], 
     if mal.any(): per_img['_malignant'] = mal.astype(int)
     per_img.index = groups.values
     return per_img.groupby(level=0).sum()
+
+# %% ../nbs/05_split.ipynb #9aaf02b1
+VIEW_FAMILY = {**dict.fromkeys(('CC', 'XCCL', 'XCCM', 'FB', 'CCID'), 'CC'), **dict.fromkeys(('MLO', 'ML', 'LM', 'LMO', 'SIO'), 'MLO')}
+
+def study_partners(images: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """`breast` (patient or study, and laterality), `contralateral` and `ipsilateral` partner image ids ('' when there
+    is none) of every image of `images` (image_id, study_id, patient, laterality, view), and counts for the manifest."""
+    pat = images['patient'].fillna('').astype(str) if 'patient' in images else pd.Series('', index=images.index)
+    lat = images.laterality.fillna('').astype(str).str.upper().str[:1]
+    view = images.view.fillna('').astype(str).str.upper().str.strip()
+    fam = view.map(VIEW_FAMILY).fillna('')
+    who = pat.where(pat != '', 'study:' + images.study_id.astype(str))
+    breast = np.where(lat.isin(['L', 'R']), who + '/' + lat, '')
+    t = pd.DataFrame(dict(i=images.image_id.astype(str), s=images.study_id.astype(str), p=pat, lat=lat, v=view, f=fam))
+    contra, ipsi, refused = [], [], 0
+    by_study = {s: g for s, g in t.groupby('s', sort=False)}
+    for r in t.itertuples():
+        g = by_study[r.s]
+        def pick(c):
+            nonlocal refused
+            if not len(c): return ''
+            other = c[(c.p != r.p) & (c.p != '') & (r.p != '')]
+            refused += len(other) > 0 and len(other) == len(c)
+            c = c.drop(other.index)
+            if not len(c): return ''
+            return c.assign(same=(c.v != r.v)).sort_values(['same', 'i']).i.iloc[0]
+        ok = r.lat in ('L', 'R') and r.f != ''
+        contra.append(pick(g[(g.lat == {'L': 'R', 'R': 'L'}.get(r.lat)) & (g.f == r.f)]) if ok else '')
+        ipsi.append(pick(g[(g.lat == r.lat) & (g.f != '') & (g.f != r.f)]) if ok else '')
+    out = pd.DataFrame(dict(breast=breast, contralateral=contra, ipsilateral=ipsi), index=images.index)
+    return out, dict(breasts=int(len(set(breast) - {''})), with_contralateral=int((out.contralateral != '').sum()),
+                     with_ipsilateral=int((out.ipsilateral != '').sum()), four_view_studies=int(
+                         sum(len(set(zip(g.lat, g.f)) & {('L', 'CC'), ('R', 'CC'), ('L', 'MLO'), ('R', 'MLO')}) == 4 for g in by_study.values())),
+                     refused_across_patients=int(refused))
 
 # %% ../nbs/05_split.ipynb #000cc740
 SPLIT_REVISION = 3   # 3: groups ordered by source path, not pseudonym; 2: sizes in images (1: in label instances); part of every version's name

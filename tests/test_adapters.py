@@ -130,3 +130,31 @@ def test_missing_files_listed_and_survived(built, tmp_path):
     W = load_version(version_dir(load_params(g)))
     assert W.failures.reason.tolist() == ['missing_file']
     assert W.manifest['counts']['images'] >= V.manifest['counts']['images'] - 1
+
+
+def test_partner_views(built):
+    """Every layout's version names each image's breast and partners: the contralateral is the same view family of the
+    other breast, the ipsilateral the other view family of the same breast, both in its study and of its patient;
+    every image that has such an image beside it gets one; mini-MIAS (right and left MLO of one woman) gets exactly
+    mdb(2k+1) <-> mdb(2k+2) and no ipsilateral."""
+    from mammo_nb.split import VIEW_FAMILY
+    layout, tmp, f, dry, r, V, truth = built
+    im = V.images.assign(fam=V.images.view.astype(str).str.upper().map(VIEW_FAMILY),
+                         lat=V.images.laterality.astype(str).str.upper().str[:1]).set_index('image_id')
+    has = lambda x: isinstance(x, str) and x != ''
+    n = dict(contralateral=0, ipsilateral=0)
+    for i, a in im.iterrows():
+        same = im[(im.study_id == a.study_id) & (im.patient == a.patient) & (im.index != i)]
+        want = dict(contralateral=same[(same.lat == {'L': 'R', 'R': 'L'}.get(a.lat)) & (same.fam == a.fam)],
+                    ipsilateral=same[(same.lat == a.lat) & same.fam.notna() & (same.fam != a.fam)])
+        for kind, cand in want.items():
+            ok = a.lat in ('L', 'R') and isinstance(a.fam, str)
+            assert has(a[kind]) == (ok and len(cand) > 0), (layout, i, kind, a[kind], list(cand.index))
+            if has(a[kind]): assert a[kind] in cand.index; n[kind] += 1
+        assert a.breast == (f'{a.patient}/{a.lat}' if a.lat in ('L', 'R') else a.breast)
+    assert V.manifest['views']['with_contralateral'] == n['contralateral'] and V.manifest['views']['with_ipsilateral'] == n['ipsilateral']
+    if layout == 'mias':
+        k = im.index.str[3:].astype(int)
+        assert (im.contralateral == [f'mdb{j + 1 if j % 2 else j - 1:03d}' for j in k]).all() and n['ipsilateral'] == 0
+    else: assert n['contralateral'] > 0 and n['ipsilateral'] > 0, (layout, n)
+    print(layout, V.manifest['views'])

@@ -99,11 +99,14 @@ def test_breast_crop_and_clahe(version):
 
 
 def test_pairs_share_a_split(version):
-    "mdb(2k+1) and mdb(2k+2) are one woman: one patient pseudonym, one split."
+    "mdb(2k+1) and mdb(2k+2) are one woman: one patient pseudonym, one split, each the other's contralateral partner."
     _, V = version
     im = V.images.assign(k=V.images.image_id.str[3:].astype(int))
     g = im.groupby((im.k + 1) // 2)
     assert (g.patient.nunique() == 1).all() and (g.split.nunique() == 1).all() and len(g) == 81
+    partner = im.set_index('image_id').contralateral                  # each breast read beside the other one
+    assert all(partner[f'mdb{k:03d}'] == f'mdb{k + 1 if k % 2 else k - 1:03d}' for k in im.k)
+    assert V.manifest['views']['with_contralateral'] == 162 and V.manifest['views']['with_ipsilateral'] == 0
 
 
 def test_copy_paste_bank_from_real_lesions(version):
