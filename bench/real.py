@@ -38,12 +38,17 @@ HEAD = ('| arm | Mass AP50 | Mass sens@0.5FP | Mass sens@1FP | Mass sens@2FP | a
         'test ensemble Mass sens@1FP | train s (5 folds) |\n|---|---|---|---|---|---|---|---|---|')
 
 
+def prepared(p):
+    "The recipe's version, prepared when missing (an existing one is used as it is: its folds and runs stay valid)."
+    from mammo_nb.prepare import prepare, version_dir
+    if not (version_dir(p) / 'manifest.json').exists(): prepare(p, progress=False)
+
+
 def arms_table(out):
     from mammo_nb.params import load_params
-    from mammo_nb.prepare import prepare
     from mammo_nb.cv import cross_validate, rank_arms, arms as arm_list
     p = load_params(ROOT / 'params/mias-dev-arms.yaml')
-    prepare(p, progress=False)
+    prepared(p)
     cvs = cross_validate(p)
     order = rank_arms(cvs, p.cv.select)
     lines = [f'### Arms on the real development half (pooled out-of-fold, {cvs[order[0]]["splits"]["oof"]["n_images"]} images; '
@@ -64,19 +69,18 @@ def arms_table(out):
 
 def nested(out):
     from mammo_nb.params import load_params
-    from mammo_nb.prepare import prepare
     from mammo_nb.pretrain import pretrain
     from mammo_nb.cv import cross_validate, rank_arms
     lines = ['### Trained on one half of the women, fine-tuned on the other (pooled out-of-fold on the other half)', '', HEAD]
     for a, b in ((0, 1), (1, 0)):
         pa = load_params(ROOT / f'params/mias-dev-half{a}.yaml')
-        prepare(pa, progress=False)
+        prepared(pa)
         t0 = time.time()
         rd = pretrain(pa, progress=False)[0]
         w = next((rd / 'weights').glob(f'*-mias-dev-half{a}.pt'))            # exported beside best.pt
         arm = {'train': {'model': str(w.relative_to(ROOT)) if w.is_relative_to(ROOT) else str(w), 'epochs': 30}}
         pb = load_params(ROOT / f'params/mias-dev-half{b}.yaml', {'cv': {'arms': {'real-other-half': arm}}})
-        prepare(pb, progress=False)
+        prepared(pb)
         cvs = cross_validate(pb)
         for k in rank_arms(cvs, 'Mass'): lines.append(row(f'half {b}: {k}' + (f' (pretrained on half {a}, {time.time() - t0:.0f} s)' if k != 'synthetic' else ''), cvs[k]))
     out.append('\n'.join(lines))
