@@ -86,15 +86,49 @@ def nested(out):
     out.append('\n'.join(lines))
 
 
+def views_table(out, arm: str | None = None):
+    """Single view vs bilateral re-scoring (`mammo_nb.views`) of one arm's pooled out-of-fold candidates (default: the
+    ranked-first arm of arms.json): the same candidates, re-scored fold by fold by a model fitted on the other folds."""
+    from mammo_nb.params import load_params
+    from mammo_nb.cv import arms as arm_list, cv_root
+    from mammo_nb.metrics import score_predictions
+    from mammo_nb.runs import run_name
+    from mammo_nb.trainutil import check_version
+    from mammo_nb.views import view_scores
+    import pandas as pd
+    p = load_params(ROOT / 'params/mias-dev-arms.yaml')
+    root = cv_root(p)
+    arm = arm or json.loads((root / 'arms.json').read_text())['ranked'][0]
+    q, m = arm_list(p)[arm]
+    V, e = check_version(q), q.evaluate
+    oof = pd.read_csv(root / run_name(q, m) / 'oof-predictions.csv', dtype={'image_id': str})
+    folds = pd.read_csv(root / 'folds.csv', dtype={'image_id': str})
+    lines = [f'### Views: the candidates of arm {arm} re-scored (pooled out-of-fold, real development half; MLO pairs, so bilateral only)', '',
+             '| scoring | Mass sens@0.5FP | Mass sens@1FP | Mass FP/img at sens 0.7 | Mass FP/img at sens 0.8 | all-lesion FP/img at sens 0.8 | '
+             'breast ROC-AUC | exam ROC-AUC |', '|---|---|---|---|---|---|---|---|']
+    for views in ('none', 'bilateral'):
+        pred, _, rec = view_scores(oof, folds, V, views, hit_iou=e.hit_iou, seed=e.seed)
+        s = score_predictions(pred, V, split=['train', 'val'], hit_iou=e.hit_iou, pooled_nms_iou=e.pooled_nms_iou, max_det=e.max_det,
+                              n_boot=e.bootstrap, seed=e.seed, ci=e.ci, hit=e.hit, second_mark=e.second_mark)['splits']['train+val']
+        mm, al = s['per_class']['Mass'], s['all_lesions']
+        lines.append(f"| {'single view' if views == 'none' else views} | {ci(mm['froc']['0.5'])} | {ci(mm['froc']['1'])} | "
+                     f"{ci(mm['fpi_at_sensitivity']['0.7'])} | {ci(mm['fpi_at_sensitivity']['0.8'])} | {ci(al['fpi_at_sensitivity']['0.8'])} | "
+                     f"{ci(s['breast']['roc_auc'])} | {ci(s['exam']['roc_auc'])} |")
+        if views != 'none': lines.append(f"\ncoefficients per held-out fold (logit own score, partner score, partner present, intercept): {rec['folds']}")
+    out.append('\n'.join(lines))
+
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--only', choices=['arms', 'nested'])
+    ap.add_argument('--only', choices=['arms', 'nested', 'views'])
+    ap.add_argument('--arm', help='views: the arm whose candidates are re-scored (default: the ranked-first)')
     a = ap.parse_args()
     if not (DEV / 'Info.txt').is_file(): sys.exit(f'bench/real.py: the real development set is not at {DEV.resolve()}')
     import os; os.chdir(ROOT)
     out = []
     if a.only in (None, 'nested'): nested(out)
     if a.only in (None, 'arms'): arms_table(out)
+    if a.only in (None, 'views'): views_table(out, a.arm)
     OUT.mkdir(parents=True, exist_ok=True)
     text = '\n\n'.join(out) + '\n'
     (OUT / 'real.md').write_text(text)

@@ -20,6 +20,7 @@ from .prepare import SPLITS, Version, derive_version, load_version, version_coun
 from .runs import RunDir, models, run_name
 from .split import assert_no_leakage, group_keys, in_path_order, iterative_stratification, label_counts
 from .train import train_run
+from .views import view_scores
 from .trainutil import check_version
 
 # %% auto #0
@@ -146,6 +147,12 @@ def _fold_row(k: int, Vk: Version, rd: Path) -> dict:
                 lesions=s['all_lesions']['n_gt'], train_s=tj['wall_s'], epochs=tj['epochs_done'], val=s,
                 test=m['splits'].get('test'), threshold=m['operating_point']['threshold'], ssl=ssl)
 
+def _fused_test(p, rds, V: Version, classes) -> pd.DataFrame:
+    "The fold ensemble's test predictions (Weighted Boxes Fusion of the K fold models)."
+    e, te = p.evaluate, V.images[V.images.split == 'test']
+    preds = [pd.read_csv(rd.predictions('test'), dtype={'image_id': str}) for rd in rds]
+    return fuse_boxes(preds, te, classes, p.cv.wbf_iou if p.cv.wbf_iou is not None else e.iou, p.cv.wbf_conf_type, e.max_det)
+
 def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None = None, progress: bool = True) -> dict:
     """The pooled out-of-fold figures, the per-fold table and the fold ensemble on test of `model`'s K fold runs
     (every fold trained and evaluated: `fold_run`); written to `<cv root>/<run name>/cv.json` and returned."""
@@ -168,16 +175,27 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
     if (oof.image_id.map(fold_of) != oof.fold).any():
         raise AssertionError('internal error (a bug in mammo_nb, please report it): an OOF prediction from a model that trained on its image')
     nt = V.images[V.images.split != 'test']
+    views, single = None, None
+    if e.views != 'none':                   # each candidate re-scored with its partner views, learned on the other folds
+        preds_test = _fused_test(p, rds, V, classes) if (V.images.split == 'test').any() else None
+        single = oof
+        oof, fused_views, views = view_scores(oof, t, V, e.views, preds_test, hit_iou=e.hit_iou, seed=e.seed)
+        oof = oof.assign(fold=oof.image_id.map(fold_of))
     S, pooled = _scored(p, nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], oof, classes, oof=True, progress=progress)
     thr = S.threshold
     oof.to_csv(out / 'oof-predictions.csv', index=False)
     splits, ens = {'oof': pooled}, None
+    if single is not None:
+        splits['oof: single view'] = _scored(p, nt, V.boxes[V.boxes.image_id.isin(nt.image_id)], single, classes, oof=True, progress=progress)[1]
     te = V.images[V.images.split == 'test']
     if len(te):
         gt = V.boxes[V.boxes.image_id.isin(te.image_id)]
         preds = [pd.read_csv(rd.predictions('test'), dtype={'image_id': str}) for rd in rds]
         iou = p.cv.wbf_iou if p.cv.wbf_iou is not None else e.iou
         fused = fuse_boxes(preds, te, classes, iou, p.cv.wbf_conf_type, e.max_det)
+        if views is not None and fused_views is not None:
+            splits['test: ensemble, single view'] = _scored(p, te, gt, fused, classes, thr, progress=progress)[1]
+            fused = fused_views
         fused.to_csv(out / 'ensemble-test-predictions.csv', index=False)
         splits['test: ensemble'] = _scored(p, te, gt, fused, classes, thr, progress=progress)[1]
         for k, P in enumerate(preds): splits[f'test: fold {k}'] = _scored(p, te, gt, P, classes, thr, progress=progress)[1]
@@ -191,7 +209,7 @@ def pool_folds(p, model: str, V: Version | None = None, t: pd.DataFrame | None =
                       folds=K, seed=p.split.seed, fold_rows=[_fold_row(k, Vk, rd.dir) for k, (Vk, rd) in enumerate(zip(Vks, rds))],
                       operating_point=dict(threshold=thr, chosen_on='pooled out-of-fold predictions',
                                            rule='Youden J' if e.target_sensitivity is None else f'sensitivity >= {e.target_sensitivity}'),
-                      splits=splits, ensemble=ens, conventions=conv, bootstrap=conv['bootstrap'], evaluate=dict(e)))
+                      splits=splits, ensemble=ens, views=views, conventions=conv, bootstrap=conv['bootstrap'], evaluate=dict(e)))
     (out / 'cv.json').write_text(json.dumps(res, indent=1))
     return res
 

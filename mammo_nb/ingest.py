@@ -26,9 +26,10 @@ from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLo
 
 # %% auto #0
 __all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level', 'check_pixels',
-           'jpeg_size', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'crop_box', 'full_mask', 'mask_crop',
-           'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'inflate_limit',
-           'read_dicom', 'read_raster', 'for_processing', 'warning_lines', 'pixel_fingerprint', 'frames_in', 'ingest']
+           'jpeg_size', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'chest_wall_left', 'crop_box',
+           'full_mask', 'mask_crop', 'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint',
+           'load_key', 'inflate_limit', 'read_dicom', 'read_raster', 'for_processing', 'warning_lines',
+           'pixel_fingerprint', 'frames_in', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -260,6 +261,12 @@ def breast_mask(img: np.ndarray, work_side: int = 512, shape: tuple | None = Non
     cv2.floodFill(ff, None, (0, 0), 2)
     m = ((ff[1:-1, 1:-1] != 2)).astype(np.uint8)
     return cv2.dilate(m, k)                                      # keep the skin line
+
+def chest_wall_left(mask: np.ndarray) -> bool:
+    """True when the chest wall is on the image's left: the left half of breast `mask` holds more breast than the right
+    (a breast is widest at the chest wall; a film edge or label in the outer columns does not sway it)."""
+    h = mask.shape[1] // 2
+    return mask[:, :h].mean() >= mask[:, mask.shape[1] - h:].mean()
 
 def crop_box(mask: np.ndarray, shape: tuple, margin: int = 4) -> tuple[int, int, int, int]:
     "Bounding box (x0, y0, x1, y1) in full-image pixels (`shape`) of work-resolution `mask`, grown by `margin` px."

@@ -12,15 +12,15 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from .files import clean_json
-from .params import FROC_FPS, HIT_RULE, SECOND_MARK, parse_hit
+from .params import FROC_FPS, FROC_SENS, HIT_RULE, SECOND_MARK, parse_hit
 from .split import group_keys
 
 # %% auto #0
 __all__ = ['BOX', 'IOU_THRESHOLDS', 'RECALL_THRESHOLDS', 'SCORING', 'box_iou', 'describe_hit', 'hit_matrix', 'match_tp',
-           'coco_ap', 'froc_curve', 'sens_at', 'roc_auc', 'average_precision', 'lesion_ids', 'nms_agnostic', 'by_key',
-           'Scored', 'group_weights', 'unit_name', 'bootstrap', 'choose_threshold', 'sens_spec', 'conventions', 'nest',
-           'fmt_ci', 'per_class_table', 'froc_table', 'summary_table', 'conventions_table', 'to_version_pixels',
-           'score_predictions']
+           'coco_ap', 'froc_curve', 'sens_at', 'fpi_at', 'roc_auc', 'average_precision', 'lesion_ids', 'nms_agnostic',
+           'by_key', 'Scored', 'group_weights', 'unit_name', 'bootstrap', 'choose_threshold', 'sens_spec',
+           'conventions', 'nest', 'fmt_ci', 'per_class_table', 'froc_table', 'summary_table', 'conventions_table',
+           'to_version_pixels', 'score_predictions']
 
 # %% ../nbs/08_metrics.ipynb #7e0f8717
 BOX = ['x0', 'y0', 'x1', 'y1']
@@ -111,6 +111,10 @@ def froc_curve(lesion_score, lesion_img, fp_score, fp_img, w) -> tuple[np.ndarra
 def sens_at(fppi: np.ndarray, sens: np.ndarray, rates=FROC_FPS) -> np.ndarray:
     "FROC sensitivity at each false-positive rate: the best sensitivity reached without exceeding the rate."
     return np.array([np.nanmax(np.where(fppi <= r, sens, np.nan)) if np.isfinite(sens).any() else np.nan for r in rates])
+
+def fpi_at(fppi: np.ndarray, sens: np.ndarray, targets=FROC_SENS) -> np.ndarray:
+    "FROC false positives per image at each sensitivity: the fewest with which it is reached (nan if never)."
+    return np.array([np.nanmin(np.where(sens >= t - 1e-12, fppi, np.nan)) if (sens >= t - 1e-12).any() else np.nan for t in targets])
 
 # %% ../nbs/08_metrics.ipynb #9af33c7a
 def _weighted_curve(y, s, w) -> tuple[np.ndarray, np.ndarray]:
@@ -279,6 +283,7 @@ class Scored:
         for c, (ls, li, fs, fi) in self.froc.items():
             fppi, sens = froc_curve(ls, li, fs, fi, wd)
             for r, v in zip(self.rates, sens_at(fppi, sens, self.rates)): out[f'froc/{c}/{r:g}'] = v
+            for t, v in zip(FROC_SENS, fpi_at(fppi, sens)): out[f'fpi/{c}/{t:g}'] = v
         for level, (s, y, ww) in (('image', (self.img_score, self.img_label, w)), ('breast', self.unit_table('breast', w)),
                                   ('exam', self.unit_table('exam', w))):
             m = ww > 0
@@ -384,14 +389,16 @@ def nest(B: dict, S: Scored, ul: dict | None = None) -> dict:
     nl = S.n_lesions()
     per = {}
     for c in S.classes:
-        per[c] = dict(n_gt=nl[c], ap50=B[f'ap50/{c}'], ap50_95=B[f'ap50_95/{c}'], froc={f'{r:g}': B[f'froc/{c}/{r:g}'] for r in S.rates})
+        per[c] = dict(n_gt=nl[c], ap50=B[f'ap50/{c}'], ap50_95=B[f'ap50_95/{c}'], froc={f'{r:g}': B[f'froc/{c}/{r:g}'] for r in S.rates},
+                      fpi_at_sensitivity={f'{t:g}': B[f'fpi/{c}/{t:g}'] for t in FROC_SENS})
         if ul is not None and c in ul['per_class']:
             per[c].update(ap50_ultralytics=ul['per_class'][c]['ap50'], ap50_95_ultralytics=ul['per_class'][c]['ap50_95'])
     lev = lambda l: {k.split('/')[1]: v for k, v in B.items() if k.startswith(l + '/')}
     im = S.images
     return dict(n_images=len(im), n_detection_images=int(S.det.sum()), n_studies=int(im.study_id.nunique()),
                 n_groups=int(len(np.unique(S.group))), n_positive_images=int(S.img_label.sum()), per_class=per,
-                all_lesions=dict(n_gt=nl['all'], n_boxes=S.n_boxes, froc={f'{r:g}': B[f'froc/all/{r:g}'] for r in S.rates}),
+                all_lesions=dict(n_gt=nl['all'], n_boxes=S.n_boxes, froc={f'{r:g}': B[f'froc/all/{r:g}'] for r in S.rates},
+                                 fpi_at_sensitivity={f'{t:g}': B[f'fpi/all/{t:g}'] for t in FROC_SENS}),
                 image=lev('image'), breast=lev('breast'), exam=lev('exam'),
                 ultralytics=None if ul is None else {k: v for k, v in ul.items() if k != 'per_class'})
 

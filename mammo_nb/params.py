@@ -16,10 +16,10 @@ from .errors import ParamsError
 from .looks import look_spec
 
 # %% auto #0
-__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'HIT_RULE', 'SECOND_MARK',
-           'SLICES', 'TILES', 'COPY_PASTE', 'TTA', 'SAFE_NAME', 'MAX_RECIPE_BYTES', 'MAX_YAML_DEPTH', 'MAX_BASE_CHAIN',
-           'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit', 'validate', 'result_settings',
-           'named_settings', 'merge', 'RecipeLoader', 'read_recipe_text', 'load_params']
+__all__ = ['REQUIRED', 'EFFECTS', 'VINDR_CLASSES', 'VINDR_PRIORITY', 'SYNTH_REVISION', 'FROC_FPS', 'FROC_SENS', 'VIEWS',
+           'HIT_RULE', 'SECOND_MARK', 'SLICES', 'TILES', 'COPY_PASTE', 'TTA', 'SAFE_NAME', 'MAX_RECIPE_BYTES',
+           'MAX_YAML_DEPTH', 'MAX_BASE_CHAIN', 'MAX_PIXELS', 'PIXEL_CEILING', 'SCHEMA', 'Field', 'filled', 'parse_hit',
+           'validate', 'result_settings', 'named_settings', 'merge', 'RecipeLoader', 'read_recipe_text', 'load_params']
 
 # %% ../nbs/00_params.ipynb #5202e49a
 REQUIRED = object()
@@ -49,6 +49,8 @@ VINDR_PRIORITY = ('Mass', 'Suspicious Calcification', 'Architectural Distortion'
 # It names the default `synth.out` folder and enters each synthetic version's name, so no stale set is reused.
 SYNTH_REVISION = 2
 FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)   # false positives per image where FROC sensitivity is read
+FROC_SENS = (0.7, 0.8)    # sensitivities where the FROC's false positives per image are read (what a mark-up costs)
+VIEWS = ('none', 'bilateral', 'ipsilateral', 'both')   # `evaluate.views`: partner views a candidate is re-scored with (`mammo_nb.views`)
 HIT_RULE = 'centre|iou'      # the FROC hit rule of every class the recipe's `evaluate.hit` does not name
 SECOND_MARK = ('ignore', 'false_positive')      # what a further mark on an already-found lesion is (FROC)
 # Sliced inference (`evaluate.slices`, `mammo_nb.slices`): windows of `window` px of the version's PNG (None: the
@@ -238,6 +240,9 @@ SCHEMA = {
                         'defaults: `params.SLICES`); serve follows the run. None: whole images'),
         'tta': Field(str, 'none', "test-time augmentation: `flip` runs the detector on each image and on its mirror and fuses "
                      'both views by Weighted Boxes Fusion (a box one view alone finds keeps half its score); serve follows the run', TTA, late=True),
+        'views': Field(str, 'none', '`mammo cv`: re-score each candidate with its partner views (`mammo_nb.views`): bilateral '
+                       '(the same place in the other breast), ipsilateral (the same chest-wall distance in the other view), '
+                       'both; a logistic fusion learned on the training folds only; none: single view', VIEWS, late=True),
         'whole_images': Field(bool, False, 'score a run trained on tiles (`train.tiles`) on whole images without '
                               '`evaluate.slices` (refused otherwise: it never saw a whole image)'),
         'max_det': Field(int, 100, 'boxes kept per image', min=1, max=10_000),

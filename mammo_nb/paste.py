@@ -7,8 +7,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .ingest import chest_wall_left
+
 # %% auto #0
-__all__ = ['lesion_crops', 'breast_region', 'chest_wall_left', 'paste_sites', 'ellipse_alpha', 'blend', 'paste_lesions']
+__all__ = ['lesion_crops', 'breast_region', 'paste_sites', 'ellipse_alpha', 'blend', 'paste_lesions']
 
 # %% ../nbs/07k_paste.ipynb #0063ddde
 def lesion_crops(img: np.ndarray, boxes: np.ndarray, cls: np.ndarray, ring: float = 0.3, min_px: int = 4) -> list[dict]:
@@ -34,12 +36,6 @@ def breast_region(img: np.ndarray, background: int = 10) -> np.ndarray:
     n, lab, st, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     if n <= 1: return m.astype(bool)
     return lab == 1 + int(np.argmax(st[1:, cv2.CC_STAT_AREA]))
-
-def chest_wall_left(mask: np.ndarray) -> bool:
-    """True when the chest wall is on the image's left: the left half holds more breast than the right (the breast is
-    widest at the chest wall; a film edge or label in the outer columns does not sway it)."""
-    h = mask.shape[1] // 2
-    return mask[:, :h].mean() >= mask[:, mask.shape[1] - h:].mean()
 
 def paste_sites(mask: np.ndarray, r: float, pectoral: float = 0.35) -> np.ndarray:
     """(y, x) centres where a lesion of half-size `r` px stays inside breast `mask` (distance >= r to its edge),
