@@ -80,3 +80,21 @@ def test_hostile_base_files(tmp_path, base):
     f.write_text(f'base: {base}\nname: r\n')
     r = cli('prepare', f, '--dry-run')
     assert r.returncode == 2 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_link_loop_among_the_images_is_a_failure_row(tmp_path):
+    "An image path that is a symlink loop: a failure row with a reason, the other images built, no traceback."
+    raw = mias_folder(tmp_path / 'raw')
+    (raw / 'mdb004.pgm').symlink_to(raw / 'mdb005.pgm'); (raw / 'mdb005.pgm').symlink_to(raw / 'mdb004.pgm')
+    r = cli('prepare', recipe(tmp_path), '--quiet')
+    assert r.returncode == 0 and 'Traceback' not in r.stderr, r.stderr
+    f = pd.read_csv(next((tmp_path / 'versions').glob('h-*')) / 'failures.csv', dtype=str).fillna('')
+    assert f.set_index('image_id').reason.to_dict().get('mdb004') in ('unreadable', 'path_outside_root', 'missing_file'), f
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path):
+    "A recipe path holding a terminal escape: the error line shows it as \\x1b, never the raw byte."
+    f = tmp_path / 'bad\x1b[31m.yaml'
+    f.write_text('name: x\nsynth: {preset: huge}\n')
+    r = cli('prepare', f, '--dry-run')
+    assert r.returncode == 2 and '\x1b' not in r.stderr and '\\x1b' in r.stderr, repr(r.stderr)
