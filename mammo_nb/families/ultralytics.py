@@ -40,9 +40,10 @@ from ..trainutil import (CPUThreads, NegativeSampler, check_device, class_weight
 
 # %% auto #0
 __all__ = ['FocalBCE', 'MammoDetectionLoss', 'sampled_loader', 'log_negatives', 'PasteDataset', 'MammoTrainer', 'write_run_data',
-           'train_args', 'resumable', 'train_run', 'MultiLabelPredictor', 'MammoValidator', 'predict', 'library_val',
-           'Detector', 'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'cam', 'to_input_grid',
-           'head_inputs', 'YoloExplainer', 'YoloTrunk', 'yolo_trunk', 'save_yolo_trunk', 'UltralyticsFamily']
+           'train_args', 'run_log', 'epoch_line', 'resumable', 'train_run', 'MultiLabelPredictor', 'MammoValidator',
+           'predict', 'library_val', 'Detector', 'letterbox', 'unletterbox', 'anchor_centres', 'BoxClassTarget', 'cam',
+           'to_input_grid', 'head_inputs', 'YoloExplainer', 'YoloTrunk', 'yolo_trunk', 'save_yolo_trunk',
+           'UltralyticsFamily']
 
 # %% ../../nbs/07d_ultralytics.ipynb #5e394472
 class FocalBCE(nn.Module):
@@ -126,6 +127,7 @@ class MammoTrainer(DetectionTrainer):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.add_callback('on_train_epoch_start', log_negatives)
+        self.add_callback('on_fit_epoch_end', epoch_line)
         if self.device.type == 'cpu':                           # ultralytics just set 1 thread / 0 workers on 2 cores
             self.cpu = dict(threads=cpu_threads(self.mammo.get('threads')), workers=int(self.mammo.get('cpu_workers', 0)))
             self.args.workers = self.cpu['workers']
@@ -221,6 +223,34 @@ def train_args(p, model: str, data: Path, device: str) -> dict:
         a[k] = v
     return a
 
+_console = None                          # where `epoch_line` prints while ultralytics' own output goes to the run log
+
+@contextmanager
+def run_log(rd: Path):
+    """While training: ultralytics' log (argument dump, model table, per-batch bars, validation tables) goes to
+    `<run>/train.log` only, and the terminal gets one line per epoch (`epoch_line`) from the stream it had."""
+    import contextlib, logging, sys
+    from ultralytics.utils import LOGGER
+    global _console
+    rd.mkdir(parents=True, exist_ok=True)
+    with open(rd / 'train.log', 'a') as f:
+        h = logging.StreamHandler(f); h.setFormatter(logging.Formatter('%(message)s'))
+        old, prev = LOGGER.handlers[:], _console
+        LOGGER.handlers, _console = [h], sys.stdout
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f): yield
+        finally: LOGGER.handlers, _console = old, prev
+
+def epoch_line(trainer):
+    "Epoch-end callback: one line on the terminal: run, epoch, mean losses, val mAP50 when validated, seconds."
+    if _console is None or RANK not in (-1, 0): return
+    loss = trainer.label_loss_items(trainer.tloss, prefix='train') if trainer.tloss is not None else {}
+    ap = (trainer.metrics or {}).get('metrics/mAP50(B)')
+    ls = ' '.join(f"{k.split('/')[-1].replace('_loss', '')} {v:.3f}" for k, v in loss.items())
+    val = f' · val mAP50 {ap:.3f}' if ap is not None and ap == ap else ''
+    print(f'{Path(trainer.save_dir).name} epoch {trainer.epoch + 1}/{trainer.epochs} · {ls}{val} · '
+          f'{trainer.epoch_time or 0:.1f} s', file=_console, flush=True)
+
 def resumable(rd: Path) -> Path | None:
     """The checkpoint to resume run `rd` from: `last.pt`, or `best.pt` when a kill tore `last.pt` mid-write
     (ultralytics writes both from the same bytes, training state included), or None: start afresh."""
@@ -240,12 +270,14 @@ def train_run(p, model: str, V: Version, rd: Path) -> Path:
     args = train_args(p, model, data, device)
     ckpt = resumable(rd) if p.train.resume else None
     t0 = time.time()
-    if ckpt is not None:
-        trim_results(rd / 'results.csv', int(torch.load(ckpt, map_location='cpu', weights_only=False).get('epoch', -1)) + 1)
-        y = YOLO(str(ckpt)); y.train(resume=True, trainer=MammoTrainer, device=device, workers=p.train.workers)
-    else:
-        for f in ('results.csv', 'negatives.jsonl', 'transfer.json'): (rd / f).unlink(missing_ok=True)
-        y = YOLO(model); y.train(trainer=MammoTrainer, **args)
+    if ckpt is None:
+        for f in ('results.csv', 'negatives.jsonl', 'transfer.json', 'train.log'): (rd / f).unlink(missing_ok=True)
+    print(f'{rd.name}: training {p.train.epochs} epochs at {p.train.imgsz} px on {device} (details: {rd / "train.log"})', flush=True)
+    with run_log(rd):
+        if ckpt is not None:
+            trim_results(rd / 'results.csv', int(torch.load(ckpt, map_location='cpu', weights_only=False).get('epoch', -1)) + 1)
+            y = YOLO(str(ckpt)); y.train(resume=True, trainer=MammoTrainer, device=device, workers=p.train.workers)
+        else: y = YOLO(model); y.train(trainer=MammoTrainer, **args)
     rec = dict(status='done', family='ultralytics', version=V.manifest['version'], model=model, run=rd.name,
                manifest_sha256=file_sha256(V.dir / 'manifest.json'),
                args={k: v for k, v in args.items() if k not in ('project',)}, mammo=yaml.safe_load(data.read_text())['mammo'],
