@@ -25,11 +25,11 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, RLELossless
 
 # %% auto #0
-__all__ = ['HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level', 'check_pixels',
-           'jpeg_size', 'stored_bits', 'decode', 'voi_lut', 'voi', 'breast_mask', 'chest_wall_left', 'crop_box',
-           'full_mask', 'mask_crop', 'to_decoded', 'from_decoded', 'Ingested', 'pseudonym', 'key_fingerprint',
-           'load_key', 'inflate_limit', 'read_dicom', 'read_raster', 'for_processing', 'warning_lines',
-           'pixel_fingerprint', 'frames_in', 'ingest']
+__all__ = ['PHOTOMETRIC', 'HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level',
+           'check_pixels', 'jpeg_size', 'stored_bits', 'decode', 'check_header', 'voi_lut', 'voi', 'breast_mask',
+           'chest_wall_left', 'crop_box', 'full_mask', 'mask_crop', 'to_decoded', 'from_decoded', 'Ingested',
+           'pseudonym', 'key_fingerprint', 'load_key', 'inflate_limit', 'read_dicom', 'read_raster', 'for_processing',
+           'warning_lines', 'pixel_fingerprint', 'frames_in', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -144,8 +144,33 @@ def decode(ds: pydicom.Dataset, threads: int = 1, reduce: int = 0) -> tuple[np.n
     arr, decoder = _decode(ds, threads, reduce)
     return stored_bits(arr, ds), decoder
 
+PHOTOMETRIC = ('MONOCHROME1', 'MONOCHROME2', 'RGB', 'YBR_FULL', 'YBR_FULL_422', 'YBR_ICT', 'YBR_RCT', 'PALETTE COLOR')
+
+def check_header(ds: pydicom.Dataset) -> None:
+    """Raise `IngestError('bad_header', <the attribute's name>)` when a value the decoder or the display relies on is
+    impossible: BitsAllocated (1, 8, 16, 32), BitsStored (1..BitsAllocated), PixelRepresentation (0/1),
+    PhotometricInterpretation (the DICOM terms), RescaleSlope / RescaleIntercept (finite, |slope| in (1e-6, 1e6)),
+    NumberOfFrames / SamplesPerPixel (positive whole numbers). The reason names the attribute, never its value."""
+    def num(k, default, cast=float):
+        v = ds.get(k, default)
+        try: v = cast(v if not isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else v[0])
+        except (TypeError, ValueError, IndexError): raise IngestError('bad_header', k) from None
+        if not np.isfinite(float(v)): raise IngestError('bad_header', k)
+        return v
+    ba = num('BitsAllocated', 16, int)
+    if ba not in (1, 8, 16, 32): raise IngestError('bad_header', 'BitsAllocated')
+    if not 1 <= num('BitsStored', ba, int) <= ba: raise IngestError('bad_header', 'BitsStored')
+    if num('PixelRepresentation', 0, int) not in (0, 1): raise IngestError('bad_header', 'PixelRepresentation')
+    if str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).strip().upper() not in PHOTOMETRIC:
+        raise IngestError('bad_header', 'PhotometricInterpretation')
+    if not 1e-6 < abs(num('RescaleSlope', 1.0)) < 1e6: raise IngestError('bad_header', 'RescaleSlope')
+    if abs(num('RescaleIntercept', 0.0)) > 1e9: raise IngestError('bad_header', 'RescaleIntercept')
+    for k in ('NumberOfFrames', 'SamplesPerPixel'):
+        if num(k, 1, lambda v: int(str(v).strip() or 1)) < 1: raise IngestError('bad_header', k)
+
 def _decode(ds: pydicom.Dataset, threads: int = 1, reduce: int = 0) -> tuple[np.ndarray, str]:
     if 'PixelData' not in ds: raise IngestError('no_pixel_data')
+    check_header(ds)
     if int(ds.get('SamplesPerPixel', 1)) != 1 or int(ds.get('NumberOfFrames', 1) or 1) != 1:
         raise IngestError('unsupported_layout', f"{ds.get('SamplesPerPixel')} samples, {ds.get('NumberOfFrames', 1)} frames")
     ts = ds.file_meta.TransferSyntaxUID

@@ -421,7 +421,8 @@ def load_version(p_or_dir) -> Version:
     d = Path(p_or_dir) if isinstance(p_or_dir, (str, Path)) else version_dir(p_or_dir)
     if not (d / 'manifest.json').exists(): raise PrepareError(f"no dataset version at '{d}' (run `mammo prepare`)")
     lit = lambda s: ast.literal_eval(s) if isinstance(s, str) else s
-    im = pd.read_csv(d / 'images.csv', dtype={'image_id': str, 'study_id': str, 'source_fingerprint': str, 'pixel_fingerprint': str})
+    im = pd.read_csv(d / 'images.csv', dtype={'image_id': str, 'study_id': str, 'source_fingerprint': str, 'pixel_fingerprint': str,
+                                              'breast': str, 'contralateral': str, 'ipsilateral': str})
     for c in ('labels', 'crop', 'scale', 'size', 'pixelspacing'): im[c] = im[c].map(lit)
     return Version(d, json.loads((d / 'manifest.json').read_text()), im,
                    pd.read_csv(d / 'boxes.csv', dtype={'image_id': str}), pd.read_csv(d / 'failures.csv', dtype=str).fillna(''))

@@ -210,7 +210,8 @@ def test_page_is_static_with_a_content_security_policy(client):
         assert r.status_code == 200
         csp = r.headers['content-security-policy']
         assert "script-src 'self'" in csp and 'unsafe-inline' not in csp and r.headers['x-content-type-options'] == 'nosniff'
-    assert '<script>' not in PAGE and '<style>' not in PAGE and ' on' not in PAGE.replace(' one ', ' ')
+    import re
+    assert '<script>' not in PAGE and '<style' not in PAGE and not re.search(r'\son\w+\s*=', PAGE + PAGE_JS)   # no inline handler
     assert 'innerHTML' not in PAGE_JS and 'outerHTML' not in PAGE_JS and 'insertAdjacentHTML' not in PAGE_JS
     r = client.post('/predict', files={'file': ('x.png', b'\x89PNG....', 'text/<script>alert(1)</script>')})
     assert r.status_code == 415 and 'script' not in r.text                    # the part's content type is not echoed
@@ -252,8 +253,8 @@ def test_browser_shows_hostile_names_as_text(trained, tmp_path):
         srv.terminate(); srv.wait(10)
 
 
-@pytest.mark.parametrize('field, value', [('NumberOfFrames', '1000000000'), ('NumberOfFrames', 'x'),
-                                          ('PhotometricInterpretation', 'YBR_NONSENSE'), ('RescaleSlope', 'nan'),
+@pytest.mark.parametrize('field, value', [('NumberOfFrames', '1000000000'), ('NumberOfFrames', '-1'),
+                                          ('PhotometricInterpretation', 'YBR_NONSENSE'), ('RescaleSlope', '0'),
                                           ('RescaleSlope', '1e308'), ('TransferSyntaxUID', '1.2.3.999'),
                                           ('BitsAllocated', 7), ('SamplesPerPixel', 3)])
 def test_impossible_header_values_get_a_4xx(client, trained, tmp_path, field, value):

@@ -140,7 +140,7 @@ def test_resume_after_kill(trained, tmp_path):
     last = rd / 'weights' / 'last.pt'                          # a kill can land while last.pt is written: tear it
     last.write_bytes(last.read_bytes()[:len(last.read_bytes()) // 2])
     r = mammo('train', f)
-    assert 'Resuming training' in r.stderr + r.stdout          # from best.pt, which holds the same training state
+    assert 'resuming training from best.pt' in r.stderr + r.stdout   # from best.pt, which holds the same training state
     assert (rd / 'weights' / 'last.pt.torn').exists()
     tj = json.loads((rd / 'train.json').read_text())
     assert tj['epochs_done'] == 4

@@ -272,7 +272,8 @@ def train_run(p, model: str, V: Version, rd: Path) -> Path:
     t0 = time.time()
     if ckpt is None:
         for f in ('results.csv', 'negatives.jsonl', 'transfer.json', 'train.log'): (rd / f).unlink(missing_ok=True)
-    print(f'{rd.name}: training {p.train.epochs} epochs at {p.train.imgsz} px on {device} (details: {rd / "train.log"})', flush=True)
+    how = f'resuming training from {ckpt.name}' if ckpt is not None else f'training {p.train.epochs} epochs at {p.train.imgsz} px on {device}'
+    print(f'{rd.name}: {how} (details: {rd / "train.log"})', flush=True)
     with run_log(rd):
         if ckpt is not None:
             trim_results(rd / 'results.csv', int(torch.load(ckpt, map_location='cpu', weights_only=False).get('epoch', -1)) + 1)
