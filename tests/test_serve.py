@@ -1,7 +1,7 @@
 """`mammo serve`: the FastAPI app on a run trained on the tiny preset (test client), bad uploads answered with a 4xx
 while the server stays up, no PHI echoed, the same preprocessing as the dataset version, and a real browser
 (Debian's headless chromium) uploading a synthetic DICOM through the page."""
-import json, os, shutil, socket, subprocess, sys, time, urllib.request
+import contextlib, json, os, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import cv2
@@ -153,15 +153,14 @@ def test_load_with_bombs_mixed_in(trained):
     assert r['rss_peak_mb'] - r['rss_idle_mb'] < 600, r
 
 
-def test_browser_upload_shows_overlay(trained, tmp_path):
-    """The real CLI server on 127.0.0.1, and headless chromium uploading a synthetic DICOM through the page."""
-    p, rd, V, raw = trained
+@contextlib.contextmanager
+def browser_on(rd: Path):
+    """The real CLI server (`mammo serve`) on a free loopback port for run `rd`, and a headless chromium driver
+    (selenium) with the page open: yields the driver; skips the test where chromium cannot be installed."""
     paths = chromium()
     if paths is None: pytest.skip('chromium / chromedriver not installable here (needs root and apt)')
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     srv = subprocess.Popen([str(BIN / 'mammo'), 'serve', '--run', str(rd), '--port', str(port)], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -176,18 +175,27 @@ def test_browser_upload_shows_overlay(trained, tmp_path):
         drv = webdriver.Chrome(service=Service(paths[1]), options=opts)
         try:
             drv.get(f'http://127.0.0.1:{port}/')
-            assert 'Research use only' in drv.find_element(By.CLASS_NAME, 'notice').text
-            f, _ = lesion_image(V, raw)
-            drv.find_element(By.ID, 'file').send_keys(str(f))
-            drv.find_element(By.ID, 'go').click()
-            WebDriverWait(drv, 120).until(lambda d: d.execute_script(
-                "const i = document.getElementById('overlay'); return i.complete && i.naturalWidth > 0;"))
-            assert drv.execute_script("return document.getElementById('preview').naturalWidth") > 0
-            assert len(drv.find_elements(By.CSS_SELECTOR, '#scores tr')) == 1 + len(V.manifest['classes'])
-            assert drv.find_element(By.ID, 'error').text == ''
+            yield drv
         finally: drv.quit()
     finally:
         srv.terminate(); srv.wait(10)
+
+
+def test_browser_upload_shows_overlay(trained, tmp_path):
+    """The real CLI server on 127.0.0.1, and headless chromium uploading a synthetic DICOM through the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    p, rd, V, raw = trained
+    with browser_on(rd) as drv:
+        assert 'Research use only' in drv.find_element(By.CLASS_NAME, 'notice').text
+        f, _ = lesion_image(V, raw)
+        drv.find_element(By.ID, 'file').send_keys(str(f))
+        drv.find_element(By.ID, 'go').click()
+        WebDriverWait(drv, 120).until(lambda d: d.execute_script(
+            "const i = document.getElementById('overlay'); return i.complete && i.naturalWidth > 0;"))
+        assert drv.execute_script("return document.getElementById('preview').naturalWidth") > 0
+        assert len(drv.find_elements(By.CSS_SELECTOR, '#scores tr')) == 1 + len(V.manifest['classes'])
+        assert drv.find_element(By.ID, 'error').text == ''
 
 
 HOSTILE = '<img src=x onerror="window.pwned=1">'
@@ -221,36 +229,15 @@ def test_page_is_static_with_a_content_security_policy(client):
 
 def test_browser_shows_hostile_names_as_text(trained, tmp_path):
     """A run, version and class named with markup: headless chromium shows the characters, runs no script of theirs."""
-    p, rd, V, raw = trained
-    paths = chromium()
-    if paths is None: pytest.skip('chromium / chromedriver not installable here (needs root and apt)')
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    hr = hostile_copy(rd, tmp_path)
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    srv = subprocess.Popen([str(BIN / 'mammo'), 'serve', '--run', str(hr), '--port', str(port)], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(120):
-            try: urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2); break
-            except OSError: time.sleep(0.5)
-        else: pytest.fail('server did not start: ' + srv.stdout.read(2000))
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = paths[0]
-        for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu'): opts.add_argument(a)
-        drv = webdriver.Chrome(service=Service(paths[1]), options=opts)
-        try:
-            drv.get(f'http://127.0.0.1:{port}/')
-            WebDriverWait(drv, 30).until(lambda d: 'run ' in d.find_element(By.ID, 'model').text)
-            text = drv.find_element(By.ID, 'model').text
-            assert HOSTILE + 'r' in text and HOSTILE + 'v' in text and HOSTILE + 'c' in text   # shown as characters
-            assert drv.execute_script('return window.pwned') is None                          # and never run
-            assert len(drv.find_elements(By.TAG_NAME, 'img')) == 2                            # preview and overlay only
-        finally: drv.quit()
-    finally:
-        srv.terminate(); srv.wait(10)
+    p, rd, V, raw = trained
+    with browser_on(hostile_copy(rd, tmp_path)) as drv:
+        WebDriverWait(drv, 30).until(lambda d: 'run ' in d.find_element(By.ID, 'model').text)
+        text = drv.find_element(By.ID, 'model').text
+        assert HOSTILE + 'r' in text and HOSTILE + 'v' in text and HOSTILE + 'c' in text   # shown as characters
+        assert drv.execute_script('return window.pwned') is None                          # and never run
+        assert len(drv.find_elements(By.TAG_NAME, 'img')) == 2                            # preview and overlay only
 
 
 @pytest.mark.parametrize('field, value', [('NumberOfFrames', '1000000000'), ('NumberOfFrames', '-1'),
