@@ -459,10 +459,10 @@ def _name_errors(p: dict, errs: list):
     csv = (p.get('source') or {}).get('csv')
     if csv is not None and (Path(csv).is_absolute() or '..' in Path(csv).parts):
         errs.append(f"'source.csv' must be a path inside 'source.root' (relative, no '..'), got {str(csv)[:60]!r}")
-    cores = os.cpu_count() or 1
+    cores = max(os.cpu_count() or 1, 2)                  # the defaults (2) stay valid on a 1-core machine
     for sec in ('synth', 'prepare'):
         w = (p.get(sec) or {}).get('workers')
-        if isinstance(w, int) and w > cores: errs.append(f"'{sec}.workers' is {w}, more than this machine's {cores} cores")
+        if isinstance(w, int) and w > cores: errs.append(f"'{sec}.workers' is {w}, more than this machine's {os.cpu_count()} cores")
 
 def _cross_check(p: dict, errs: list):
     "Rules that involve more than one key."
