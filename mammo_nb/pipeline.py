@@ -39,8 +39,9 @@ def headline(m: dict, splits=None, n_classes: int | None = None) -> dict:
     for split, s in m['splits'].items():
         if splits and split not in splits: continue
         aps = [d['ap50']['value'] for d in s['per_class'].values() if d['n_gt'] > 0 and d['ap50'].get('value') is not None]
-        out[f'{split} mAP50 (COCO)'] = round(float(np.mean(aps)), 4) if aps else None
-        out[f'{split} mAP50 (ultralytics)'] = (s.get('ultralytics') or {}).get('map50')
+        ul = (s.get('ultralytics') or {}).get('map50')
+        out[f'{split} mAP50 (COCO)'] = f'{float(np.mean(aps)):.2f}' if aps else None       # 2 digits, as every figure beside it
+        out[f'{split} mAP50 (ultralytics)'] = None if ul is None else f'{float(ul):.2f}'
         for c, d in [(c, d) for c, d in s['per_class'].items() if d['n_gt'] > 0][:n_classes]:
             out[f'{split} AP50 {c}'] = fmt_ci(d['ap50'])
         out[f'{split} all-lesion sens@1FP'] = fmt_ci(s['all_lesions']['froc'].get('1'))
