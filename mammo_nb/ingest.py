@@ -27,9 +27,9 @@ from pydicom.uid import JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLo
 # %% auto #0
 __all__ = ['PHOTOMETRIC', 'HEADER_FIELDS', 'RASTER', 'MIN_SIDE', 'IngestError', 'first_frame', 'j2k_header', 'reduce_level',
            'check_pixels', 'jpeg_size', 'stored_bits', 'decode', 'check_header', 'voi_lut', 'voi', 'breast_mask',
-           'chest_wall_left', 'crop_box', 'full_mask', 'mask_crop', 'to_decoded', 'from_decoded', 'Ingested',
-           'pseudonym', 'key_fingerprint', 'load_key', 'inflate_limit', 'read_dicom', 'read_raster', 'for_processing',
-           'warning_lines', 'pixel_fingerprint', 'frames_in', 'ingest']
+           'breast_region', 'chest_wall_left', 'crop_box', 'full_mask', 'mask_crop', 'to_decoded', 'from_decoded',
+           'Ingested', 'pseudonym', 'key_fingerprint', 'load_key', 'inflate_limit', 'read_dicom', 'read_raster',
+           'for_processing', 'warning_lines', 'pixel_fingerprint', 'frames_in', 'ingest']
 
 # %% ../nbs/02_ingest.ipynb #3d80b6fd
 class IngestError(Exception):
@@ -286,6 +286,14 @@ def breast_mask(img: np.ndarray, work_side: int = 512, shape: tuple | None = Non
     cv2.floodFill(ff, None, (0, 0), 2)
     m = ((ff[1:-1, 1:-1] != 2)).astype(np.uint8)
     return cv2.dilate(m, k)                                      # keep the skin line
+
+def breast_region(img: np.ndarray, background: int = 10) -> np.ndarray:
+    "Breast mask of a version image (uint8 grey or 3-channel): above the background's grey level, largest component."
+    g = img if img.ndim == 2 else img[..., 0]
+    m = (g > background).astype(np.uint8)
+    n, lab, st, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1: return m.astype(bool)
+    return lab == 1 + int(np.argmax(st[1:, cv2.CC_STAT_AREA]))
 
 def chest_wall_left(mask: np.ndarray) -> bool:
     """True when the chest wall is on the image's left: the left half of breast `mask` holds more breast than the right

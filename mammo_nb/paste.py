@@ -7,10 +7,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .ingest import chest_wall_left
+from .ingest import breast_region, chest_wall_left
 
 # %% auto #0
-__all__ = ['lesion_crops', 'breast_region', 'paste_sites', 'ellipse_alpha', 'blend', 'paste_lesions']
+__all__ = ['lesion_crops', 'paste_sites', 'ellipse_alpha', 'blend', 'paste_lesions']
 
 # %% ../nbs/07k_paste.ipynb #0063ddde
 def lesion_crops(img: np.ndarray, boxes: np.ndarray, cls: np.ndarray, ring: float = 0.3, min_px: int = 4) -> list[dict]:
@@ -29,18 +29,11 @@ def lesion_crops(img: np.ndarray, boxes: np.ndarray, cls: np.ndarray, ring: floa
     return list(out.values())
 
 # %% ../nbs/07k_paste.ipynb #fdab4a8c
-def breast_region(img: np.ndarray, background: int = 10) -> np.ndarray:
-    "Breast mask of a version image (uint8 grey or 3-channel): above the background's grey level, largest component."
-    g = img if img.ndim == 2 else img[..., 0]
-    m = (g > background).astype(np.uint8)
-    n, lab, st, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    if n <= 1: return m.astype(bool)
-    return lab == 1 + int(np.argmax(st[1:, cv2.CC_STAT_AREA]))
-
-def paste_sites(mask: np.ndarray, r: float, pectoral: float = 0.35) -> np.ndarray:
+def paste_sites(mask: np.ndarray, r: float, pectoral: float = 0.35, dist: np.ndarray | None = None) -> np.ndarray:
     """(y, x) centres where a lesion of half-size `r` px stays inside breast `mask` (distance >= r to its edge),
-    outside the upper `pectoral` share of the rows and columns on the chest-wall side (0: anywhere)."""
-    d = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    outside the upper `pectoral` share of the rows and columns on the chest-wall side (0: anywhere). `dist`: the
+    mask's distance transform when the caller has it (one per image, however many lesions it places)."""
+    d = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1] if dist is None else dist
     ok = d >= r
     if pectoral > 0:
         H, W = mask.shape
@@ -89,6 +82,7 @@ def paste_lesions(img: np.ndarray, boxes: np.ndarray, bank: list[dict], rng: np.
     new_b, new_c, out = [], [], img
     if not cand or n < 1: return out, np.zeros((0, 4)), np.zeros((0,), int)
     mask = breast_region(img)
+    dist = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
     taken = [tuple(b) for b in np.asarray(boxes, float).reshape(-1, 4)]
     for e in (cand[i] for i in rng.choice(len(cand), size=min(n, len(cand)), replace=False)):
         s = float(rng.uniform(1 - scale, 1 + scale))
@@ -97,7 +91,7 @@ def paste_lesions(img: np.ndarray, boxes: np.ndarray, bank: list[dict], rng: np.
         if p.ndim == 2 and img.ndim == 3: p = np.repeat(p[..., None], img.shape[2], 2)
         if rng.random() < 0.5: p, bx = p[:, ::-1], (p.shape[1] - bx[2], bx[1], p.shape[1] - bx[0], bx[3])
         bw, bh = bx[2] - bx[0], bx[3] - bx[1]
-        sites = paste_sites(mask, max(bw, bh) / 2, pectoral)
+        sites = paste_sites(mask, max(bw, bh) / 2, pectoral, dist)
         for _ in range(10):
             if not len(sites): break
             y, x = sites[rng.integers(len(sites))]

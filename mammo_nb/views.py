@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .ingest import chest_wall_left
+from .ingest import breast_region, chest_wall_left
 from .metrics import BOX, box_iou
 from .params import VIEWS
 from .split import study_partners
@@ -25,7 +25,7 @@ def breast_frames(images: pd.DataFrame, folder, background: int = 10) -> pd.Data
     for iid, png in zip(images.image_id.astype(str), images.png):
         g = cv2.imread(str(folder / png), cv2.IMREAD_GRAYSCALE)
         if g is None: rows.append((iid, np.nan, np.nan, True)); continue
-        rows.append((iid, g.shape[1], g.shape[0], bool(chest_wall_left(g > background))))
+        rows.append((iid, g.shape[1], g.shape[0], bool(chest_wall_left(breast_region(g, background)))))
     return pd.DataFrame(rows, columns=['image_id', 'w', 'h', 'chest_left']).set_index('image_id')
 
 def positions(pred: pd.DataFrame, frames: pd.DataFrame) -> pd.DataFrame:

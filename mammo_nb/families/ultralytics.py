@@ -31,7 +31,7 @@ from ..errors import ParamsError, TrainError
 from .base import Family
 from ..files import file_sha256, git_commit
 from ..metrics import BOX
-from ..params import COPY_PASTE, filled
+from ..params import COPY_PASTE
 from ..paste import lesion_crops, paste_lesions
 from ..prepare import Version
 from ..runs import RunDir
@@ -203,7 +203,7 @@ def write_run_data(p, V: Version, rd: Path) -> Path:
                         class_weights=class_weights(counts, V.manifest['classes'], p.train.class_weight_power),
                         threads=p.train.threads, cpu_workers=p.train.cpu_workers, val_every=p.train.val_every,
                         transfer_lr=p.train.transfer_lr,
-                        copy_paste=filled(p.train.copy_paste, COPY_PASTE, 'n', COPY_PASTE['n'])))
+                        copy_paste=None if p.train.copy_paste is None else {**COPY_PASTE, **p.train.copy_paste}))
     rd.mkdir(parents=True, exist_ok=True)
     f = rd / 'data.yaml'
     f.write_text(yaml.safe_dump(d, sort_keys=False))
